@@ -1,0 +1,43 @@
+"""Packaging for unlearn_jax: concept unlearning and integrity metrics for diffusers-format T2I models in JAX."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="unlearn_jax",
+    version="0.1.0",
+    description=(
+        "Make a Stable-Diffusion-style model forget a concept in JAX/Flax, "
+        "and measure what else changed (LPIPS integrity, FID, CLIPScore)."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["unlearn_jax", "unlearn_jax.*"]),
+    include_package_data=True,
+    package_data={"unlearn_jax": ["assets/**/*"]},
+    install_requires=[
+        "jax>=0.7.0,<0.11",
+        "flax>=0.12.0,<0.13",
+        "optax>=0.2.4,<0.3",
+        "orbax-checkpoint>=0.11.0,<0.13",
+        "ml_collections>=1.0,<2",
+        "safetensors>=0.4.3,<1",
+        "numpy>=1.26,<3",
+        # transformers 5 ships a torch-free CLIPTokenizer; no PyTorch is needed at run time.
+        "transformers>=5.0,<6",
+        "huggingface_hub>=0.34",
+        "tqdm>=4.66",
+        "pillow>=10",
+    ],
+    extras_require={
+        "test": [
+            # The PyTorch references for parity tests. torch==2.13.0 is a CPU build.
+            "torch==2.13.0",
+            "diffusers>=0.40,<1",
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "ruff>=0.6",
+        ],
+    },
+    entry_points={"console_scripts": ["unlearn-jax=unlearn_jax.cli:main"]},
+)

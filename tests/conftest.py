@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny diffusers pipelines on disk, built once per test session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# Never reach a model hub from a test, whatever the machine.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session")
+def sd1_folder(tmp_path_factory) -> Path:
+    from tiny_sd import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("sd1") / "pipe", "sd1", seed=0)
+
+
+@pytest.fixture(scope="session")
+def sd2_folder(tmp_path_factory) -> Path:
+    from tiny_sd import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("sd2") / "pipe", "sd2", seed=1)

@@ -1,0 +1,1 @@
+"""Benchmarks, run as python -m unlearn_jax.benchmarks.NAME; never timed tests."""

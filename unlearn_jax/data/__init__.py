@@ -1,0 +1,1 @@
+"""Prompt sets, tokenizers, TFDS builders and latent/embedding caches."""

@@ -1,0 +1,1 @@
+"""Noise schedules, DDIM steps, guidance and the scan sampler."""

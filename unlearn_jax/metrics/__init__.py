@@ -1,0 +1,1 @@
+"""LPIPS, the integrity metric, FID, CLIPScore and forget rates."""

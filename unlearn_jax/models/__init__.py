@@ -1,0 +1,1 @@
+"""Flax NNX Stable Diffusion components named like diffusers/transformers."""

@@ -1,0 +1,277 @@
+"""Loads a diffusers Stable Diffusion folder (or hub id) into our Flax NNX modules.
+
+`load_pipeline(path)` reads `model_index.json`, builds the UNet, VAE and CLIP
+text encoder from their `config.json`, loads their safetensors weights through
+the strict converter, and loads the tokenizer with transformers'
+`CLIPTokenizer.from_pretrained(folder/tokenizer)`. `save_pipeline` writes the
+(possibly unlearned) modules back as a diffusers folder, copying every other
+file of the source unchanged, in the source's weight dtypes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from unlearn_jax.models import convert, weights
+from unlearn_jax.models.clip import CLIPTextModel
+from unlearn_jax.models.unet import UNet2DConditionModel
+from unlearn_jax.models.vae import AutoencoderKL, normalize_vae_keys
+
+REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# Weight-file stem per trainable component, as diffusers/transformers name them.
+_STEMS = {
+    "unet": "diffusion_pytorch_model",
+    "vae": "diffusion_pytorch_model",
+    "text_encoder": "model",
+}
+# Files a hub download needs; pickles are never fetched.
+HUB_PATTERNS = ["*.json", "*.txt", "*.safetensors", "*.model"]
+
+
+class PipelineError(ValueError):
+    """The folder or hub id is not a usable Stable Diffusion pipeline."""
+
+
+def _is_buffer(key: str) -> bool:
+    """Non-parameter tensors some checkpoints carry; kept aside and written back as they were."""
+    return key.endswith("position_ids")
+
+
+@dataclasses.dataclass
+class StableDiffusion:
+    """The components of a Stable Diffusion pipeline as Flax NNX modules.
+
+    Attributes:
+      unet, vae, text_encoder: NNX modules with diffusers/transformers names.
+      tokenizer: transformers `CLIPTokenizer` from the folder's `tokenizer/`.
+      scheduler_config: the dict of `scheduler/scheduler_config.json`.
+      source: the local folder the pipeline was read from.
+      file_dtypes: per component, the dtype its weights had on disk (for export).
+      buffers: per component, non-parameter tensors (e.g. `position_ids`) to write back.
+    """
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: Any
+    scheduler_config: dict
+    source: Path
+    file_dtypes: dict[str, np.dtype]
+    buffers: dict[str, dict[str, np.ndarray]]
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent pixel (8 for SD): 2 ** (number of VAE levels - 1)."""
+        return 2 ** (len(self.vae.config["block_out_channels"]) - 1)
+
+    def tokenize(self, prompts: list[str]) -> np.ndarray:
+        """Token ids [N, model_max_length], padded and truncated as diffusers does."""
+        enc = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            truncation=True,
+            max_length=self.tokenizer.model_max_length,
+        )
+        return np.asarray(enc["input_ids"], dtype=np.int32)
+
+    def encode_prompts(self, prompts: list[str]) -> jax.Array:
+        """Text-encoder hidden states [N, L, D] that condition the UNet."""
+        return _encode_ids(self.text_encoder, jnp.asarray(self.tokenize(prompts)))
+
+
+@nnx.jit
+def _encode_ids(text_encoder: CLIPTextModel, ids: jax.Array) -> jax.Array:
+    return text_encoder(ids)[0]
+
+
+def resolve_model_path(path_or_id: str | Path) -> Path:
+    """A local pipeline folder, or a hub id downloaded (safetensors and configs only)."""
+    path = Path(path_or_id).expanduser()
+    if path.exists():
+        return path
+    text = str(path_or_id)
+    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+        raise PipelineError(
+            f"{text}: no such folder. Fix: pass a local diffusers folder (the one holding "
+            "model_index.json) or a hub id such as 'org/name'."
+        )
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(text, allow_patterns=HUB_PATTERNS))
+    except Exception as e:
+        raise PipelineError(
+            f"{text!r} is not a local folder, and fetching it from the Hugging Face hub "
+            f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+            "Fix: on an offline machine pass a local diffusers folder (copy one saved with "
+            "StableDiffusionPipeline.save_pretrained); online, check the id and your access "
+            "token (huggingface-cli login)."
+        ) from e
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise PipelineError(f"{path} is missing: {what}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise PipelineError(f"{path} is not valid JSON ({e}). Fix: restore the file.") from e
+
+
+def read_model_index(folder: Path) -> dict:
+    """Validates that `folder` is a diffusers SD pipeline and returns model_index.json."""
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        hint = ""
+        if (folder / "config.json").is_file() and (folder.parent / "model_index.json").is_file():
+            hint = f" {folder} looks like one component; pass its parent {folder.parent}."
+        raise PipelineError(
+            f"{folder} is not a diffusers pipeline folder: it has no model_index.json."
+            f"{hint} Fix: pass the folder written by StableDiffusionPipeline.save_pretrained "
+            "(it holds model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)."
+        )
+    index = _read_json(index_path, "the pipeline index")
+    missing = [c for c in REQUIRED_COMPONENTS if c not in index or not (folder / c).is_dir()]
+    if missing:
+        raise PipelineError(
+            f"{folder} lacks the component(s) {', '.join(missing)} (in model_index.json "
+            "and as sub-folders). Fix: copy the complete pipeline folder; unlearn_jax needs "
+            f"{', '.join(REQUIRED_COMPONENTS)}."
+        )
+    return index
+
+
+def _load_component(
+    module: nnx.Module, folder: Path, name: str, *, variant, allow_pickle, param_dtype
+) -> tuple[np.dtype, dict[str, np.ndarray]]:
+    tensors, source = weights.read_component_weights(
+        folder / name, variant=variant, allow_pickle=allow_pickle
+    )
+    if name == "vae":
+        tensors = normalize_vae_keys(tensors)
+    buffers = {k: v for k, v in tensors.items() if _is_buffer(k)}
+    convert.load_torch_state(
+        module, tensors, source=f"weights in {source}", ignore=_is_buffer, dtype=param_dtype
+    )
+    float_dtypes = {
+        v.dtype
+        for k, v in tensors.items()
+        if np.issubdtype(v.dtype, np.floating) or v.dtype.name == "bfloat16"
+    }
+    file_dtype = float_dtypes.pop() if len(float_dtypes) == 1 else np.dtype(np.float32)
+    return file_dtype, buffers
+
+
+def load_pipeline(
+    path_or_id: str | Path,
+    *,
+    dtype: jnp.dtype = jnp.float32,
+    param_dtype: jnp.dtype = jnp.float32,
+    variant: str | None = None,
+    allow_pickle: bool = False,
+) -> StableDiffusion:
+    """Builds the NNX pipeline from a diffusers folder or hub id.
+
+    Args:
+      path_or_id: local folder with model_index.json, or a hub id (online only).
+      dtype: compute dtype of the modules (e.g. bf16 on accelerators).
+      param_dtype: dtype the weights are loaded into, whatever the file dtype.
+      variant: weight-file variant, e.g. "fp16".
+      allow_pickle: permit `.bin` pickles (off by default: they can run code).
+    """
+    folder = resolve_model_path(path_or_id)
+    read_model_index(folder)
+    from transformers import CLIPTokenizer
+
+    configs = {
+        n: _read_json(folder / n / "config.json", f"the {n} config")
+        for n in ("unet", "vae", "text_encoder")
+    }
+    classes = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
+    # Abstract modules: no random init of ~1B parameters that the files overwrite anyway.
+    modules = {
+        n: nnx.eval_shape(
+            lambda c=c, n=n: c(configs[n], rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
+        )
+        for n, c in classes.items()
+    }
+    file_dtypes, buffers = {}, {}
+    for name, module in modules.items():
+        file_dtypes[name], buffers[name] = _load_component(
+            module,
+            folder,
+            name,
+            variant=variant,
+            allow_pickle=allow_pickle,
+            param_dtype=param_dtype,
+        )
+    scheduler_config = _read_json(
+        folder / "scheduler" / "scheduler_config.json", "the scheduler config"
+    )
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
+    except Exception as e:
+        raise PipelineError(
+            f"{folder / 'tokenizer'} could not be loaded as a CLIPTokenizer ({e}). "
+            "Fix: it needs vocab.json and merges.txt (and tokenizer_config.json)."
+        ) from e
+    return StableDiffusion(
+        unet=modules["unet"],
+        vae=modules["vae"],
+        text_encoder=modules["text_encoder"],
+        tokenizer=tokenizer,
+        scheduler_config=scheduler_config,
+        source=folder,
+        file_dtypes=file_dtypes,
+        buffers=buffers,
+    )
+
+
+def save_pipeline(
+    pipe: StableDiffusion,
+    out: str | Path,
+    components: tuple[str, ...] = ("unet", "vae", "text_encoder"),
+) -> Path:
+    """Writes a diffusers folder: `components` from the NNX modules, the rest copied.
+
+    Weights are written in the dtype the source files had, so a pipeline that
+    was loaded and not changed is written back bit for bit. Refuses to write
+    into an existing non-empty folder (nothing the user had is overwritten).
+    """
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(
+            f"{out} exists and is not empty; refusing to overwrite it. "
+            "Fix: choose a new --out folder or remove this one yourself."
+        )
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(pipe.source, tmp, ignore=_weight_files_of(components))
+    for name in components:
+        module = getattr(pipe, name)
+        tensors = convert.to_torch_state(module, dtype=pipe.file_dtypes[name])
+        tensors.update(pipe.buffers[name])
+        weights.write_component_weights(tmp / name, tensors, stem=_STEMS[name])
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)  # the folder appears whole or not at all
+    return out
+
+
+def _weight_files_of(components: tuple[str, ...]):
+    def ignore(directory: str, names: list[str]) -> list[str]:
+        if Path(directory).name not in components:
+            return []
+        return [n for n in names if n.endswith((".safetensors", ".bin", ".index.json"))]
+
+    return ignore
