@@ -1,4 +1,4 @@
-"""Packaging for unlearn_jax: concept unlearning and integrity metrics for diffusers-format T2I models in JAX."""
+"""Packaging for unlearn_jax: concept unlearning and integrity metrics in JAX."""
 
 from setuptools import find_packages, setup
 
