@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from unlearn_jax.models import convert, weights
-from unlearn_jax.models.clip import CLIPTextModel
+from unlearn_jax.models.clip import CLIPTextModel, is_clip_buffer, normalize_clip_keys
 from unlearn_jax.models.unet import UNet2DConditionModel
 from unlearn_jax.models.vae import AutoencoderKL, normalize_vae_keys
 
@@ -41,9 +41,8 @@ class PipelineError(ValueError):
     """The folder or hub id is not a usable Stable Diffusion pipeline."""
 
 
-def _is_buffer(key: str) -> bool:
-    """Non-parameter tensors some checkpoints carry; kept aside and written back as they were."""
-    return key.endswith("position_ids")
+# transformers 5 writes CLIP text encoders without this prefix; older files have it.
+_CLIP_PREFIX = "text_model."
 
 
 @dataclasses.dataclass
@@ -57,6 +56,8 @@ class StableDiffusion:
       source: the local folder the pipeline was read from.
       file_dtypes: per component, the dtype its weights had on disk (for export).
       buffers: per component, non-parameter tensors (e.g. `position_ids`) to write back.
+      strip_prefix: per component, a key prefix the source files did not have
+        (written back without it, so an unchanged pipeline round-trips bit for bit).
     """
 
     unet: UNet2DConditionModel
@@ -67,6 +68,7 @@ class StableDiffusion:
     source: Path
     file_dtypes: dict[str, np.dtype]
     buffers: dict[str, dict[str, np.ndarray]]
+    strip_prefix: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -152,15 +154,20 @@ def read_model_index(folder: Path) -> dict:
 
 def _load_component(
     module: nnx.Module, folder: Path, name: str, *, variant, allow_pickle, param_dtype
-) -> tuple[np.dtype, dict[str, np.ndarray]]:
+) -> tuple[np.dtype, dict[str, np.ndarray], str]:
     tensors, source = weights.read_component_weights(
         folder / name, variant=variant, allow_pickle=allow_pickle
     )
+    strip = ""
     if name == "vae":
-        tensors = normalize_vae_keys(tensors)
-    buffers = {k: v for k, v in tensors.items() if _is_buffer(k)}
+        tensors = normalize_vae_keys(tensors)  # old attention names in; new names out
+    if name == "text_encoder":
+        if not any(k.startswith(_CLIP_PREFIX) for k in tensors):
+            strip = _CLIP_PREFIX
+        tensors = normalize_clip_keys(tensors)
+    buffers = {k: v for k, v in tensors.items() if is_clip_buffer(k)}
     convert.load_torch_state(
-        module, tensors, source=f"weights in {source}", ignore=_is_buffer, dtype=param_dtype
+        module, tensors, source=f"weights in {source}", ignore=is_clip_buffer, dtype=param_dtype
     )
     float_dtypes = {
         v.dtype
@@ -168,7 +175,7 @@ def _load_component(
         if np.issubdtype(v.dtype, np.floating) or v.dtype.name == "bfloat16"
     }
     file_dtype = float_dtypes.pop() if len(float_dtypes) == 1 else np.dtype(np.float32)
-    return file_dtype, buffers
+    return file_dtype, buffers, strip
 
 
 def load_pipeline(
@@ -204,9 +211,9 @@ def load_pipeline(
         )
         for n, c in classes.items()
     }
-    file_dtypes, buffers = {}, {}
+    file_dtypes, buffers, strip_prefix = {}, {}, {}
     for name, module in modules.items():
-        file_dtypes[name], buffers[name] = _load_component(
+        file_dtypes[name], buffers[name], strip_prefix[name] = _load_component(
             module,
             folder,
             name,
@@ -233,6 +240,7 @@ def load_pipeline(
         source=folder,
         file_dtypes=file_dtypes,
         buffers=buffers,
+        strip_prefix=strip_prefix,
     )
 
 
@@ -261,6 +269,9 @@ def save_pipeline(
         module = getattr(pipe, name)
         tensors = convert.to_torch_state(module, dtype=pipe.file_dtypes[name])
         tensors.update(pipe.buffers[name])
+        prefix = pipe.strip_prefix.get(name, "")
+        if prefix:
+            tensors = {k.removeprefix(prefix): v for k, v in tensors.items()}
         weights.write_component_weights(tmp / name, tensors, stem=_STEMS[name])
     if out.exists():
         out.rmdir()

@@ -60,14 +60,16 @@ def read_component_weights(
 
     Args:
       folder: e.g. `<pipeline>/unet`.
-      variant: weight-file variant such as "fp16" (diffusers' `variant=`).
+      variant: weight-file variant such as "fp16" (diffusers' `variant=`); components
+        without such a file use their plain weights file.
       allow_pickle: permit `.bin` pickles (they can execute code when loaded).
 
     Returns:
       (PyTorch key -> numpy array in the file's dtype, description of the source file(s)).
     """
     folder = Path(folder)
-    files = find_weight_files(folder, variant)
+    # Like diffusers, a component without the variant's file falls back to the plain one.
+    files = find_weight_files(folder, variant) or (variant and find_weight_files(folder))
     if files:
         tensors: dict[str, np.ndarray] = {}
         for f in files:
