@@ -1,0 +1,390 @@
+"""The DDIM sampler with classifier-free guidance: one `lax.scan` inside one `jit`.
+
+The sampler is generic over a pure model function
+
+    model_fn(params, latents [B,h,w,C] f32, timesteps [B] int32, context [B,L,D]) -> [B,h,w,C]
+
+returning the epsilon / v / x_0 prediction (as `plan.prediction_type` says), in
+NHWC layout. `params` is an explicit argument (any pytree, e.g. an NNX state)
+rather than closed over, so that ONE compiled sampler serves the original and
+the unlearned model: swapping parameters of the same structure never retraces.
+`model_fn` itself is a static argument of the jit, hashed by identity: define
+it once (module level or once per run), not as a fresh lambda per call.
+
+Randomness (only used when eta > 0): the noise of step i for example j is
+`normal(fold_in(fold_in(key, example_ids[j]), i))`, so it depends neither on
+the batch composition nor on sharding; chunked streaming therefore reproduces
+one big batch exactly.
+
+Text embeddings are inputs, computed once by the caller. The initial latents
+are the caller's noise (DDIM's init_noise_sigma is 1.0).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from unlearn_jax.diffusion.ddim import DDIMPlan, ddim_step
+
+Array = jax.Array
+Params = Any
+ModelFn = Callable[[Params, Array, Array, Array], Array]
+
+# diffusers' DDIMScheduler.init_noise_sigma: initial latents are used as given.
+INIT_NOISE_SIGMA = 1.0
+DATA_AXIS = "data"
+
+
+def uses_guidance(guidance_scale: float) -> bool:
+    """diffusers' `do_classifier_free_guidance`: scale <= 1 runs the conditional model only."""
+    return guidance_scale > 1.0
+
+
+def guided_model_output(
+    model_fn: ModelFn,
+    params: Params,
+    latents: Array,
+    t: Array,
+    cond_context: Array,
+    uncond_context: Array | None,
+    guidance_scale: Array | float,
+    use_guidance: bool,
+) -> Array:
+    """Model output with classifier-free guidance, from one batched model call.
+
+    Args:
+      model_fn, params: the model (see module docstring).
+      latents: [B,h,w,C] float32.
+      t: int32 scalar timestep (shared by the batch).
+      cond_context: [B,L,D] prompt embeddings.
+      uncond_context: [L,D] or [B,L,D] empty-prompt embeddings; unused (may be
+        None) when use_guidance is False.
+      guidance_scale: w in eps_u + w (eps_c - eps_u).
+      use_guidance: static; False skips the unconditional half entirely.
+
+    Returns:
+      [B,h,w,C] float32 guided prediction.
+    """
+    batch = latents.shape[0]
+    if not use_guidance:
+        timesteps = jnp.full((batch,), t, jnp.int32)
+        return model_fn(params, latents, timesteps, cond_context).astype(jnp.float32)
+    if uncond_context is None:
+        raise ValueError("guidance_scale > 1 needs uncond_context")
+    uncond_context = jnp.broadcast_to(uncond_context, cond_context.shape).astype(cond_context.dtype)
+    # Interleave (uncond_j, cond_j) pairs instead of concatenating the halves as
+    # diffusers does: with the batch sharded over devices each device then keeps
+    # its own rows, and no all-to-all is needed. The per-row result is the same.
+    pair = lambda u, c: jnp.stack([u, c], axis=1).reshape((2 * batch,) + u.shape[1:])
+    output = model_fn(
+        params,
+        pair(latents, latents),
+        jnp.full((2 * batch,), t, jnp.int32),
+        pair(uncond_context, cond_context),
+    ).astype(jnp.float32)
+    output = output.reshape((batch, 2) + output.shape[1:])
+    output_uncond, output_cond = output[:, 0], output[:, 1]
+    return output_uncond + guidance_scale * (output_cond - output_uncond)
+
+
+def step_noise(key: Array, example_ids: Array, step: Array | int, shape: tuple[int, ...]) -> Array:
+    """Standard normal noise of sampler step `step` for each example.
+
+    Args:
+      key: the sampler's PRNG key (split from the root key for this purpose).
+      example_ids: [B] int32 global index of each example.
+      step: the sampler step index i (0 = first, noisiest step).
+      shape: per-example shape (h, w, C).
+
+    Returns:
+      [B, *shape] float32.
+    """
+
+    def one(example_id: Array) -> Array:
+        step_key = jax.random.fold_in(jax.random.fold_in(key, example_id), step)
+        return jax.random.normal(step_key, shape, jnp.float32)
+
+    return jax.vmap(one)(example_ids)
+
+
+def _denoise_step(
+    model_fn: ModelFn,
+    params: Params,
+    plan: DDIMPlan,
+    cond_context: Array,
+    uncond_context: Array | None,
+    guidance_scale: Array,
+    key: Array,
+    example_ids: Array,
+    eta: float,
+    use_guidance: bool,
+    latents: Array,
+    step: Array,
+) -> Array:
+    """Sampler step `step`: [B,h,w,C] latents at timesteps[step] -> at prev_timesteps[step]."""
+    t = plan.timesteps[step]
+    model_output = guided_model_output(
+        model_fn, params, latents, t, cond_context, uncond_context, guidance_scale, use_guidance
+    )
+    noise = step_noise(key, example_ids, step, latents.shape[1:]) if eta > 0 else None
+    return ddim_step(
+        model_output,
+        t,
+        plan.prev_timesteps[step],
+        latents,
+        plan.alphas_cumprod,
+        plan.final_alpha_cumprod,
+        eta=eta,
+        noise=noise,
+        prediction_type=plan.prediction_type,
+        clip_sample=plan.clip_sample,
+        clip_sample_range=plan.clip_sample_range,
+    )
+
+
+def _sample_loop(
+    model_fn: ModelFn,
+    params: Params,
+    plan: DDIMPlan,
+    latents: Array,
+    cond_context: Array,
+    uncond_context: Array | None,
+    guidance_scale: Array,
+    key: Array,
+    example_ids: Array,
+    *,
+    eta: float,
+    use_guidance: bool,
+    debug: bool,
+) -> Array:
+    """The whole denoising loop; `debug` runs it step by step in Python, eagerly."""
+    step_fn = functools.partial(
+        _denoise_step,
+        model_fn,
+        params,
+        plan,
+        cond_context,
+        uncond_context,
+        guidance_scale,
+        key,
+        example_ids,
+        eta,
+        use_guidance,
+    )
+    latents = jnp.asarray(latents, jnp.float32) * INIT_NOISE_SIGMA
+    if debug:
+        for step in range(plan.num_steps):
+            latents = step_fn(latents, jnp.int32(step))
+        return latents
+    steps = jnp.arange(plan.num_steps, dtype=jnp.int32)
+    latents, _ = jax.lax.scan(lambda x, i: (step_fn(x, i), None), latents, steps)
+    return latents
+
+
+# One trace per (model_fn, eta, use_guidance, shapes/dtypes/shardings); params,
+# plan arrays, guidance scale, key and example ids are all traced inputs.
+_sample_jit = jax.jit(
+    functools.partial(_sample_loop, debug=False),
+    static_argnames=("model_fn", "eta", "use_guidance"),
+)
+
+
+def ddim_sample(
+    model_fn: ModelFn,
+    params: Params,
+    plan: DDIMPlan,
+    latents: Array,
+    cond_context: Array,
+    uncond_context: Array | None = None,
+    *,
+    guidance_scale: float = 7.5,
+    eta: float = 0.0,
+    key: Array | None = None,
+    example_ids: Array | None = None,
+    debug: bool = False,
+) -> Array:
+    """Run DDIM with classifier-free guidance from given initial noise.
+
+    Args:
+      model_fn: pure model function (see module docstring); static, by identity.
+      params: model parameters pytree, passed to model_fn.
+      plan: the DDIM timesteps and schedule (`ddim.ddim_plan`).
+      latents: [B,h,w,C] initial noise.
+      cond_context: [B,L,D] prompt embeddings.
+      uncond_context: [L,D] or [B,L,D] empty-prompt embeddings; needed iff
+        guidance_scale > 1.
+      guidance_scale: CFG weight w; <= 1 skips the unconditional model call
+        (the value only decides that statically; other values reuse the trace).
+      eta: DDIM eta, static (0 = deterministic, the default for integrity).
+      key: PRNG key for the eta > 0 noise; required iff eta > 0.
+      example_ids: [B] int32 global example indices for the per-example noise
+        streams; defaults to arange(B).
+      debug: run an eager Python loop over steps instead of the compiled scan
+        (same step function; for stepping through with a debugger or prints).
+
+    Returns:
+      [B,h,w,C] float32 final latents x_0.
+    """
+    batch = latents.shape[0]
+    use_guidance = uses_guidance(guidance_scale)
+    if use_guidance and uncond_context is None:
+        raise ValueError("guidance_scale > 1 needs uncond_context")
+    if eta > 0 and key is None:
+        raise ValueError("eta > 0 needs a PRNG key")
+    if not use_guidance:
+        uncond_context = None  # never shipped to the device nor traced
+    if key is None:
+        key = jax.random.key(0)  # unused: eta == 0 draws no noise
+    if example_ids is None:
+        example_ids = jnp.arange(batch, dtype=jnp.int32)
+    args = (
+        params,
+        plan,
+        latents,
+        cond_context,
+        uncond_context,
+        jnp.float32(guidance_scale),
+        key,
+        example_ids,
+    )
+    if debug:
+        return _sample_loop(model_fn, *args, eta=float(eta), use_guidance=use_guidance, debug=True)
+    return _sample_jit(model_fn, *args, eta=float(eta), use_guidance=use_guidance)
+
+
+def data_mesh(devices: list[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh over `devices` (default: all) with the batch axis named 'data'."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def _replicate_on(mesh: Mesh, tree: Any) -> Any:
+    """Place leaves on `mesh` replicated, leaving leaves already laid out on it alone.
+
+    Doing this once up front keeps the per-chunk calls from re-sending
+    parameters; parameters the caller already sharded (e.g. FSDP) stay as they are.
+    """
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def place(leaf: Any) -> Any:
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
+            return leaf
+        return jax.device_put(leaf, replicated)
+
+    return jax.tree.map(place, tree)
+
+
+def _padded_rows(x: Any, start: int, size: int) -> np.ndarray:
+    """Rows [start, start+size) of x on the host, padded by repeating the last row.
+
+    Repeating a real example (rather than zeros) keeps padded rows well inside
+    the model's input distribution, so they cannot produce NaNs or warnings.
+    """
+    rows = np.asarray(x[start : start + size])
+    missing = size - rows.shape[0]
+    if missing:
+        rows = np.concatenate([rows, np.repeat(rows[-1:], missing, axis=0)], axis=0)
+    return rows
+
+
+def sample_in_chunks(
+    model_fn: ModelFn,
+    params: Params,
+    plan: DDIMPlan,
+    latents: Any,
+    cond_context: Any,
+    uncond_context: Any | None = None,
+    *,
+    batch_size: int,
+    guidance_scale: float = 7.5,
+    eta: float = 0.0,
+    key: Array | None = None,
+    mesh: Mesh | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """Sample a large prompt set in fixed-size chunks through one compiled sampler.
+
+    Every chunk has the same shape (the last one is padded, and the padding
+    dropped), so the sampler compiles once. With a mesh, each chunk's batch is
+    sharded over the mesh axis 'data' and the chunk size is rounded up to a
+    multiple of that axis' size. The next chunk is dispatched before the
+    previous one is copied to the host, so the device stays busy.
+
+    Args:
+      model_fn, params, plan: as in `ddim_sample`.
+      latents: [N,h,w,C] initial noise (NumPy or JAX; read chunk by chunk).
+      cond_context: [N,L,D] prompt embeddings.
+      uncond_context: [L,D] empty-prompt embedding; needed iff guidance_scale > 1.
+      batch_size: examples per chunk (before rounding to the device count).
+      guidance_scale, eta, key: as in `ddim_sample`; example i uses noise stream
+        i, so the result equals one `ddim_sample` over all N examples.
+      mesh: optional mesh with a 'data' axis (e.g. `data_mesh()` for all devices).
+      progress: show a tqdm progress bar over examples.
+
+    Returns:
+      [N,h,w,C] float32 NumPy array of final latents.
+    """
+    total = latents.shape[0]
+    if cond_context.shape[0] != total:
+        raise ValueError(f"{total} latents but {cond_context.shape[0]} cond embeddings")
+    if total == 0:
+        return np.zeros(latents.shape, np.float32)
+    num_shards = mesh.shape[DATA_AXIS] if mesh is not None else 1
+    # Never pad a small set up to a large batch_size: one compile either way.
+    chunk = min(max(batch_size, 1), total)
+    chunk = -(-chunk // num_shards) * num_shards
+
+    batch_sharding = None
+    if mesh is not None:
+        batch_sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+        params, plan = _replicate_on(mesh, (params, plan))
+        if uncond_context is not None and uses_guidance(guidance_scale):
+            uncond_context = _replicate_on(mesh, jnp.asarray(uncond_context))
+
+    def launch(start: int) -> Array:
+        inputs = (
+            _padded_rows(latents, start, chunk),
+            _padded_rows(cond_context, start, chunk),
+            np.arange(start, start + chunk, dtype=np.int32),
+        )
+        if batch_sharding is not None:
+            inputs = jax.device_put(inputs, batch_sharding)
+        chunk_latents, chunk_cond, chunk_ids = inputs
+        return ddim_sample(
+            model_fn,
+            params,
+            plan,
+            chunk_latents,
+            chunk_cond,
+            uncond_context,
+            guidance_scale=guidance_scale,
+            eta=eta,
+            key=key,
+            example_ids=chunk_ids,
+        )
+
+    outputs: list[np.ndarray] = []
+    with tqdm.tqdm(total=total, desc="sampling", unit="img", disable=not progress) as bar:
+
+        def collect(start: int, result: Array) -> None:
+            rows = min(chunk, total - start)  # drop the padding
+            outputs.append(np.asarray(result)[:rows])
+            bar.update(rows)
+
+        pending = None  # (start, result still being computed on device)
+        for start in range(0, total, chunk):
+            launched = (start, launch(start))
+            if pending is not None:
+                collect(*pending)
+            pending = launched
+        collect(*pending)
+    return np.concatenate(outputs, axis=0)
