@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from unlearn_jax.models.config import FrozenConfig
+
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # SD 1.x (OpenAI CLIP)
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # SD 2.x (OpenCLIP): exact erf GELU
@@ -329,7 +331,7 @@ class CLIPTextModel(nnx.Module):
         with_projection: bool = False,
     ):
         cfg = text_config(config)
-        self.config = cfg
+        self.config = FrozenConfig(cfg)
         self.text_model = CLIPTextTransformer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.text_projection = (
             nnx.Linear(

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from unlearn_jax.models.config import FrozenConfig
+
 _EPS = 1e-6  # diffusers hard-codes this for every VAE norm.
 
 _DEFAULTS: dict[str, Any] = {
@@ -348,7 +350,7 @@ class AutoencoderKL(nnx.Module):
         param_dtype: jnp.dtype = jnp.float32,
     ):
         cfg = _parse_config(config)
-        self.config = cfg
+        self.config = FrozenConfig(cfg)
         self.scaling_factor = float(cfg["scaling_factor"])
         self.force_upcast = bool(cfg["force_upcast"])
         self.dtype = dtype
