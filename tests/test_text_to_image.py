@@ -1,0 +1,79 @@
+"""The whole text-to-image path against diffusers' StableDiffusionPipeline from identical noise."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+from unlearn_jax.diffusion import text_to_image
+from unlearn_jax.models.pipeline import load_pipeline
+
+PROMPTS = ["a red circle on a grey background", "a photo of a dog"]
+
+
+@pytest.mark.parametrize(("variant", "guidance", "per_prompt"), [("sd1", 7.5, 2), ("sd2", 1.0, 1)])
+def test_images_match_diffusers(variant, guidance, per_prompt, sd1_folder, sd2_folder):
+    folder = sd1_folder if variant == "sd1" else sd2_folder
+    ref = StableDiffusionPipeline.from_pretrained(str(folder))
+    ref.scheduler = DDIMScheduler.from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    pipe = load_pipeline(folder)
+
+    n = len(PROMPTS) * per_prompt
+    noise = np.random.default_rng(0).standard_normal((n, 4, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        expected = ref(
+            PROMPTS,
+            num_images_per_prompt=per_prompt,
+            num_inference_steps=10,
+            guidance_scale=guidance,
+            latents=torch.from_numpy(noise),
+            output_type="np",
+        ).images
+    images = text_to_image.generate(
+        pipe,
+        PROMPTS,
+        num_images_per_prompt=per_prompt,
+        steps=10,
+        guidance=guidance,
+        latents=noise.transpose(0, 2, 3, 1),
+        batch_size=3,
+        progress=False,
+    )
+    assert images.shape == expected.shape == (n, 16, 16, 3)
+    diff = np.abs(images - expected).max()
+    assert diff < 2e-3, diff
+
+
+def test_noise_is_per_prompt_and_seeded():
+    a = text_to_image.initial_noise(0, 3, 2, (4, 4, 4))
+    b = text_to_image.initial_noise(0, 5, 2, (4, 4, 4))
+    np.testing.assert_array_equal(a, b[:6])  # adding prompts never changes earlier noise
+    assert not np.allclose(a[0], a[1])
+    assert not np.allclose(a, text_to_image.initial_noise(1, 3, 2, (4, 4, 4)))
+
+
+def test_bad_sizes_and_empty_prompts(sd1_folder):
+    pipe = load_pipeline(sd1_folder)
+    with pytest.raises(ValueError, match="multiples of 4.*--height 20"):
+        text_to_image.generate(pipe, ["a cat"], height=22, width=16, steps=2)
+    with pytest.raises(ValueError, match="no prompts"):
+        text_to_image.generate(pipe, [], steps=2)
+    with pytest.raises(ValueError, match=r"expected \(2, 8, 8, 4\)"):
+        text_to_image.generate(
+            pipe,
+            ["a cat"],
+            num_images_per_prompt=2,
+            steps=2,
+            latents=np.zeros((1, 8, 8, 4), np.float32),
+        )
+
+
+def test_nan_images_are_reported():
+    images = np.zeros((4, 2, 2, 3), np.float32)
+    images[3, 0, 0, 0] = np.nan
+    with pytest.raises(text_to_image.NonFiniteImagesError, match="1 of 4 images.*'dog'"):
+        text_to_image.check_finite(images, ["cat", "dog"], per_prompt=2)
+    text_to_image.check_finite(np.zeros((4, 2, 2, 3), np.float32), ["cat", "dog"], 2)

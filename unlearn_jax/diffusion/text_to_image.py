@@ -1,0 +1,173 @@
+"""Text to image with a loaded Stable Diffusion: noise, text embeddings, DDIM, VAE decode.
+
+The glue between `models.pipeline.StableDiffusion` and the generic scan
+sampler. The UNet enters the sampler as `(graphdef, params)`: `unet_model_fn`
+returns one model function per graph structure, so the original and an
+unlearned UNet (same structure, other parameters) share one compiled sampler.
+
+Initial noise follows the integrity metric's definition: image j of prompt i
+starts from `normal(fold_in(key(seed), i * S + j))`, S images per prompt, so a
+prompt's images do not depend on which other prompts are in the set.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from unlearn_jax.diffusion.ddim import ddim_plan
+from unlearn_jax.diffusion.sampler import ModelFn, sample_in_chunks, uses_guidance
+from unlearn_jax.diffusion.schedule import schedule_from_config
+from unlearn_jax.models.pipeline import StableDiffusion
+
+
+class NonFiniteImagesError(FloatingPointError):
+    """Generation produced NaN or infinite pixels."""
+
+
+@functools.cache
+def unet_model_fn(graphdef: nnx.GraphDef) -> ModelFn:
+    """The sampler's `model_fn(params, latents, t, context)` for a UNet graph structure."""
+
+    def apply(params, latents, timesteps, context):
+        return nnx.merge(graphdef, params)(latents, timesteps, context)
+
+    return apply
+
+
+def latent_shape(pipe: StableDiffusion, height: int | None, width: int | None) -> tuple:
+    """(h, w, C) of the latents for an image size; default: the UNet's training size.
+
+    Raises:
+      ValueError: if the size does not divide by the model's total downsampling.
+    """
+    vae_factor = pipe.vae_scale_factor
+    unet_factor = 2 ** (len(pipe.unet.config["down_block_types"]) - 1)
+    default = pipe.unet.config["sample_size"] * vae_factor
+    height, width = height or default, width or default
+    factor = vae_factor * unet_factor
+    if height % factor or width % factor:
+        raise ValueError(
+            f"height and width must be multiples of {factor} for this model (the VAE "
+            f"downsamples by {vae_factor}, the UNet by {unet_factor}); got {height}x{width}. "
+            f"Fix: e.g. --height {max(factor, height // factor * factor)} "
+            f"--width {max(factor, width // factor * factor)}."
+        )
+    return height // vae_factor, width // vae_factor, pipe.unet.config["in_channels"]
+
+
+def initial_noise(seed: int, num_prompts: int, per_prompt: int, shape: Sequence[int]) -> np.ndarray:
+    """Noise [P*S, *shape] float32, prompt-major; entry i*S+j from fold_in(key(seed), i*S+j)."""
+    key = jax.random.key(seed)
+    ids = jnp.arange(num_prompts * per_prompt, dtype=jnp.uint32)
+    draw = jax.jit(jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape)))
+    return np.asarray(draw(ids), dtype=np.float32)
+
+
+@nnx.jit
+def _decode(vae, latents: jax.Array) -> jax.Array:
+    image = vae.decode(latents / vae.scaling_factor)
+    return jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+
+def decode_latents(pipe: StableDiffusion, latents: np.ndarray, batch_size: int) -> np.ndarray:
+    """Images [N,H,W,3] in [0,1] from final latents [N,h,w,C], in fixed-size chunks."""
+    n = latents.shape[0]
+    chunk = max(1, min(batch_size, n))
+    out = []
+    for start in range(0, n, chunk):
+        rows = latents[start : start + chunk]
+        pad = chunk - rows.shape[0]  # same shape every chunk: one compile
+        padded = np.concatenate([rows, np.repeat(rows[-1:], pad, 0)]) if pad else rows
+        out.append(np.asarray(_decode(pipe.vae, jnp.asarray(padded)))[: rows.shape[0]])
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+def check_finite(images: np.ndarray, prompts: Sequence[str], per_prompt: int) -> None:
+    """Raises NonFiniteImagesError naming the prompts whose images have NaN/inf pixels."""
+    bad = ~np.isfinite(images.reshape(images.shape[0], -1)).all(axis=1)
+    if bad.any():
+        names = sorted({prompts[i // per_prompt] for i in np.flatnonzero(bad)})
+        raise NonFiniteImagesError(
+            f"{int(bad.sum())} of {len(images)} images contain NaN/inf pixels (prompts: "
+            f"{', '.join(repr(p) for p in names[:5])}). Usual causes: fp16/bf16 overflow in "
+            "the VAE or UNet (run with --dtype float32), or weights that diverged during "
+            "unlearning (check the training loss)."
+        )
+
+
+def generate(
+    pipe: StableDiffusion,
+    prompts: Sequence[str],
+    *,
+    num_images_per_prompt: int = 1,
+    steps: int = 50,
+    guidance: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
+    seed: int = 0,
+    latents: np.ndarray | None = None,
+    unet_params: nnx.State | None = None,
+    batch_size: int = 8,
+    eta: float = 0.0,
+    mesh: Mesh | None = None,
+    progress: bool = True,
+    return_latents: bool = False,
+) -> np.ndarray:
+    """Images [P*S, H, W, 3] float32 in [0,1], prompt-major, like diffusers' pipeline.
+
+    Args:
+      pipe: the loaded pipeline.
+      prompts: P prompts; each is encoded once.
+      num_images_per_prompt: S.
+      steps, guidance, eta: DDIM steps, CFG weight (<= 1: no guidance), DDIM eta.
+      height, width: image size; default the UNet's native size.
+      seed: seed of the initial noise (see module docstring) and of eta > 0 noise.
+      latents: optional initial noise [P*S, h, w, C] (NHWC), instead of the seed's.
+      unet_params: UNet state to use instead of `pipe.unet`'s (same structure),
+        e.g. an unlearned model; shares the compiled sampler.
+      batch_size: images per compiled chunk (rounded up to the mesh's data axis).
+      mesh: optional mesh with a 'data' axis to shard each chunk over.
+      progress: show progress bars.
+      return_latents: also return the final latents.
+    """
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("no prompts given. Fix: pass --prompt TEXT or a non-empty --prompts file.")
+    n = len(prompts) * num_images_per_prompt
+    shape = latent_shape(pipe, height, width)
+    if latents is None:
+        latents = initial_noise(seed, len(prompts), num_images_per_prompt, shape)
+    elif tuple(latents.shape) != (n, *shape):
+        raise ValueError(
+            f"initial latents have shape {tuple(latents.shape)} (NHWC); expected {(n, *shape)} "
+            f"for {len(prompts)} prompts x {num_images_per_prompt} images at this size."
+        )
+    cond = np.asarray(pipe.encode_prompts(prompts))
+    cond = np.repeat(cond, num_images_per_prompt, axis=0)
+    uncond = np.asarray(pipe.encode_prompts([""]))[0] if uses_guidance(guidance) else None
+    graphdef, state = nnx.split(pipe.unet)
+    plan = ddim_plan(schedule_from_config(pipe.scheduler_config), steps)
+    final = sample_in_chunks(
+        unet_model_fn(graphdef),
+        state if unet_params is None else unet_params,
+        plan,
+        np.asarray(latents, np.float32),
+        cond,
+        uncond,
+        batch_size=batch_size,
+        guidance_scale=guidance,
+        eta=eta,
+        key=jax.random.key(seed) if eta > 0 else None,
+        mesh=mesh,
+        progress=progress,
+    )
+    images = decode_latents(pipe, final, batch_size)
+    check_finite(images, prompts, num_images_per_prompt)
+    return (images, final) if return_latents else images
