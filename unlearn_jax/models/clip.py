@@ -305,7 +305,7 @@ def text_config(config: Mapping[str, Any]) -> dict[str, Any]:
     if "text_config" in config:
         text = dict(config["text_config"] or {})
         if "projection_dim" in config:
-            text.setdefault("projection_dim", config["projection_dim"])
+            text["projection_dim"] = config["projection_dim"]  # the top level wins, as in CLIPModel
         config = text
     cfg = {**_TEXT_DEFAULTS, **config}
     _activation(cfg["hidden_act"])

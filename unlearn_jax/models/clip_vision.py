@@ -48,6 +48,7 @@ from unlearn_jax.models.clip import (
     is_clip_buffer,
     text_config,
 )
+from unlearn_jax.models.config import FrozenConfig
 
 # transformers' CLIPVisionConfig defaults (a vision_config nested in a CLIPConfig
 # often lists only what differs from them).
@@ -189,7 +190,7 @@ class CLIPVisionModel(nnx.Module):
     """transformers `CLIPVisionModel` (optionally `CLIPVisionModelWithProjection`).
 
     Attributes:
-      config: the vision config dict with defaults filled in.
+      config: the vision config (`FrozenConfig`) with defaults filled in.
       vision_model: the ViT.
       visual_projection: bias-free Linear to `projection_dim`, only if `with_projection`.
     """
@@ -204,7 +205,7 @@ class CLIPVisionModel(nnx.Module):
         with_projection: bool = False,
     ):
         cfg = vision_config(config)
-        self.config = cfg
+        self.config = FrozenConfig(cfg)  # hashable: NNX keeps it in the (static) graphdef
         self.vision_model = CLIPVisionTransformer(
             cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
@@ -251,7 +252,7 @@ class CLIPModel(nnx.Module):
     """transformers `CLIPModel`: both towers, both projections and `logit_scale`.
 
     Attributes:
-      config: the full config dict (`text_config`, `vision_config`, top-level
+      config: the full config as a `FrozenConfig` (`text_config`, `vision_config`, top-level
         `projection_dim`, `logit_scale_init_value`).
       text_model: `clip.CLIPTextTransformer`.
       vision_model: `CLIPVisionTransformer`.
@@ -272,7 +273,7 @@ class CLIPModel(nnx.Module):
         # clip.text_config keeps a nested projection_dim; CLIPModel uses the top-level one.
         text["projection_dim"] = config["projection_dim"]
         vision = vision_config(config)
-        self.config = {**config, "text_config": text, "vision_config": vision}
+        self.config = FrozenConfig({**config, "text_config": text, "vision_config": vision})
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         self.text_model = CLIPTextTransformer(text, **kw)
         self.vision_model = CLIPVisionTransformer(vision, **kw)

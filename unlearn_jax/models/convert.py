@@ -138,5 +138,7 @@ def to_torch_state(module: nnx.Module, dtype: np.dtype | None = None) -> dict[st
         array = np.asarray(var.get_value())
         if dtype is not None:
             array = array.astype(dtype)
-        out[_path_to_key(path)] = np.ascontiguousarray(_flax_to_torch_layout(str(path[-1]), array))
+        torch_layout = _flax_to_torch_layout(str(path[-1]), array)
+        # ascontiguousarray promotes 0-d arrays to 1-d; keep scalars (CLIP logit_scale) scalar.
+        out[_path_to_key(path)] = np.ascontiguousarray(torch_layout).reshape(torch_layout.shape)
     return out
