@@ -16,6 +16,7 @@ elsewhere. Statistics files use pytorch-fid's `.npz` keys `mu` and `sigma`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,3 +150,52 @@ def load_statistics(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         if missing:
             raise KeyError(f"{path}: missing {sorted(missing)}; has {data.files}")
         return data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+
+
+def image_set_statistics(
+    images: np.ndarray, feature_fn: Callable[[np.ndarray], np.ndarray], batch_size: int
+) -> FeatureStatistics:
+    """Streams images [N, H, W, C] through `feature_fn` in batches; returns their moments.
+
+    Every call of `feature_fn` sees exactly `batch_size` images (the last batch
+    is padded by repeating its final image and the padding's features are
+    dropped), so a jitted extractor compiles once.
+
+    Args:
+      images: [N, H, W, C] array (numpy, jax or memory-mapped), in the range
+        the extractor expects ([0, 1] for the FID Inception).
+      feature_fn: any FeatureExtractor, [B, H, W, C] -> [B, D].
+      batch_size: images per call.
+    """
+    n = len(images)
+    if n == 0:
+        raise ValueError("no images")
+    stats = None
+    for start in range(0, n, batch_size):
+        batch = np.asarray(images[start : start + batch_size])
+        real = len(batch)
+        if real < batch_size:
+            pad = np.repeat(batch[-1:], batch_size - real, axis=0)
+            batch = np.concatenate([batch, pad], axis=0)
+        features = np.asarray(feature_fn(batch))[:real]
+        if stats is None:
+            stats = FeatureStatistics(features.shape[-1])
+        stats.update(features)
+    return stats
+
+
+def fid_between_image_sets(
+    images_a: np.ndarray,
+    images_b: np.ndarray,
+    feature_fn: Callable[[np.ndarray], np.ndarray],
+    batch_size: int = 50,
+) -> float:
+    """FID between two image sets [N_a, H, W, C] and [N_b, H', W', C] under `feature_fn`.
+
+    Works with any extractor: the FID Inception (`inception.make_inception_features`)
+    for comparable numbers, or e.g. the embedded world's own evaluator network.
+    Statistics are streamed in float64, so N may exceed what fits in memory as features.
+    """
+    stats_a = image_set_statistics(images_a, feature_fn, batch_size)
+    stats_b = image_set_statistics(images_b, feature_fn, batch_size)
+    return frechet_distance(stats_a.mean, stats_a.covariance, stats_b.mean, stats_b.covariance)
