@@ -1,0 +1,218 @@
+"""The integrity (retention) metric: how far did the unlearned model move on what it should keep?
+
+Definition (DESIGN.md): retain prompts p_1..p_P, seeds 1..S; z_ij is normal
+noise from `fold_in(key(seed), i*S + j)`, the same array for both models;
+x0_ij = G_θ0(z_ij, p_i) and xu_ij = G_θ(z_ij, p_i) with the same deterministic
+DDIM sampler, steps and guidance; I = mean_ij LPIPS(x0_ij, xu_ij).
+
+Both models run through one compiled sampler (the UNet parameters are an
+argument), so the second model costs no compilation. For identical parameters
+the two image sets are bitwise identical and I is exactly 0.
+
+The 95% interval is a bootstrap over prompts (images of one prompt are not
+independent, so prompts are the resampling unit; with one prompt, over seeds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from unlearn_jax.diffusion import text_to_image
+from unlearn_jax.metrics import image_quality, lpips
+from unlearn_jax.metrics.visualize import save_grid
+from unlearn_jax.models.pipeline import StableDiffusion
+
+
+@dataclasses.dataclass
+class IntegrityResult:
+    """Integrity of an unlearned model against the original.
+
+    Attributes:
+      integrity_lpips: mean LPIPS over all P*S pairs (lower is better; 0 = unchanged).
+      ci95: bootstrap 95% interval of the mean.
+      per_prompt: mean LPIPS per prompt, [P].
+      per_pair: LPIPS per pair, [P*S], prompt-major.
+      psnr, ssim: means over pairs (PSNR of identical pairs is +inf).
+      prompts, seeds, settings: what was measured.
+      original, unlearned: the image pairs [P*S,H,W,3] in [0,1].
+    """
+
+    integrity_lpips: float
+    ci95: tuple[float, float]
+    per_prompt: list[float]
+    per_pair: np.ndarray
+    psnr: float
+    ssim: float
+    prompts: list[str]
+    seeds: int
+    settings: dict
+    original: np.ndarray
+    unlearned: np.ndarray
+
+    def to_json(self) -> dict:
+        """The JSON-serialisable summary (no images)."""
+        return {
+            "integrity_lpips": self.integrity_lpips,
+            "ci95": list(self.ci95),
+            "psnr": self.psnr if np.isfinite(self.psnr) else "inf",
+            "ssim": self.ssim,
+            "num_prompts": len(self.prompts),
+            "seeds_per_prompt": self.seeds,
+            "per_prompt": [
+                {"prompt": p, "lpips": v} for p, v in zip(self.prompts, self.per_prompt)
+            ],
+            "settings": self.settings,
+        }
+
+
+def bootstrap_ci(
+    per_group: np.ndarray, *, resamples: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `per_group` [G] (groups equally sized)."""
+    values = np.asarray(per_group, np.float64)
+    if values.size <= 1:
+        v = float(values.mean()) if values.size else float("nan")
+        return v, v
+    idx = np.random.default_rng(seed).integers(0, values.size, (resamples, values.size))
+    means = values[idx].mean(axis=1)
+    alpha = (1 - level) / 2
+    return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+
+
+def pair_metrics(
+    original: np.ndarray, unlearned: np.ndarray, lpips_fn, batch_size: int = 32
+) -> dict[str, np.ndarray]:
+    """LPIPS, PSNR and SSIM per pair, [N] each, computed in fixed-size batches."""
+    n = original.shape[0]
+    chunk = max(1, min(batch_size, n))
+    out = {"lpips": [], "psnr": [], "ssim": []}
+    for start in range(0, n, chunk):
+        a, b = original[start : start + chunk], unlearned[start : start + chunk]
+        rows = a.shape[0]
+        if rows < chunk:  # one compiled shape for every batch
+            a = np.concatenate([a, np.repeat(a[-1:], chunk - rows, 0)])
+            b = np.concatenate([b, np.repeat(b[-1:], chunk - rows, 0)])
+        out["lpips"].append(np.asarray(lpips_fn(a, b))[:rows])
+        out["psnr"].append(np.asarray(image_quality.psnr(a, b))[:rows])
+        out["ssim"].append(np.asarray(image_quality.ssim(a, b))[:rows])
+    return {k: np.concatenate(v).astype(np.float64) for k, v in out.items()}
+
+
+def compute_integrity(
+    pipe: StableDiffusion,
+    original_params: nnx.State,
+    unlearned_params: nnx.State,
+    prompts: Sequence[str],
+    *,
+    seeds: int = 4,
+    steps: int = 50,
+    guidance: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    lpips_net: str = "vgg",
+    lpips_fn=None,
+    mesh: Mesh | None = None,
+    progress: bool = True,
+    unlearned_pipe: StableDiffusion | None = None,
+) -> IntegrityResult:
+    """Integrity of `unlearned_params` against `original_params` (both UNet states of `pipe`).
+
+    Args:
+      pipe: pipeline providing text encoder, VAE, scheduler and the UNet structure.
+      original_params, unlearned_params: UNet states (`nnx.state(unet)`), same structure.
+      prompts: the retain prompts p_1..p_P (held out from training).
+      seeds: S images per prompt.
+      steps, guidance, height, width: sampler settings, identical for both models.
+      seed: root seed of the shared initial noise.
+      batch_size: images per compiled sampler chunk and per LPIPS batch.
+      lpips_net: "vgg" (default) or "alex", real weights.
+      lpips_fn: optional prebuilt `(x, y) -> [B]`, to reuse across calls.
+      mesh: optional mesh with a 'data' axis for sampling.
+      unlearned_pipe: the unlearned model's own pipeline when more than its UNet
+        changed (e.g. a trained text encoder); default: `pipe` with `unlearned_params`.
+    """
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("integrity needs at least one retain prompt; the prompt set is empty.")
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    noise = text_to_image.initial_noise(
+        seed, len(prompts), seeds, text_to_image.latent_shape(pipe, height, width)
+    )
+    common = dict(
+        num_images_per_prompt=seeds,
+        steps=steps,
+        guidance=guidance,
+        height=height,
+        width=width,
+        seed=seed,
+        latents=noise,
+        batch_size=batch_size,
+        mesh=mesh,
+        progress=progress,
+    )
+    original = text_to_image.generate(pipe, prompts, unet_params=original_params, **common)
+    unlearned = text_to_image.generate(
+        unlearned_pipe or pipe, prompts, unet_params=unlearned_params, **common
+    )
+    if lpips_fn is None:
+        lpips_fn = lpips.make_lpips_fn(lpips.load_lpips(lpips_net))
+    per_pair = pair_metrics(original, unlearned, lpips_fn, batch_size=max(batch_size, 8))
+    per_prompt = per_pair["lpips"].reshape(len(prompts), seeds).mean(axis=1)
+    groups = per_prompt if len(prompts) > 1 else per_pair["lpips"]
+    return IntegrityResult(
+        integrity_lpips=float(per_pair["lpips"].mean()),
+        ci95=bootstrap_ci(groups),
+        per_prompt=[float(v) for v in per_prompt],
+        per_pair=per_pair["lpips"],
+        psnr=float(per_pair["psnr"].mean()),
+        ssim=float(per_pair["ssim"].mean()),
+        prompts=prompts,
+        seeds=seeds,
+        settings={
+            "steps": steps,
+            "guidance": guidance,
+            "height": original.shape[1],
+            "width": original.shape[2],
+            "seed": seed,
+            "lpips_net": lpips_net,
+            "sampler": "ddim",
+            "eta": 0.0,
+        },
+        original=original,
+        unlearned=unlearned,
+    )
+
+
+def write_integrity_report(
+    result: IntegrityResult, out_dir: str | Path, max_grid_prompts: int = 16
+) -> Path:
+    """Writes integrity.json, pairs.npz and grid.png (original vs unlearned per prompt)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "integrity.json").write_text(json.dumps(result.to_json(), indent=2))
+    np.savez_compressed(
+        out / "pairs.npz",
+        original=result.original.astype(np.float32),
+        unlearned=result.unlearned.astype(np.float32),
+        lpips=result.per_pair.astype(np.float32),
+        prompts=np.asarray(result.prompts),
+    )
+    s = result.seeds
+    rows, labels = [], []
+    for i, prompt in enumerate(result.prompts[:max_grid_prompts]):
+        pairs = range(i * s, (i + 1) * s)
+        rows.append([result.original[k] for k in pairs] + [result.unlearned[k] for k in pairs])
+        labels.append(f"{prompt}  (LPIPS {result.per_prompt[i]:.3f})")
+    cols = [f"orig {j}" for j in range(s)] + [f"unl {j}" for j in range(s)]
+    save_grid(rows, out / "grid.png", row_labels=labels, col_labels=cols)
+    return out
