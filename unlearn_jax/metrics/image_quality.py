@@ -41,29 +41,24 @@ def _ssim(x: jax.Array, y: jax.Array, g: jax.Array) -> jax.Array:
     c1, c2 = 0.01**2, 0.03**2
     channels = x.shape[-1]
 
+    # Separable Gaussian, depthwise over channels, 'VALID' like TF's tf.image.ssim.
+    kernels = (
+        jnp.tile(g[:, None, None, None], (1, 1, 1, channels)),
+        jnp.tile(g[None, :, None, None], (1, 1, 1, channels)),
+    )
+
     def blur(img):
-        # Separable Gaussian, depthwise over channels, 'VALID' like TF's tf.image.ssim.
-        kh = jnp.tile(g[:, None, None, None], (1, 1, 1, channels))
-        kw = jnp.tile(g[None, :, None, None], (1, 1, 1, channels))
-        dn = ("NHWC", "HWIO", "NHWC")
-        img = jax.lax.conv_general_dilated(
-            img,
-            kh,
-            (1, 1),
-            "VALID",
-            dimension_numbers=dn,
-            feature_group_count=channels,
-            precision=jax.lax.Precision.HIGHEST,
-        )
-        return jax.lax.conv_general_dilated(
-            img,
-            kw,
-            (1, 1),
-            "VALID",
-            dimension_numbers=dn,
-            feature_group_count=channels,
-            precision=jax.lax.Precision.HIGHEST,
-        )
+        for kernel in kernels:
+            img = jax.lax.conv_general_dilated(
+                img,
+                kernel,
+                (1, 1),
+                "VALID",
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                feature_group_count=channels,
+                precision=jax.lax.Precision.HIGHEST,
+            )
+        return img
 
     mx, my = blur(x), blur(y)
     sxx = blur(x * x) - mx * mx

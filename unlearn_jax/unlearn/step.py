@@ -12,7 +12,7 @@ module only maps (parameters, batch, rng) to (gradient, metrics).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -83,17 +83,108 @@ def merge_params(trainable: PyTree, rest: PyTree) -> PyTree:
     return jax.tree.unflatten(treedef, merged)
 
 
-def _term_value_and_grad(term, model, rest, frozen_original, hp):
+Merge = Callable[[PyTree], PyTree]
+
+
+def _as_merge(rest_or_merge: PyTree | Merge) -> Merge:
+    """A function trainable -> full params, from the frozen rest or such a function itself."""
+    if callable(rest_or_merge):
+        return rest_or_merge
+    return lambda trainable: merge_params(trainable, rest_or_merge)
+
+
+def _term_value_and_grad(term, model, merge: Merge, frozen_original, hp):
     def objective(trainable, batch, rng):
-        params = merge_params(trainable, rest)
-        return term(model, params, frozen_original, batch, rng, hp)
+        return term(model, merge(trainable), frozen_original, batch, rng, hp)
 
     return jax.value_and_grad(objective, has_aux=True)
 
 
+def term_grads(
+    params_trainable: PyTree,
+    params_frozen_rest: PyTree | Merge,
+    frozen_original: PyTree,
+    batch: dict[str, dict[str, jax.Array]],
+    rng: jax.Array,
+    preset: Preset,
+    model: DiffusionModel,
+    hparams: UnlearnHParams | None = None,
+) -> tuple[PyTree, PyTree | None, dict[str, jax.Array]]:
+    """The forget and retain gradients of one batch, not yet combined.
+
+    Split from the combination so that gradient accumulation can average each
+    term's gradient over micro-batches first and combine once (combiners such
+    as `project` are not linear, so combining per micro-batch would differ).
+
+    Args:
+      params_trainable: the trainable part of θ (any pytree).
+      params_frozen_rest: the rest of θ as from `partition_params`, or a function
+        mapping `params_trainable` to the full parameter pytree.
+      frozen_original, batch, rng, preset, model, hparams: as in `unlearn_step_grads`.
+    Returns:
+      (g_f, g_r or None when the preset has no retain term, metrics:
+      'forget/loss', 'forget/<aux>', 'retain/loss', 'retain/<aux>').
+    """
+    hp = preset.hparams if hparams is None else hparams
+    merge = _as_merge(params_frozen_rest)
+    value_and_grad_f = _term_value_and_grad(
+        FORGET_TERMS[preset.forget], model, merge, frozen_original, hp
+    )
+    (loss_f, aux_f), g_f = value_and_grad_f(
+        params_trainable, batch["forget"], jax.random.fold_in(rng, FORGET_STREAM)
+    )
+    metrics = {"forget/loss": loss_f, **{f"forget/{k}": v for k, v in aux_f.items()}}
+    if preset.retain is None:
+        return g_f, None, metrics
+    value_and_grad_r = _term_value_and_grad(
+        RETAIN_TERMS[preset.retain], model, merge, frozen_original, hp
+    )
+    (loss_r, aux_r), g_r = value_and_grad_r(
+        params_trainable, batch.get("retain", {}), jax.random.fold_in(rng, RETAIN_STREAM)
+    )
+    metrics.update({"retain/loss": loss_r, **{f"retain/{k}": v for k, v in aux_r.items()}})
+    return g_f, g_r, metrics
+
+
+def combine_term_grads(
+    g_f: PyTree,
+    g_r: PyTree | None,
+    preset: Preset,
+    hparams: UnlearnHParams | None = None,
+    saliency: PyTree | None = None,
+) -> tuple[PyTree, dict[str, jax.Array]]:
+    """The preset's combiner applied to (g_f, g_r), then the saliency mask if given.
+
+    Returns:
+      (gradient shaped like g_f, metrics: 'grad/forget_norm', 'grad/retain_norm',
+      'grad/cos', 'combine/<aux>', 'grad/norm').
+    """
+    hp = preset.hparams if hparams is None else hparams
+    metrics = {"grad/forget_norm": combine.tree_norm(g_f)}
+    if g_r is None:
+        grads = g_f
+    else:
+        grads, aux_c = COMBINERS[preset.combiner](g_f, g_r, hp)
+        metrics["grad/retain_norm"] = combine.tree_norm(g_r)
+        metrics["grad/cos"] = combine.tree_cosine(g_f, g_r)
+        metrics.update({f"combine/{k}": v for k, v in aux_c.items()})
+    if saliency is not None:
+        grads = combine.apply_mask(grads, saliency)
+    metrics["grad/norm"] = combine.tree_norm(grads)
+    return grads, metrics
+
+
+def _check_saliency(preset: Preset, saliency: PyTree | None) -> None:
+    if preset.saliency and saliency is None:
+        raise ValueError(
+            f"method {preset.name!r} needs a saliency mask: accumulate forget_saliency_grads "
+            "over the forget set and pass combine.saliency_mask(grads, keep_fraction)"
+        )
+
+
 def unlearn_step_grads(
     params_trainable: PyTree,
-    params_frozen_rest: PyTree,
+    params_frozen_rest: PyTree | Merge,
     frozen_original: PyTree,
     batch: dict[str, dict[str, jax.Array]],
     rng: jax.Array,
@@ -105,7 +196,8 @@ def unlearn_step_grads(
     """The combined unlearning gradient with respect to the trainable subtree.
 
     Args:
-      params_trainable, params_frozen_rest: the current θ split by `partition_params`.
+      params_trainable, params_frozen_rest: the current θ split by `partition_params`
+        (or params_frozen_rest a function trainable -> full params).
       frozen_original: the full original θ0 (never differentiated, never donated).
       batch: {'forget': forget batch, 'retain': retain batch} with the keys
         `registry.BATCH_KEYS` lists for the preset's terms ('retain' may be
@@ -122,46 +214,17 @@ def unlearn_step_grads(
       'forget/loss', 'forget/<aux>', 'retain/loss', 'retain/<aux>',
       'grad/forget_norm', 'grad/retain_norm', 'grad/cos', 'combine/<aux>', 'grad/norm').
     """
-    hp = preset.hparams if hparams is None else hparams
-    if preset.saliency and saliency is None:
-        raise ValueError(
-            f"method {preset.name!r} needs a saliency mask: accumulate forget_saliency_grads "
-            "over the forget set and pass combine.saliency_mask(grads, keep_fraction)"
-        )
-
-    value_and_grad_f = _term_value_and_grad(
-        FORGET_TERMS[preset.forget], model, params_frozen_rest, frozen_original, hp
+    _check_saliency(preset, saliency)
+    g_f, g_r, metrics = term_grads(
+        params_trainable, params_frozen_rest, frozen_original, batch, rng, preset, model, hparams
     )
-    (loss_f, aux_f), g_f = value_and_grad_f(
-        params_trainable, batch["forget"], jax.random.fold_in(rng, FORGET_STREAM)
-    )
-    metrics = {"forget/loss": loss_f, **{f"forget/{k}": v for k, v in aux_f.items()}}
-    metrics["grad/forget_norm"] = combine.tree_norm(g_f)
-
-    if preset.retain is None:
-        grads = g_f
-    else:
-        value_and_grad_r = _term_value_and_grad(
-            RETAIN_TERMS[preset.retain], model, params_frozen_rest, frozen_original, hp
-        )
-        (loss_r, aux_r), g_r = value_and_grad_r(
-            params_trainable, batch.get("retain", {}), jax.random.fold_in(rng, RETAIN_STREAM)
-        )
-        grads, aux_c = COMBINERS[preset.combiner](g_f, g_r, hp)
-        metrics.update({"retain/loss": loss_r, **{f"retain/{k}": v for k, v in aux_r.items()}})
-        metrics["grad/retain_norm"] = combine.tree_norm(g_r)
-        metrics["grad/cos"] = combine.tree_cosine(g_f, g_r)
-        metrics.update({f"combine/{k}": v for k, v in aux_c.items()})
-
-    if saliency is not None:
-        grads = combine.apply_mask(grads, saliency)
-    metrics["grad/norm"] = combine.tree_norm(grads)
-    return grads, metrics
+    grads, combine_metrics = combine_term_grads(g_f, g_r, preset, hparams, saliency)
+    return grads, {**metrics, **combine_metrics}
 
 
 def forget_saliency_grads(
     params_trainable: PyTree,
-    params_frozen_rest: PyTree,
+    params_frozen_rest: PyTree | Merge,
     forget_batch: dict[str, jax.Array],
     rng: jax.Array,
     model: DiffusionModel,
@@ -171,9 +234,9 @@ def forget_saliency_grads(
     SalUn's saliency: sum this over the forget set, then
     `combine.saliency_mask(total, keep_fraction)`.
     """
+    merge = _as_merge(params_frozen_rest)
 
     def objective(trainable):
-        params = merge_params(trainable, params_frozen_rest)
-        return denoising_loss(model, params, forget_batch, rng)[0]
+        return denoising_loss(model, merge(trainable), forget_batch, rng)[0]
 
     return jax.grad(objective)(params_trainable)
