@@ -20,6 +20,19 @@ Modules:
   registry   -- names -> terms/combiners, the named presets, `trainable_mask`.
   step       -- `unlearn_step_grads`: forget/retain gradients on the trainable
                 subtree, combined.
+
+The trainer (imported on demand; it pulls in the model, data and orbax):
+  experiment  -- config -> RunSpec (method, params, prompts, fingerprint), model, data.
+  batches     -- training batches as a pure function of (seed, step).
+  state       -- `ParamSplit` (trainable subset), `TrainState`, the optax optimizer.
+  sharding    -- the ('data', 'fsdp') mesh and the shardings of batch and state.
+  train_step  -- the jitted step (θ0 an argument, state donated) and SalUn's saliency.
+  checkpoints -- orbax checkpoints, incomplete-save handling, the run fingerprint.
+  evaluation  -- evaluators (integrity, pluggable forget rate) for periodic/final eval.
+  writers     -- metrics.jsonl (+ TensorBoard through clu when available).
+  train       -- `train_and_evaluate(config, workdir)`, `evaluate`, `export`.
+  config_file -- `get_config(arg)` files and `--config.a.b=value` overrides.
+  commands    -- the `unlearn`, `evaluate` and `export` CLI subcommands.
 """
 
 from unlearn_jax.unlearn.denoising import DiffusionModel

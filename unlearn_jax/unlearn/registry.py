@@ -22,7 +22,10 @@ from unlearn_jax.unlearn.hparams import UnlearnHParams
 
 PyTree = Any
 ParamPath = tuple[str | int, ...]
-Combiner = Callable[[PyTree, PyTree, UnlearnHParams], tuple[PyTree, dict[str, jax.Array]]]
+# A combiner maps the Gram matrix [[‖g_f‖², ⟨g_f,g_r⟩], [⟨g_r,g_f⟩, ‖g_r‖²]] to the
+# coefficients (a, b) of the update g = a g_f + b g_r (all three are such
+# combinations), plus aux scalars: one pass over the gradients, whatever the combiner.
+Combiner = Callable[[jax.Array, UnlearnHParams], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
 
 FORGET_TERMS = {
     "neggrad": forget.neggrad_loss,
@@ -47,22 +50,22 @@ BATCH_KEYS = {
 }
 
 
-def _sum(g_f: PyTree, g_r: PyTree, hp: UnlearnHParams) -> tuple[PyTree, dict[str, jax.Array]]:
-    return combine.sum_grads(g_f, g_r, hp.retain_weight), {}
+def _sum(gram: jax.Array, hp: UnlearnHParams) -> tuple[jax.Array, jax.Array, dict]:
+    return jnp.float32(1.0), jnp.asarray(hp.retain_weight, jnp.float32), {}
 
 
-def _project(g_f: PyTree, g_r: PyTree, hp: UnlearnHParams) -> tuple[PyTree, dict[str, jax.Array]]:
-    return combine.project_grads(g_f, g_r, hp.retain_weight, strict=hp.strict), {}
+def _project(gram: jax.Array, hp: UnlearnHParams) -> tuple[jax.Array, jax.Array, dict]:
+    return jnp.float32(1.0), combine.project_coefficient(gram, hp.retain_weight, hp.strict), {}
 
 
-def _erasediff(g_f: PyTree, g_r: PyTree, hp: UnlearnHParams) -> tuple[PyTree, dict[str, jax.Array]]:
+def _erasediff(gram: jax.Array, hp: UnlearnHParams) -> tuple[jax.Array, jax.Array, dict]:
     # Outer step of EraseDiff on retain + λ (f − f*): f* is a constant of the
     # inner forget steps, so ∇(f − f*) at θ is the forget gradient g_f.
     if hp.erasediff_lambda is None:
-        lam = combine.erasediff_lambda(g_r, g_f, hp.erasediff_eta)
+        lam = jnp.maximum(hp.erasediff_eta - combine.gram_cosine(gram), 0.0)
     else:
         lam = jnp.asarray(hp.erasediff_lambda, jnp.float32)
-    return combine.sum_grads(g_r, g_f, lam), {"lambda": lam}
+    return lam, jnp.float32(1.0), {"lambda": lam}
 
 
 COMBINERS: dict[str, Combiner] = {"sum": _sum, "project": _project, "erasediff": _erasediff}

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from unlearn_jax.unlearn import combine
 from unlearn_jax.unlearn.denoising import DiffusionModel, denoising_loss
@@ -160,17 +161,25 @@ def combine_term_grads(
       'grad/cos', 'combine/<aux>', 'grad/norm').
     """
     hp = preset.hparams if hparams is None else hparams
-    metrics = {"grad/forget_norm": combine.tree_norm(g_f)}
     if g_r is None:
         grads = g_f
+        metrics = {"grad/forget_norm": combine.tree_norm(g_f)}
+        norm = metrics["grad/forget_norm"]
     else:
-        grads, aux_c = COMBINERS[preset.combiner](g_f, g_r, hp)
-        metrics["grad/retain_norm"] = combine.tree_norm(g_r)
-        metrics["grad/cos"] = combine.tree_cosine(g_f, g_r)
-        metrics.update({f"combine/{k}": v for k, v in aux_c.items()})
+        gram = combine.tree_gram(g_f, g_r)
+        a, b, aux_c = COMBINERS[preset.combiner](gram, hp)
+        grads = combine.linear_combination(a, g_f, b, g_r)
+        norm = combine.combination_norm(a, b, gram)
+        metrics = {
+            "grad/forget_norm": jnp.sqrt(gram[0, 0]),
+            "grad/retain_norm": jnp.sqrt(gram[1, 1]),
+            "grad/cos": combine.gram_cosine(gram),
+            **{f"combine/{k}": v for k, v in aux_c.items()},
+        }
     if saliency is not None:
         grads = combine.apply_mask(grads, saliency)
-    metrics["grad/norm"] = combine.tree_norm(grads)
+        norm = combine.tree_norm(grads)
+    metrics["grad/norm"] = norm
     return grads, metrics
 
 

@@ -1,0 +1,22 @@
+r"""ESD-u: the ESD target on every parameter except cross-attention.
+
+Stronger, less prompt-specific erasure than ESD-x; η = 1.
+
+  unlearn-jax unlearn --config configs/esd_u.py --workdir runs/esd_u \
+      --config.model.path=/data/stable-diffusion-v1-5 \
+      --config.forget.prompts=prompts/forget.txt --config.retain.prompts=prompts/retain.txt
+
+CPU smoke test: `--config configs/esd_u.py:runlocal` with a tiny model. Runtime and
+expected results as in configs/base.py.
+"""
+
+from unlearn_jax.unlearn.config_file import import_config_module
+
+base = import_config_module(__file__, "base.py")
+
+
+def get_config(arg=None):
+    config = base.get_config(arg)
+    config.unlearn.method = "esd_u"
+    config.unlearn.hparams.eta = 1.0
+    return config

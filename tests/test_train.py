@@ -1,0 +1,196 @@
+"""The train loop end to end on a micro pipeline: train, export, resume, NaN guard, refusal.
+
+All runs use distill_project on cross-attention only with the same shapes,
+so they share ONE compiled train step (the trainer caches compiled steps by
+program; the learning rate is optimizer state, not a constant): the module
+costs one compilation (~30-60 s on two CPU cores) plus a few seconds per run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+from tiny_unlearn import make_config, save_micro_pipeline
+
+from unlearn_jax.unlearn import commands
+from unlearn_jax.unlearn.checkpoints import Checkpoints, FingerprintMismatchError
+from unlearn_jax.unlearn.evaluation import register_forget_classifier
+from unlearn_jax.unlearn.train import NonFiniteLossError, evaluate, export, train_and_evaluate
+from unlearn_jax.unlearn.writers import read_metrics
+
+UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory) -> Path:
+    return save_micro_pipeline(tmp_path_factory.mktemp("micro") / "pipe")
+
+
+def config(micro, **overrides):
+    return make_config(micro, unlearn__params="xattn", **overrides)
+
+
+@pytest.fixture(scope="module")
+def full_run(micro, tmp_path_factory):
+    """Four uninterrupted steps (checkpoints at 2 and 4, an evaluation at 2)."""
+    workdir = tmp_path_factory.mktemp("full_run")
+    cfg = config(micro, eval__every=2, eval__seeds=1, eval__steps=2)
+    return workdir, train_and_evaluate(cfg, workdir)
+
+
+def train_rows(workdir):
+    return [r for r in read_metrics(workdir) if not any(k.startswith("eval/") for k in r)]
+
+
+def test_only_trainable_parameters_change_and_export_loads_in_diffusers(full_run, micro, tmp_path):
+    workdir, result = full_run
+    assert result["step"] == 4
+    assert np.isfinite(result["forget/loss"]) and np.isfinite(result["retain/loss"])
+    rows = train_rows(workdir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # runlocal logs every step
+    # Step 1 runs at θ = θ0: distillation to θ0 is exactly zero (θ0 is an argument of
+    # the compiled step, evaluated like the student), and its gradient too.
+    assert rows[0]["retain/loss"] == 0.0 and rows[0]["grad/retain_norm"] == 0.0
+    assert rows[-1]["retain/loss"] > 0.0
+    periodic = [r for r in read_metrics(workdir) if "eval/integrity_lpips" in r]
+    assert [r["step"] for r in periodic] == [2, 4] and periodic[0]["eval/integrity_lpips"] > 0
+    assert (workdir / "eval" / "step_000002" / "integrity" / "integrity.json").is_file()
+    assert (workdir / "run.json").is_file() and (workdir / "cache").is_dir()
+
+    out = export(workdir, tmp_path / "exported")
+    before, after = load_file(micro / UNET_FILE), load_file(out / UNET_FILE)
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not np.array_equal(before[k], after[k])}
+    assert changed and all(".attn2." in k for k in changed)  # xattn only, and it moved
+    for name in ("vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        assert (micro / name).read_bytes() == (out / name).read_bytes()
+    with pytest.raises(FileExistsError, match="not empty"):
+        export(workdir, out)
+
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(out), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        image = pipe("a red circle", num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 16, 16, 3) and np.isfinite(image).all()
+
+
+def test_resume_after_interrupted_save_equals_uninterrupted_run(full_run, micro, tmp_path):
+    workdir, _ = full_run
+    resumed = tmp_path / "resumed"
+    train_and_evaluate(config(micro, train__steps=2), resumed)
+    # A kill while saving step 3 leaves orbax's temporary folder; a step folder
+    # without orbax's metadata (a copy cut short) must not count either.
+    partial = resumed / "checkpoints" / "3.orbax-checkpoint-tmp-1234567"
+    (partial / "default").mkdir(parents=True)
+    (partial / "default" / "junk").write_bytes(b"half a checkpoint")
+    (resumed / "checkpoints" / "4" / "default").mkdir(parents=True)
+    result = train_and_evaluate(config(micro), resumed)  # train.steps raised 2 -> 4
+    assert result["step"] == 4
+    moved = sorted(p.name.split("-")[0] for p in (resumed / "checkpoints.incomplete").iterdir())
+    assert moved == ["3.orbax", "4"]
+
+    # Bit for bit: the logged metrics of every step and the exported weights.
+    assert train_rows(resumed) == train_rows(workdir)
+    a = load_file(export(workdir, tmp_path / "a") / UNET_FILE)
+    b = load_file(export(resumed, tmp_path / "b") / UNET_FILE)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_export_after_zero_steps_reproduces_the_original_files(micro, tmp_path):
+    train_and_evaluate(config(micro, train__steps=0), tmp_path / "run")
+    out = export(tmp_path / "run", tmp_path / "out")
+    originals = sorted(p.relative_to(micro) for p in micro.rglob("*") if p.is_file())
+    assert originals == sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    for rel in originals:
+        assert (micro / rel).read_bytes() == (out / rel).read_bytes(), rel
+
+
+def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(micro, tmp_path):
+    workdir = tmp_path / "diverged"
+    # Adam moves every weight by ~lr per step: with 1e17 the attention overflows
+    # to NaN within a few steps (the step after a finite but broken state).
+    cfg = config(micro, optim__lr=1e17, checkpoint__every=1)
+    with pytest.raises(NonFiniteLossError, match=r"(?s)step \d.*last good checkpoint.*lr=1e\+17"):
+        train_and_evaluate(cfg, workdir)
+    checkpoints = Checkpoints(workdir)
+    last_good = checkpoints.latest_step()
+    checkpoints.close()
+    assert last_good is not None and last_good < 4
+    out = export(workdir, tmp_path / "out")  # the kept checkpoint is loadable
+    assert all(np.isfinite(v).all() for v in load_file(out / UNET_FILE).values())
+
+
+def test_workdir_of_another_run_is_refused(full_run, micro):
+    workdir, _ = full_run
+    with pytest.raises(FingerprintMismatchError, match=r"(?s)seed: 0 -> 1.*force_resume"):
+        train_and_evaluate(config(micro, seed=1), workdir)
+    with pytest.raises(FingerprintMismatchError, match="unlearn.method"):
+        train_and_evaluate(make_config(micro, "distill", unlearn__params="xattn"), workdir)
+    # Evaluation and checkpoint settings are not part of the run; nothing left to train.
+    result = train_and_evaluate(config(micro, checkpoint__keep=5, eval__seeds=2), workdir)
+    assert result["step"] == 4
+
+
+def test_cli_commands(full_run, micro, tmp_path, capsys):
+    workdir, _ = full_run
+    base = ["--config", "configs/distill_project.py:runlocal", "--workdir", str(workdir)]
+    overrides = [
+        f"--config.model.path={micro}",
+        "--config.forget.prompts=['a red circle', 'a photo of a cat']",
+        "--config.retain.prompts",
+        "['a blue square', 'a green dog', 'a small grey square']",
+        "--config.eval.prompts=['a large blue circle on a grey background']",
+        "--config.unlearn.params=xattn",
+        "--config.eval.final=false",
+        "--config.train.progress=false",
+    ]
+    # The run is complete: `unlearn` resolves, checks the fingerprint and returns.
+    cwd = Path.cwd()
+    try:
+        import os
+
+        os.chdir(Path(__file__).resolve().parents[1])
+        assert commands.main(["unlearn", *base, *overrides]) == 0
+        assert json.loads(capsys.readouterr().out)["step"] == 4
+        with pytest.raises(ValueError, match="no field 'train.stepz'.*train.steps"):
+            commands.main(["unlearn", *base, *overrides, "--config.train.stepz=3"])
+    finally:
+        os.chdir(cwd)
+    assert commands.main(["export", "--workdir", str(workdir), "--out", str(tmp_path / "o")]) == 0
+    assert (tmp_path / "o" / "model_index.json").is_file()
+    shutil.rmtree(tmp_path / "o")
+
+
+@register_forget_classifier("test_every_image_is_the_concept")
+def _always_concept(config, pipe):
+    return (lambda images: np.tile([[0.0, 1.0]], (len(images), 1))), 1
+
+
+def test_final_and_standalone_evaluation(full_run, micro):
+    workdir, _ = full_run
+    cfg = config(
+        micro,
+        eval__final=True,
+        eval__seeds=1,
+        eval__steps=2,
+        eval__classifier="test_every_image_is_the_concept",
+    )
+    result = train_and_evaluate(cfg, workdir)  # complete: only the final evaluation runs
+    assert 0 < result["integrity_lpips"] < 0.5
+    assert result["forget_rate"] == result["forget_rate_original"] == 1.0
+    final = json.loads((workdir / "eval" / "final.json").read_text())
+    assert final["step"] == 4 and final["integrity_lpips"] == result["integrity_lpips"]
+    report = workdir / "eval" / "step_000004" / "integrity"
+    assert json.loads((report / "integrity.json").read_text())["num_prompts"] == 1
+    assert (report / "grid.png").is_file()
+    # `evaluate` measures the latest checkpoint again: same noise, same number.
+    assert evaluate(cfg, workdir)["integrity_lpips"] == result["integrity_lpips"]

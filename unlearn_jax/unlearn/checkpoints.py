@@ -1,0 +1,198 @@
+"""Checkpoints (orbax) and the run record that decides whether a workdir may be resumed.
+
+Layout of a workdir:
+
+  run.json          what the run is (the fingerprint) and its full config
+  checkpoints/<step>/  orbax checkpoints of the `TrainState` (resume: the latest)
+  checkpoints.incomplete/  step folders that were found half-written (moved aside)
+
+Orbax writes a step into a temporary folder and renames it when complete, so
+a run killed while saving leaves either the previous steps only, or a
+`<step>.orbax-checkpoint-tmp-*` folder that is never taken for a checkpoint.
+As a second line of defence a step folder without orbax's metadata file is
+treated as incomplete and moved aside before resuming.
+
+The fingerprint lists every setting that changes what the run computes
+(model, prompt sets, method, trained parameters, hyperparameters, optimizer,
+seed, batch layout); `train.steps` is deliberately not in it, so raising it
+extends a run. Resuming a workdir whose fingerprint differs is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from unlearn_jax.unlearn.state import TrainState
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+CHECKPOINT_DIR = "checkpoints"
+INCOMPLETE_DIR = "checkpoints.incomplete"
+_METADATA_FILE = "_CHECKPOINT_METADATA"  # written by orbax as part of every finished step
+_TMP_MARK = ".orbax-checkpoint-tmp"
+
+
+class FingerprintMismatchError(ValueError):
+    """The workdir holds a different run than the config describes."""
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Writes JSON to a temporary file and renames it: readers see the old or the new file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def fingerprint_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Lines 'field: old -> new' for every field whose value differs (sorted by field)."""
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key, "<absent>") != new.get(key, "<absent>"):
+            lines.append(
+                f"  {key}: {_short(old.get(key, '<absent>'))} -> {_short(new.get(key, '<absent>'))}"
+            )
+    return lines
+
+
+def check_run_record(
+    workdir: Path, fingerprint: dict[str, Any], config: dict[str, Any], *, force_resume: bool
+) -> bool:
+    """Refuses a workdir that holds another run; writes the record for a new one.
+
+    Args:
+      workdir: the run's folder.
+      fingerprint: JSON-able dict of what the run is (see module docstring).
+      config: the full config as a JSON-able dict (stored for `evaluate`/`export`).
+      force_resume: resume despite differences (the record is then rewritten).
+    Returns:
+      True when the workdir already held this run (a resume), False for a new run.
+    Raises:
+      FingerprintMismatchError: naming the differing fields and the two ways out.
+    """
+    path = Path(workdir) / RUN_FILE
+    record = {"fingerprint": fingerprint, "config": config}
+    if not path.is_file():
+        if jax.process_index() == 0:
+            write_json_atomic(path, record)
+        return False
+    old = json.loads(path.read_text()).get("fingerprint", {})
+    # Round-trip through JSON so tuples and lists compare equal.
+    new = json.loads(json.dumps(fingerprint, default=str))
+    differences = fingerprint_differences(old, new)
+    if differences and not force_resume:
+        raise FingerprintMismatchError(
+            f"{workdir} holds a different run; refusing to resume it. Differing fields "
+            "(workdir -> now):\n" + "\n".join(differences) + "\nFix: use a new --workdir for "
+            "the new run, or pass --config.train.force_resume=True to continue this "
+            "run's checkpoints under the new settings."
+        )
+    if differences:
+        log.warning("force_resume: continuing despite changed fields:\n%s", "\n".join(differences))
+    if jax.process_index() == 0:
+        write_json_atomic(path, record)
+    return True
+
+
+def read_run_record(workdir: str | os.PathLike) -> dict[str, Any]:
+    """{'fingerprint': ..., 'config': ...} stored by the run in `workdir` (for evaluate/export)."""
+    path = Path(workdir) / RUN_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} does not exist: {workdir} is not the workdir of an unlearning run. "
+            "Fix: pass the --workdir given to `unlearn-jax unlearn`."
+        )
+    return json.loads(path.read_text())
+
+
+def _is_complete(step_dir: Path) -> bool:
+    return (step_dir / _METADATA_FILE).is_file()
+
+
+def set_aside_incomplete(checkpoint_dir: Path) -> list[str]:
+    """Moves half-written step folders out of `checkpoint_dir`; returns their names.
+
+    Both orbax's temporary folders and step folders without its metadata file
+    go to `<workdir>/checkpoints.incomplete/`, so that neither a restore nor a
+    later save at the same step can trip over them. Nothing is deleted.
+    """
+    if not checkpoint_dir.is_dir() or jax.process_index() != 0:
+        return []
+    moved = []
+    for entry in sorted(checkpoint_dir.iterdir()):
+        if not entry.is_dir():
+            continue
+        step_like = entry.name.split(".")[0].isdigit()
+        if step_like and (_TMP_MARK in entry.name or not _is_complete(entry)):
+            target_dir = checkpoint_dir.parent / INCOMPLETE_DIR
+            target_dir.mkdir(exist_ok=True)
+            shutil.move(str(entry), str(target_dir / f"{entry.name}-{int(time.time())}"))
+            moved.append(entry.name)
+    if moved:
+        log.warning(
+            "ignored incomplete checkpoint(s) %s (an interrupted save); moved to %s",
+            ", ".join(moved),
+            checkpoint_dir.parent / INCOMPLETE_DIR,
+        )
+    return moved
+
+
+class Checkpoints:
+    """The run's orbax `CheckpointManager`: save every `every` steps, keep the last `keep`.
+
+    Saves are synchronous on purpose: the NaN guard must know a state is good
+    before it is written, and a save that returned is on disk.
+    """
+
+    def __init__(self, workdir: str | os.PathLike, *, keep: int = 2):
+        self.directory = Path(workdir).absolute() / CHECKPOINT_DIR
+        self.incomplete = set_aside_incomplete(self.directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep if keep and keep > 0 else None,
+            create=True,
+            enable_async_checkpointing=False,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, state: TrainState) -> int:
+        """Writes `state` under its step (replacing nothing); returns the step."""
+        step = int(jax.device_get(state.step))
+        if step in self.manager.all_steps():
+            return step
+        self.manager.save(step, args=ocp.args.StandardSave(state.to_checkpoint()))
+        self.manager.wait_until_finished()
+        return step
+
+    def restore(self, target: TrainState, step: int | None = None) -> TrainState:
+        """The state saved at `step` (default: latest), laid out like `target`.
+
+        Args:
+          target: a TrainState of ShapeDtypeStructs with `.sharding` set (where
+            each restored array should live).
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        restored = self.manager.restore(step, args=ocp.args.StandardRestore(target.to_checkpoint()))
+        return TrainState.from_checkpoint(restored)
+
+    def close(self) -> None:
+        self.manager.close()

@@ -1,0 +1,123 @@
+"""Evaluate and export the latest checkpoint of an unlearning run's workdir.
+
+Both rebuild what they need from the workdir: `export` from the config the run
+stored in run.json (so `unlearn-jax export --workdir DIR --out PATH` needs
+nothing else), `evaluate` from the config passed in, which must describe the
+same run (only its `eval` section may differ).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+from flax import nnx
+
+from unlearn_jax.models.pipeline import save_pipeline
+from unlearn_jax.unlearn import experiment
+from unlearn_jax.unlearn.checkpoints import (
+    Checkpoints,
+    FingerprintMismatchError,
+    fingerprint_differences,
+    read_run_record,
+)
+from unlearn_jax.unlearn.evaluation import EVAL_DIR, Evaluator
+from unlearn_jax.unlearn.sharding import make_mesh
+from unlearn_jax.unlearn.state import TrainState, abstract_state, make_optimizer
+from unlearn_jax.unlearn.train_step import merged_params
+
+log = logging.getLogger(__name__)
+
+
+def restore_latest(
+    config: ml_collections.ConfigDict,
+    model: experiment.Model,
+    workdir: Path,
+    with_saliency: bool,
+) -> tuple[int, dict[str, jax.Array]]:
+    """(step, trainable params) of the latest checkpoint; θ0's own values if there is none."""
+    checkpoints = Checkpoints(workdir, keep=0)
+    try:
+        step = checkpoints.latest_step()
+        if step is None:
+            log.warning("no checkpoint in %s: using the original parameters (step 0)", workdir)
+            return 0, model.split.select(model.theta0)
+        optimizer = make_optimizer(config.optim)
+        abstract = abstract_state(model.split, model.theta0, optimizer, with_saliency)
+        device = jax.devices()[0]
+        single = jax.sharding.SingleDeviceSharding(device)
+        target = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=single), abstract
+        )
+        state: TrainState = checkpoints.restore(target, step)
+        return step, state.params
+    finally:
+        checkpoints.close()
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+    """Metrics of the latest checkpoint in `workdir` (eval settings from `config`).
+
+    The config must describe the run in the workdir (same fingerprint); its
+    `eval` section may differ. Results go to workdir/eval/step_<N>/.
+    """
+    workdir = Path(workdir).absolute()
+    spec = experiment.resolve_run(config)
+    stored = read_run_record(workdir)
+    new = json.loads(json.dumps(spec.fingerprint, default=str))
+    differences = fingerprint_differences(stored["fingerprint"], new)
+    if differences:
+        raise FingerprintMismatchError(
+            f"the config does not describe the run in {workdir}; differing fields "
+            "(workdir -> config):\n" + "\n".join(differences) + "\nFix: pass the config the "
+            "run was trained with (only eval.* may differ)."
+        )
+    model = experiment.load_model(config, spec)
+    step, trainable = restore_latest(config, model, workdir, spec.preset.saliency)
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
+    evaluator = Evaluator(
+        config, model.pipe, model.theta0, spec.eval_prompts, spec.eval_forget_prompts, mesh=mesh
+    )
+    scalars = evaluator(
+        merged_params(model.split, trainable, model.theta0),
+        step,
+        workdir / EVAL_DIR / f"step_{step:06d}",
+    )
+    return {"step": step, **scalars}
+
+
+def export(workdir: str | Path, out: str | Path) -> Path:
+    """Writes the latest checkpoint of `workdir` as a diffusers folder at `out`.
+
+    The UNet is written from the checkpoint (parameters outside unlearn.params
+    are θ0's and come out bit for bit); every other file is copied from the
+    original model folder. Refuses an existing non-empty `out`.
+    """
+    workdir = Path(workdir).absolute()
+    record = read_run_record(workdir)
+    config = ml_collections.ConfigDict(record["config"])
+    # The absolute model path (the run may have been started from another directory).
+    config.model.path = record["fingerprint"].get("model.path") or config.model.path
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(
+            f"{out} exists and is not empty; refusing to overwrite it. "
+            "Fix: choose a new --out folder or remove this one yourself."
+        )
+    preset = experiment.get_preset(config.unlearn.method)
+    group = config.unlearn.get("params") or preset.params
+    # Export needs neither the prompts nor the compute dtype: a float32 UNet, split as trained.
+    config.train.dtype = "float32"
+    config.train.remat = False
+    spec = experiment.RunSpec(preset, group, preset.hparams, [], [], [], [], "", {})
+    model = experiment.load_model(config, spec)
+    step, trainable = restore_latest(config, model, workdir, preset.saliency)
+    params = model.split.merge(jax.device_get(trainable), model.theta0)
+    nnx.update(model.pipe.unet, params)
+    path = save_pipeline(model.pipe, out, components=("unet",))
+    log.info("exported step %d of %s to %s", step, workdir, path)
+    return path

@@ -1,0 +1,395 @@
+"""The unlearning trainer: `train_and_evaluate(config, workdir)`, `evaluate`, `export`.
+
+Sections of `train_and_evaluate`, in order:
+
+  1. Resolve the config and load the model; refuse a workdir holding another run.
+  2. Mesh and shardings: batch over ('data', 'fsdp'), parameters replicated or FSDP.
+  3. Data: text embeddings, θ0's generations / trajectories (cached in the workdir).
+  4. State: restore the latest complete checkpoint, or start at step 0 (SalUn's
+     saliency mask is accumulated here, once).
+  5. Loop: one jitted step per iteration (state donated, θ0 an argument), the
+     metrics of step s read back while step s+1 runs; a non-finite step stops
+     the run before anything after the last good checkpoint is saved.
+  6. Checkpoints every `checkpoint.every` steps and at the end; periodic
+     evaluation every `eval.every` steps; final evaluation into workdir/eval/.
+
+Everything random depends only on (seed, step): the batch of step s
+(`batches.stream_indices`) and its noise (`fold_in(train_key, s)`), so a run
+resumed from step k equals the uninterrupted run bit for bit on one device.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+from jax.sharding import Mesh
+
+from unlearn_jax.unlearn import combine, experiment
+from unlearn_jax.unlearn.batches import SHARED_KEYS, UnlearnData
+from unlearn_jax.unlearn.checkpoints import (
+    Checkpoints,
+    check_run_record,
+    write_json_atomic,
+)
+from unlearn_jax.unlearn.evaluation import EVAL_DIR, Evaluator
+from unlearn_jax.unlearn.restore import evaluate, export
+from unlearn_jax.unlearn.sharding import (
+    batch_devices,
+    batch_sharding,
+    make_mesh,
+    param_shardings,
+    put_global,
+    replicated,
+)
+from unlearn_jax.unlearn.state import (
+    TrainState,
+    abstract_state,
+    init_state,
+    make_optimizer,
+    set_learning_rate,
+)
+from unlearn_jax.unlearn.train_step import make_saliency_grad_fn, make_train_step, merged_params
+from unlearn_jax.unlearn.writers import create_writer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["NonFiniteLossError", "evaluate", "export", "train_and_evaluate"]
+
+PyTree = Any
+CACHE_DIR = "cache"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A train step produced NaN/inf losses, gradients or parameters."""
+
+
+def _json_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    return json.loads(config.to_json_best_effort())
+
+
+# ---------------------------------------------------------------------------
+# Placement on the mesh
+# ---------------------------------------------------------------------------
+
+
+def _with_shardings(abstract: PyTree, shardings: PyTree) -> PyTree:
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+
+
+def _batch_shardings(mesh, batch: dict[str, dict[str, np.ndarray]]) -> dict:
+    per_example = batch_sharding(mesh, leading_dims=2)
+    return {
+        part: {k: replicated(mesh) if k in SHARED_KEYS else per_example for k in values}
+        for part, values in batch.items()
+    }
+
+
+def _put_batch(batch: dict, shardings: dict) -> dict:
+    return {
+        part: {k: put_global(v, shardings[part][k]) for k, v in values.items()}
+        for part, values in batch.items()
+    }
+
+
+def _check_batch_layout(config: ml_collections.ConfigDict, mesh) -> None:
+    accum = config.train.grad_accum
+    micro = config.train.batch_size // accum
+    devices = batch_devices(mesh)
+    if micro % devices:
+        fixed = max(devices, micro // devices * devices) * accum
+        raise ValueError(
+            f"the micro-batch train.batch_size / train.grad_accum = {micro} must be divisible "
+            f"by the {devices} devices the batch is split over (mesh.data x mesh.fsdp). Fix: "
+            f"e.g. --config.train.batch_size={fixed}."
+        )
+
+
+# Compiled train steps by the hash of their lowered program. Runs in one
+# process that differ in nothing the program depends on (tests, sweeps over
+# the learning rate, a resume) skip XLA compilation, which dominates short
+# runs (about a minute for a tiny UNet's two-term step on two CPU cores).
+_COMPILED: collections.OrderedDict[str, Any] = collections.OrderedDict()
+_COMPILED_MAX = 4
+
+
+def _compile_cached(jitted, mesh, *example_args):
+    """`jitted` compiled for `example_args`' shapes and shardings; reused if the program repeats.
+
+    The key is the program text (shapes, shardings, donation and every constant
+    are in it) plus the mesh's devices (which the text does not name).
+    """
+    lowered = jitted.lower(*example_args)
+    devices = ",".join(str(d.id) for d in mesh.devices.flat)
+    key = hashlib.sha256((devices + lowered.as_text()).encode()).hexdigest()
+    if key in _COMPILED:
+        _COMPILED.move_to_end(key)
+        return _COMPILED[key]
+    compiled = lowered.compile()
+    _COMPILED[key] = compiled
+    while len(_COMPILED) > _COMPILED_MAX:
+        _COMPILED.popitem(last=False)
+    return compiled
+
+
+# ---------------------------------------------------------------------------
+# State: fresh (with SalUn's saliency) or restored
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Run:
+    """What a run's loop, checkpoints and evaluations share, built once by train_and_evaluate.
+
+    Attributes:
+      frozen: θ0 on the mesh (the train step's never-donated argument).
+      state_shardings: NamedSharding of every leaf of the TrainState.
+    """
+
+    config: ml_collections.ConfigDict
+    workdir: Path
+    spec: experiment.RunSpec
+    model: experiment.Model
+    mesh: Mesh
+    optimizer: optax.GradientTransformation
+    frozen: PyTree
+    state_shardings: PyTree
+    checkpoints: Checkpoints
+
+
+def _saliency_mask(run: _Run, data: UnlearnData) -> jax.Array:
+    """SalUn: top keep_fraction of trainable entries by |forget-loss gradient| over the forget set.
+
+    Returns a bool vector shaped like the flat trainable parameters (padding: False).
+    """
+    config, split = run.config, run.model.split
+    grad_fn = make_saliency_grad_fn(run.model.diffusion, split)
+    key = jax.random.fold_in(jax.random.key(config.seed), experiment.SALIENCY_STREAM)
+    total = None
+    for i, (weight, chunk) in enumerate(data.saliency_chunks(config.train.batch_size)):
+        chunk = jax.device_put(chunk, replicated(run.mesh))
+        grads = weight * grad_fn(run.frozen, chunk, jax.random.fold_in(key, i))
+        total = grads if total is None else total + grads
+    mask = combine.saliency_mask(total[: split.size], run.spec.hparams.keep_fraction)
+    log.info("SalUn saliency mask keeps %d of %d trainable entries", int(mask.sum()), split.size)
+    return jnp.concatenate([mask, jnp.zeros((split.padded_size - split.size,), bool)])
+
+
+def _initial_state(run: _Run, data: UnlearnData) -> TrainState:
+    """Step 0: a copy of θ0's trainable part, fresh optimizer state, SalUn's mask if needed."""
+    saliency = _saliency_mask(run, data) if run.spec.preset.saliency else None
+    split = run.model.split
+    build = jax.jit(
+        lambda full, mask: init_state(split.select(full), split, run.optimizer, mask),
+        out_shardings=run.state_shardings,
+    )
+    return build(run.frozen, saliency)
+
+
+# ---------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------
+
+
+class _StepMetrics:
+    """Host-side bookkeeping: NaN guard, interval means for the writer, the progress bar."""
+
+    def __init__(self, writer, bar, log_every: int, lr: float):
+        self.writer, self.bar, self.log_every, self.lr = writer, bar, log_every, lr
+        self.interval: list[dict[str, float]] = []
+        self.last: dict[str, float] = {}
+        self.last_saved: int | None = None
+
+    def check(self, step: int, metrics: dict[str, jax.Array], workdir: Path) -> None:
+        """Reads back the metrics of the update that produced `step`; raises if non-finite."""
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not values.pop("finite"):
+            bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+            kept = "no checkpoint was written"
+            if self.last_saved is not None:
+                where = workdir / "checkpoints"
+                kept = f"the last good checkpoint (step {self.last_saved}) is kept in {where}"
+            raise NonFiniteLossError(
+                f"step {step}: non-finite values {bad} (losses, gradient norms or updated "
+                f"parameters); stopped without saving this state, {kept}. Fix: lower the "
+                f"learning rate (optim.lr={self.lr:g}, e.g. --config.optim.lr={self.lr / 10:g}) "
+                "or set optim.grad_clip, then rerun in a new workdir (or in this one to "
+                "resume from the kept checkpoint)."
+            )
+        self.last = values
+        self.interval.append(values)
+        self.bar.update(1)
+        self.bar.set_postfix(forget=f"{values['forget/loss']:.4g}", refresh=False)
+        if step % self.log_every == 0:
+            self.flush(step)
+
+    def flush(self, step: int) -> None:
+        if not self.interval:
+            return
+        means = {k: float(np.mean([m[k] for m in self.interval])) for k in self.interval[0]}
+        self.writer.write_scalars(step, means)
+        self.writer.flush()
+        self.interval = []
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+    """Runs (or resumes) unlearning in `workdir` and evaluates the result.
+
+    Returns:
+      {'step': final step, the last step's training metrics, final evaluation metrics}.
+    Raises:
+      ValueError (bad config), FingerprintMismatchError (workdir holds another run),
+      NonFiniteLossError (training diverged; the last good checkpoint is kept).
+    """
+    workdir = Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    # 1. What the run is; every config error is raised before the workdir is touched.
+    spec = experiment.resolve_run(config)
+    model = experiment.load_model(config, spec)
+    optimizer = make_optimizer(config.optim)
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
+    _check_batch_layout(config, mesh)
+    check_run_record(
+        workdir, spec.fingerprint, _json_config(config), force_resume=config.train.force_resume
+    )
+    # 2. Placement on the mesh.
+    frozen = jax.device_put(model.theta0, param_shardings(mesh, model.theta0))
+    abstract = abstract_state(model.split, frozen, optimizer, spec.preset.saliency)
+    state_shardings = param_shardings(mesh, abstract)
+    checkpoints = Checkpoints(workdir, keep=config.checkpoint.keep)
+    run = _Run(config, workdir, spec, model, mesh, optimizer, frozen, state_shardings, checkpoints)
+    writer = create_writer(workdir)
+    try:
+        # 3. Data (generated once, cached in the workdir).
+        data = experiment.build_data(config, spec, model.pipe, workdir / CACHE_DIR)
+        # 4. State: the latest complete checkpoint, or step 0.
+        start = checkpoints.latest_step()
+        if start is None:
+            state, start = _initial_state(run, data), 0
+        else:
+            state = checkpoints.restore(_with_shardings(abstract, state_shardings), start)
+            # The config's learning rate, also when force_resume let it change.
+            state = state.replace(opt_state=set_learning_rate(state.opt_state, config.optim.lr))
+            log.info("resuming %s from step %d", workdir, start)
+        # 5-6. Loop, checkpoints, evaluation.
+        evaluator = Evaluator(
+            config, model.pipe, frozen, spec.eval_prompts, spec.eval_forget_prompts, mesh=mesh
+        )
+        state, last_metrics = _train_loop(run, data, state, start, evaluator, writer)
+        final_step = int(jax.device_get(state.step))
+        checkpoints.save(state)
+        result: dict[str, Any] = {"step": final_step, **last_metrics}
+        if config.eval.final and (config.eval.integrity or config.eval.classifier):
+            params = merged_params(model.split, state.params, frozen)
+            scalars = _final_evaluation(evaluator, params, final_step, workdir)
+            writer.write_scalars(final_step, {f"eval/{k}": v for k, v in scalars.items()})
+            result.update(scalars)
+        return result
+    finally:
+        writer.close()
+        checkpoints.close()
+
+
+def _train_loop(
+    run: _Run,
+    data: UnlearnData,
+    state: TrainState,
+    start: int,
+    evaluator: Evaluator,
+    writer: Any,
+) -> tuple[TrainState, dict[str, float]]:
+    """Steps start..train.steps; returns the final state and the last step's metrics."""
+    config, model, mesh, workdir = run.config, run.model, run.mesh, run.workdir
+    total_steps = int(config.train.steps)
+    if start >= total_steps:
+        if start > total_steps:
+            log.warning("latest checkpoint at step %d > train.steps=%d", start, total_steps)
+        return state, {}
+    train_key = jax.random.fold_in(jax.random.key(config.seed), experiment.TRAIN_STREAM)
+    batch_size, micro_steps = config.train.batch_size, config.train.grad_accum
+    first = data.batch(start, batch_size, micro_steps, config.seed)
+    batch_shardings = _batch_shardings(mesh, first)
+    step_fn = make_train_step(
+        model.diffusion, run.spec.preset, run.spec.hparams, run.optimizer, model.split
+    )
+    train_step = _compile_cached(
+        jax.jit(
+            step_fn,
+            in_shardings=(
+                run.state_shardings,
+                param_shardings(mesh, run.frozen),
+                batch_shardings,
+                replicated(mesh),
+            ),
+            out_shardings=(run.state_shardings, replicated(mesh)),
+            donate_argnums=(0,),
+        ),
+        mesh,
+        state,
+        run.frozen,
+        _put_batch(first, batch_shardings),
+        train_key,
+    )
+    show = bool(config.train.get("progress", True)) and jax.process_index() == 0
+    bar = tqdm.tqdm(total=total_steps, initial=start, desc="unlearn", unit="step", disable=not show)
+    tracker = _StepMetrics(writer, bar, max(1, int(config.train.log_every)), config.optim.lr)
+    tracker.last_saved = run.checkpoints.latest_step()
+    every, eval_every = int(config.checkpoint.every or 0), int(config.eval.every or 0)
+    pending = None  # (step, metrics) of the last dispatched update, not yet read back
+    with bar, warnings.catch_warnings():
+        # CPU backends cannot donate some buffers; harmless, and noisy every step.
+        warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+        for step in range(start, total_steps):
+            batch = data.batch(step, batch_size, micro_steps, config.seed)
+            state, metrics = train_step(
+                state, run.frozen, _put_batch(batch, batch_shardings), train_key
+            )
+            # Read back the previous step while this one runs: the device stays busy.
+            if pending is not None:
+                tracker.check(*pending, workdir)
+            pending, done = (step + 1, metrics), step + 1
+            save = every and done % every == 0
+            # The last step's evaluation is the final one, when that is on.
+            last_and_final = done == total_steps and config.eval.final
+            run_eval = eval_every and done % eval_every == 0 and not last_and_final
+            if save or run_eval:
+                tracker.check(*pending, workdir)  # never save or evaluate an unchecked state
+                pending = None
+            if save:
+                tracker.last_saved = run.checkpoints.save(state)
+            if run_eval:
+                params = merged_params(model.split, state.params, run.frozen)
+                scalars = evaluator(params, done, workdir / EVAL_DIR / f"step_{done:06d}")
+                writer.write_scalars(done, {f"eval/{k}": v for k, v in scalars.items()})
+        if pending is not None:
+            tracker.check(*pending, workdir)
+    tracker.flush(total_steps)
+    return state, tracker.last
+
+
+def _final_evaluation(evaluator: Evaluator, params, step: int, workdir: Path) -> dict[str, float]:
+    """Runs the evaluators once per step (a rerun of a finished run reuses eval/final.json)."""
+    final = workdir / EVAL_DIR / "final.json"
+    if final.is_file():
+        previous = json.loads(final.read_text())
+        if previous.get("step") == step:
+            return {k: v for k, v in previous.items() if k != "step"}
+    scalars = evaluator(params, step, workdir / EVAL_DIR / f"step_{step:06d}")
+    if jax.process_index() == 0:
+        write_json_atomic(final, {"step": step, **scalars})
+    return scalars
