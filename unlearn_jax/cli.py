@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from unlearn_jax.unlearn.commands import add_unlearn_commands
 
 
 def read_prompt_file(path: Path) -> list[str]:
@@ -160,6 +163,19 @@ def cmd_integrity(args: argparse.Namespace) -> None:
     print(json.dumps(summary))
 
 
+def cmd_demo(args: argparse.Namespace) -> None:
+    """unlearn-jax demo: several methods forget 'circle' in the shipped tiny model."""
+    from unlearn_jax import demo
+
+    kwargs = {}
+    if args.methods:
+        kwargs["methods"] = tuple(m for m in args.methods.split(",") if m)
+    if args.steps:
+        kwargs["steps"] = args.steps
+    demo.run_demo(args.workdir, **kwargs)
+    print((args.workdir / "report.md").read_text())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unlearn-jax",
@@ -194,22 +210,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_integrity)
 
-    try:
-        from unlearn_jax.unlearn.commands import add_unlearn_commands
-    except ImportError:  # the training commands are optional while being built
-        pass
-    else:
-        add_unlearn_commands(sub)
+    add_unlearn_commands(sub)
+
+    p = sub.add_parser("demo", help="the embedded-default experiment: forget 'circle', offline")
+    p.add_argument("--workdir", type=Path, default=Path("unlearn_jax_demo"))
+    p.add_argument("--steps", type=int, default=None, help="unlearning steps per method")
+    p.add_argument("--methods", default=None, help="comma-separated presets (default: six)")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # `unlearn`/`evaluate` take --config.a.b=value overrides, which argparse cannot list.
+    args, extra = parser.parse_known_args(argv)
+    takes_overrides = args.command in ("unlearn", "evaluate", "export")
+    if extra and not takes_overrides:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     from unlearn_jax.distributed import initialize_from_env
 
     initialize_from_env()  # multi-process jobs started by launch/*.sh; else a no-op
     try:
-        args.func(args)
+        if takes_overrides:
+            args.func(args, extra)
+        else:
+            args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
         # Bad input: one clear message, not a traceback.
         print(f"error: {e}", file=sys.stderr)
