@@ -12,6 +12,16 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
+import jax  # noqa: E402
+
+# Tests compile the same tiny models many times, in both pytest-xdist workers: a
+# persistent compilation cache shares those compiles (results are identical; XLA
+# only skips recompiling).
+jax.config.update(
+    "jax_compilation_cache_dir", str(Path(__file__).parents[1] / ".pytest_cache" / "jax")
+)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
 
 @pytest.fixture(scope="session")
 def sd1_folder(tmp_path_factory) -> Path:
