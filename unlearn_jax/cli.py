@@ -163,19 +163,6 @@ def cmd_integrity(args: argparse.Namespace) -> None:
     print(json.dumps(summary))
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
-    """unlearn-jax demo: several methods forget 'circle' in the shipped tiny model."""
-    from unlearn_jax import demo
-
-    kwargs = {}
-    if args.methods:
-        kwargs["methods"] = tuple(m for m in args.methods.split(",") if m)
-    if args.steps:
-        kwargs["steps"] = args.steps
-    demo.run_demo(args.workdir, **kwargs)
-    print((args.workdir / "report.md").read_text())
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unlearn-jax",
@@ -211,12 +198,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_integrity)
 
     add_unlearn_commands(sub)
-
-    p = sub.add_parser("demo", help="the embedded-default experiment: forget 'circle', offline")
-    p.add_argument("--workdir", type=Path, default=Path("unlearn_jax_demo"))
-    p.add_argument("--steps", type=int, default=None, help="unlearning steps per method")
-    p.add_argument("--methods", default=None, help="comma-separated presets (default: six)")
-    p.set_defaults(func=cmd_demo)
     return parser
 
 
