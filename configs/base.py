@@ -70,7 +70,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.unlearn = ml_collections.ConfigDict()
     config.unlearn.method = args.method  # a preset name (unlearn_jax.unlearn.registry.PRESETS)
-    config.unlearn.params = config_dict.placeholder(str)  # full|xattn|noxattn|regex; None: preset's
+    # UNet parameters that train: full | xattn | noxattn | none | a regex over '.'-joined
+    # paths (e.g. 'attn2\.to_[kv]'); None: the preset's group. 'none' freezes the UNet
+    # (then unlearn.text_encoder must train something).
+    config.unlearn.params = config_dict.placeholder(str)
+    # Text-encoder parameters that train too: 'none' (default: the text encoder is frozen
+    # and its contexts are computed once), 'full', or a regex searched in '.'-joined
+    # text-encoder paths such as 'text_model.encoder.layers.11.self_attn.v_proj.kernel'
+    # or 'text_model.embeddings.token_embedding.embedding'. When on, the forget/retain
+    # terms encode the prompts' token ids with the trainable text encoder inside the
+    # loss (θ0's targets use θ0's text encoder), checkpoints hold the trained
+    # text-encoder parameters and `unlearn-jax export` writes text_encoder/ too.
+    # Text encoder alone: --config.unlearn.params=none --config.unlearn.text_encoder=full.
+    config.unlearn.text_encoder = "none"
     # Hyperparameters of the method; None keeps the preset's value (see UnlearnHParams).
     config.unlearn.hparams = ml_collections.ConfigDict()
     config.unlearn.hparams.eta = config_dict.placeholder(float)

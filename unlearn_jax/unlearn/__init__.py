@@ -25,6 +25,8 @@ The trainer (imported on demand; it pulls in the model, data and orbax):
   experiment  -- config -> RunSpec (method, params, prompts, fingerprint), model, data.
   batches     -- training batches as a pure function of (seed, step).
   state       -- `ParamSplit` (trainable subset), `TrainState`, the optax optimizer.
+  text_encoder -- `unlearn.text_encoder`: text encoder ∘ UNet as the trained network
+                (joint parameters, trainable mask, apply_fn on token ids).
   sharding    -- the ('data', 'fsdp') mesh and the shardings of batch and state.
   train_step  -- the jitted step (θ0 an argument, state donated) and SalUn's saliency.
   checkpoints -- orbax checkpoints, incomplete-save handling, the run fingerprint.

@@ -10,7 +10,9 @@ A batch is {'forget': {...}, 'retain': {...}} holding the keys the preset's
 terms read (`registry.BATCH_KEYS`). Per-example arrays are laid out
 [micro_steps, micro_batch, ...] for gradient accumulation; the keys in
 `SHARED_KEYS` (the anchor and empty-prompt embeddings) are [1, L, D] and
-broadcast by the losses.
+broadcast by the losses. When the text encoder trains, every context is the
+prompt's token ids ([P, L] int32) instead of its embedding (the model encodes
+them itself, see `text_encoder`).
 """
 
 from __future__ import annotations

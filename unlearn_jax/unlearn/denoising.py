@@ -7,7 +7,10 @@ pure function
 
 together with the training noise schedule `alphas_cumprod` [T] and the
 `prediction_type` of the network ('epsilon' or 'v_prediction'). Forward
-process: x_t = sqrt(acp[t]) x0 + sqrt(1 - acp[t]) eps.
+process: x_t = sqrt(acp[t]) x0 + sqrt(1 - acp[t]) eps. When the text encoder
+trains, the network is text encoder ∘ UNet and `context` holds token ids
+[B,L] int32 instead of embeddings (see `text_encoder`); the losses do not
+notice.
 
 Random streams: a loss derives its timesteps and noise from its `rng` with
 `jax.random.fold_in(rng, STREAM)` for the fixed stream ids below, so every

@@ -1,7 +1,8 @@
 """Periodic and final evaluation of an unlearning run: evaluators that yield (name, value).
 
-Evaluators (big_vision style) take the pipeline, θ0's and θ's UNet parameters
-and an output folder, and yield scalar metrics:
+Evaluators (big_vision style) take the pipeline, θ0's and θ's parameters (the
+UNet's, or the joint UNet + text-encoder tree when the text encoder trains,
+see `text_encoder`) and an output folder, and yield scalar metrics:
 
   integrity   -- LPIPS between θ0 and θ images from the same noise on held-out
                  retain prompts (`metrics.integrity.compute_integrity`), with
@@ -27,6 +28,7 @@ from unlearn_jax.diffusion import text_to_image
 from unlearn_jax.metrics.forget_rate import Classifier, forget_rate
 from unlearn_jax.models.pipeline import StableDiffusion
 from unlearn_jax.unlearn.checkpoints import write_json_atomic
+from unlearn_jax.unlearn.text_encoder import unet_and_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,9 @@ class Evaluator:
     Args:
       config: the run config (its `eval` and `sample` sections are read).
       pipe: the loaded pipeline (text encoder, VAE, scheduler, UNet structure).
-      original_params: θ0's UNet parameters (pure dict or nnx.State).
+      original_params: θ0's UNet parameters (pure dict or nnx.State), or θ0's
+        `text_encoder.joint_params` when the text encoder trains (its text
+        encoder must be `pipe`'s own).
       retain_prompts: held-out retain prompts for integrity.
       forget_prompts: prompts for the forget rate.
     """
@@ -84,10 +88,12 @@ class Evaluator:
         cfg = self.config.eval
         if self._lpips_fn is None:
             self._lpips_fn = lpips.make_lpips_fn(lpips.load_lpips(cfg.lpips_net))
+        original_unet, _ = unet_and_pipeline(self.pipe, self.original_params)
+        unet, unlearned_pipe = unet_and_pipeline(self.pipe, params)
         result = integrity.compute_integrity(
             self.pipe,
-            self.original_params,
-            params,
+            original_unet,
+            unet,
             self.retain_prompts,
             seeds=cfg.seeds,
             steps=cfg.steps,
@@ -100,6 +106,7 @@ class Evaluator:
             lpips_fn=self._lpips_fn,
             mesh=self.mesh,
             progress=False,
+            unlearned_pipe=unlearned_pipe,
         )
         integrity.write_integrity_report(result, out_dir / "integrity")
         yield "integrity_lpips", result.integrity_lpips
@@ -118,9 +125,10 @@ class Evaluator:
             )
         classifier, concept = FORGET_CLASSIFIERS[cfg.classifier](self.config, self.pipe)
 
-        def rate(unet_params):
+        def rate(model_params):
+            unet_params, pipe = unet_and_pipeline(self.pipe, model_params)
             images = text_to_image.generate(
-                self.pipe,
+                pipe,
                 self.forget_prompts,
                 num_images_per_prompt=cfg.seeds,
                 steps=cfg.steps,

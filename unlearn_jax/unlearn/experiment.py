@@ -32,6 +32,12 @@ from unlearn_jax.unlearn.denoising import DiffusionModel
 from unlearn_jax.unlearn.hparams import UnlearnHParams
 from unlearn_jax.unlearn.registry import BATCH_KEYS, Preset, get_preset
 from unlearn_jax.unlearn.state import ParamSplit
+from unlearn_jax.unlearn.text_encoder import (
+    joint_apply_fn,
+    joint_mask,
+    joint_params,
+    text_encoder_group,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +63,8 @@ class RunSpec:
       hyperparameters; *_prompts: the prompt sets; anchor: c_a;
       fingerprint: JSON-able dict of every setting that changes the result
       (compared on resume; train.steps, eval and checkpoint settings excluded).
+      text_encoder: `unlearn.text_encoder` ('full' or a regex), or None when the
+      text encoder is frozen (see `unlearn_jax.unlearn.text_encoder`).
     """
 
     preset: Preset
@@ -68,6 +76,7 @@ class RunSpec:
     eval_forget_prompts: list[str]
     anchor: str
     fingerprint: dict[str, Any]
+    text_encoder: str | None = None
 
 
 def resolve_hparams(preset: Preset, overrides: ml_collections.ConfigDict | None) -> UnlearnHParams:
@@ -100,6 +109,13 @@ def resolve_run(config: ml_collections.ConfigDict) -> RunSpec:
     preset = get_preset(config.unlearn.method)
     group = config.unlearn.get("params") or preset.params
     hparams = resolve_hparams(preset, config.unlearn.get("hparams"))
+    text_group = text_encoder_group(config)
+    if group == "none" and text_group is None:
+        raise ValueError(
+            "unlearn.params='none' freezes the UNet and unlearn.text_encoder is 'none': no "
+            "parameter would train. Fix: --config.unlearn.text_encoder=full (train only the "
+            "text encoder) or choose a UNet group (full, xattn, noxattn or a regex)."
+        )
     if not config.model.get("path"):
         raise ValueError(
             "model.path is not set. Fix: --config.model.path=/path/to/diffusers/folder (the "
@@ -157,6 +173,9 @@ def resolve_run(config: ml_collections.ConfigDict) -> RunSpec:
         "train.batch_size": batch,
         "train.grad_accum": accum,
     }
+    if text_group is not None:
+        # Only when on, so that workdirs of runs from before the option still resume.
+        fingerprint["unlearn.text_encoder"] = text_group
     return RunSpec(
         preset,
         group,
@@ -167,6 +186,7 @@ def resolve_run(config: ml_collections.ConfigDict) -> RunSpec:
         eval_forget,
         config.forget.anchor,
         fingerprint,
+        text_group,
     )
 
 
@@ -180,10 +200,13 @@ class Model:
     """The loaded model as the train loop sees it.
 
     Attributes:
-      pipe: the pipeline (text encoder, VAE, scheduler; its UNet holds θ0).
-      theta0: θ0 as a pure dict (the UNet's parameters).
-      diffusion: the pure `DiffusionModel` (remat variant when train.remat).
-      split: trainable/frozen split of theta0 by `unlearn.params`.
+      pipe: the pipeline (text encoder, VAE, scheduler; its UNet and text encoder hold θ0).
+      theta0: θ0 as a pure dict: the UNet's parameters, or, when the text encoder
+        trains, `text_encoder.joint_params` of the UNet's and the text encoder's.
+      diffusion: the pure `DiffusionModel` (remat variant when train.remat); its
+        contexts are token ids when the text encoder trains.
+      split: trainable/frozen split of theta0 by `unlearn.params` (and
+        `unlearn.text_encoder`).
     """
 
     pipe: StableDiffusion
@@ -212,11 +235,20 @@ def load_model(config: ml_collections.ConfigDict, spec: RunSpec) -> Model:
             )
         )
         graphdef = nnx.split(remat_unet)[0]
-    theta0 = state.to_pure_dict()
-    split = ParamSplit.from_params(theta0, spec.params_group)
+    if spec.text_encoder is None:
+        theta0 = state.to_pure_dict()
+        split = ParamSplit.from_params(theta0, spec.params_group)
 
-    def apply_fn(params, x_t, t, context):
-        return nnx.merge(graphdef, params)(x_t, t, context)
+        def apply_fn(params, x_t, t, context):
+            return nnx.merge(graphdef, params)(x_t, t, context)
+
+    else:
+        text_graphdef, text_state = nnx.split(pipe.text_encoder)
+        theta0 = joint_params(state.to_pure_dict(), text_state.to_pure_dict())
+        split = ParamSplit.from_mask(
+            theta0, joint_mask(theta0, spec.params_group, spec.text_encoder)
+        )
+        apply_fn = joint_apply_fn(graphdef, text_graphdef)
 
     schedule = schedule_from_config(pipe.scheduler_config)
     diffusion = DiffusionModel(
@@ -224,11 +256,13 @@ def load_model(config: ml_collections.ConfigDict, spec: RunSpec) -> Model:
     )
     trainable, total = split.sizes(theta0)
     log.info(
-        "training %d of %d UNet parameters (%.2f%%, unlearn.params=%r)",
+        "training %d of %d %s parameters (%.2f%%, unlearn.params=%r%s)",
         trainable,
         total,
+        "UNet" if spec.text_encoder is None else "UNet + text-encoder",
         100.0 * trainable / total,
         spec.params_group,
+        "" if spec.text_encoder is None else f", unlearn.text_encoder={spec.text_encoder!r}",
     )
     return Model(pipe, theta0, diffusion, split)
 
@@ -262,12 +296,19 @@ def _latents(
 def build_data(
     config: ml_collections.ConfigDict, spec: RunSpec, pipe: StableDiffusion, cache_dir: Path
 ) -> UnlearnData:
-    """Text embeddings (once) and the forget/retain latents (generated once, cached)."""
+    """Text embeddings (once) and the forget/retain latents (generated once, cached).
+
+    When the text encoder trains, the prompts' token ids take the embeddings' place
+    (the model encodes them itself, see `text_encoder`).
+    """
     model_id = (
         sources.model_identity(config.model.path) if Path(config.model.path).exists() else None
     )
     preset = spec.preset
-    embed = lambda prompts: sources.encode_prompt_set(pipe, prompts)
+    if spec.text_encoder is None:
+        embed = lambda prompts: sources.encode_prompt_set(pipe, prompts)
+    else:
+        embed = pipe.tokenize
     data = UnlearnData(
         preset=preset,
         forget_context=embed(spec.forget_prompts),

@@ -142,7 +142,7 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
-PARAM_GROUPS = ("full", "xattn", "noxattn")
+PARAM_GROUPS = ("full", "xattn", "noxattn", "none")
 _CROSS_ATTENTION = "attn2"  # diffusers' name of the text cross-attention in transformer blocks
 
 
@@ -153,11 +153,15 @@ def trainable_mask(param_paths: Sequence[ParamPath], group: str) -> list[bool]:
       param_paths: tuples of str/int keys, e.g. ('down_blocks', 0, 'attentions',
         0, 'transformer_blocks', 0, 'attn2', 'to_k', 'kernel').
       group: 'full' (all), 'xattn' (paths with an 'attn2' component: ESD-x),
-        'noxattn' (all others: ESD-u), or a regex searched in the '.'-joined path.
+        'noxattn' (all others: ESD-u), 'none' (no parameter: the UNet stays
+        frozen while the text encoder trains, see `text_encoder`), or a regex
+        searched in the '.'-joined path.
     Raises:
       ValueError (listing the valid groups) when `group` is neither a group
-      name nor a valid regex, or selects no parameter at all.
+      name nor a valid regex, or is not 'none' and selects no parameter at all.
     """
+    if group == "none":
+        return [False] * len(param_paths)
     if group == "full":
         mask = [True] * len(param_paths)
     elif group in ("xattn", "noxattn"):

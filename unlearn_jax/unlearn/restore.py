@@ -28,6 +28,12 @@ from unlearn_jax.unlearn.checkpoints import (
 from unlearn_jax.unlearn.evaluation import EVAL_DIR, Evaluator
 from unlearn_jax.unlearn.sharding import make_mesh
 from unlearn_jax.unlearn.state import TrainState, abstract_state, make_optimizer
+from unlearn_jax.unlearn.text_encoder import (
+    TEXT_ENCODER,
+    UNET,
+    text_encoder_group,
+    trained_components,
+)
 from unlearn_jax.unlearn.train_step import merged_params
 
 log = logging.getLogger(__name__)
@@ -94,8 +100,11 @@ def export(workdir: str | Path, out: str | Path) -> Path:
     """Writes the latest checkpoint of `workdir` as a diffusers folder at `out`.
 
     The UNet is written from the checkpoint (parameters outside unlearn.params
-    are θ0's and come out bit for bit); every other file is copied from the
-    original model folder. Refuses an existing non-empty `out`.
+    are θ0's and come out bit for bit); when the text encoder trained
+    (unlearn.text_encoder), the components that hold a trained parameter are
+    written (text_encoder/ with the source's keys and dtypes; unet/ unless
+    unlearn.params was 'none'). Every other file is copied from the original
+    model folder. Refuses an existing non-empty `out`.
     """
     workdir = Path(workdir).absolute()
     record = read_run_record(workdir)
@@ -113,11 +122,18 @@ def export(workdir: str | Path, out: str | Path) -> Path:
     # Export needs neither the prompts nor the compute dtype: a float32 UNet, split as trained.
     config.train.dtype = "float32"
     config.train.remat = False
-    spec = experiment.RunSpec(preset, group, preset.hparams, [], [], [], [], "", {})
+    text_group = text_encoder_group(config)  # run.json of older runs has no such field
+    spec = experiment.RunSpec(preset, group, preset.hparams, [], [], [], [], "", {}, text_group)
     model = experiment.load_model(config, spec)
     step, trainable = restore_latest(config, model, workdir, preset.saliency)
     params = model.split.merge(jax.device_get(trainable), model.theta0)
-    nnx.update(model.pipe.unet, params)
-    path = save_pipeline(model.pipe, out, components=("unet",))
+    if text_group is None:
+        nnx.update(model.pipe.unet, params)
+        components = ("unet",)
+    else:
+        nnx.update(model.pipe.unet, params[UNET])
+        nnx.update(model.pipe.text_encoder, params[TEXT_ENCODER])
+        components = trained_components(model.split.trainable_names)
+    path = save_pipeline(model.pipe, out, components=components)
     log.info("exported step %d of %s to %s", step, workdir, path)
     return path

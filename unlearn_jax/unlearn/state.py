@@ -17,6 +17,8 @@ and concatenated in `jax.tree.leaves` order, zero-padded to a multiple of
 
 Everything outside the trainable set is θ0's own array, inserted at use by
 `ParamSplit.merge`; it cannot change, so export writes it back bit for bit.
+When the text encoder trains (`text_encoder`), the split is over the joint
+tree {'text_encoder', 'unet'} and the names start with 'text_encoder.' or 'unet.'.
 """
 
 from __future__ import annotations
@@ -66,8 +68,22 @@ class ParamSplit:
     @classmethod
     def from_params(cls, params: PyTree, group: str) -> ParamSplit:
         """Split by a group ('full', 'xattn', 'noxattn') or a regex (see `trainable_mask`)."""
+        return cls.from_mask(params, trainable_mask(param_paths(params), group))
+
+    @classmethod
+    def from_mask(cls, params: PyTree, mask: list[bool]) -> ParamSplit:
+        """Split by a per-leaf bool list (`jax.tree.leaves` order), e.g. `text_encoder.joint_mask`.
+
+        Raises:
+          ValueError: when no leaf trains.
+        """
         paths = param_paths(params)
-        mask = tuple(trainable_mask(paths, group))
+        if len(mask) != len(paths) or not any(mask):
+            raise ValueError(
+                f"the trainable mask selects {sum(mask)} of {len(paths)} parameters "
+                f"({len(mask)} entries); at least one parameter must train"
+            )
+        mask = tuple(bool(m) for m in mask)
         names = tuple(".".join(map(str, p)) for p in paths)
         leaves = jax.tree.leaves(params)
         shapes = tuple(tuple(x.shape) for x, m in zip(leaves, mask) if m)
