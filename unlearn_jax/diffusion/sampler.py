@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from unlearn_jax.diffusion.ddim import DDIMPlan, ddim_step
@@ -296,6 +297,13 @@ def _padded_rows(x: Any, start: int, size: int) -> np.ndarray:
     return rows
 
 
+def _to_host(x: Array) -> np.ndarray:
+    """The whole array on this host; across processes (a multi-host mesh) every process gets it."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def sample_in_chunks(
     model_fn: ModelFn,
     params: Params,
@@ -317,7 +325,8 @@ def sample_in_chunks(
     dropped), so the sampler compiles once. With a mesh, each chunk's batch is
     sharded over the mesh axis 'data' and the chunk size is rounded up to a
     multiple of that axis' size. The next chunk is dispatched before the
-    previous one is copied to the host, so the device stays busy.
+    previous one is copied to the host, so the device stays busy. A mesh may span
+    several processes (multi-host): every process then receives all N rows.
 
     Args:
       model_fn, params, plan: as in `ddim_sample`.
@@ -377,7 +386,7 @@ def sample_in_chunks(
 
         def collect(start: int, result: Array) -> None:
             rows = min(chunk, total - start)  # drop the padding
-            outputs.append(np.asarray(result)[:rows])
+            outputs.append(_to_host(result)[:rows])
             bar.update(rows)
 
         pending = None  # (start, result still being computed on device)
