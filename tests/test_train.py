@@ -105,6 +105,80 @@ def test_resume_after_interrupted_save_equals_uninterrupted_run(full_run, micro,
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
+_KILL_DURING_SAVE = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+import jax
+jax.config.update("jax_compilation_cache_dir", {cache!r})
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+from orbax.checkpoint._src.path import atomicity
+from tiny_unlearn import make_config
+from unlearn_jax.unlearn.train import train_and_evaluate
+
+commit = atomicity.AtomicRenameTemporaryPath.finalize
+
+async def finalize(self, *args, **kwargs):
+    # The save of step 4 has written its arrays into orbax's temporary folder;
+    # the process dies before the atomic rename that commits them.
+    if "4.orbax-checkpoint-tmp" in str(self.get()):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return await commit(self, *args, **kwargs)
+
+atomicity.AtomicRenameTemporaryPath.finalize = finalize
+train_and_evaluate(make_config({model!r}, unlearn__params="xattn"), {workdir!r})
+"""
+
+
+def test_kill_during_checkpoint_write_then_resume_equals_uninterrupted_run(
+    full_run, micro, tmp_path
+):
+    import signal
+    import subprocess
+    import sys
+
+    workdir, _ = full_run
+    killed = tmp_path / "killed"
+    script = _KILL_DURING_SAVE.format(
+        tests=str(Path(__file__).parent),
+        cache=str(Path(__file__).parents[1] / ".pytest_cache" / "jax"),
+        model=str(micro),
+        workdir=str(killed),
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    leftovers = [p.name for p in (killed / "checkpoints").iterdir()]
+    assert "2" in leftovers and any(name.startswith("4.orbax-checkpoint-tmp") for name in leftovers)
+
+    result = train_and_evaluate(config(micro), killed)  # resumes from step 2
+    assert result["step"] == 4
+    # Steps 3-4 were logged before the kill and again after the resume: the same values.
+    by_step = {row["step"]: row for row in train_rows(killed)}
+    assert list(by_step.values()) == train_rows(workdir)
+    a = load_file(export(workdir, tmp_path / "a") / UNET_FILE)
+    b = load_file(export(killed, tmp_path / "b") / UNET_FILE)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_tensorboard_summaries_hold_scalars_and_the_integrity_grid(full_run):
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.util import tensor_util
+
+    workdir, _ = full_run
+    events = event_accumulator.EventAccumulator(str(workdir), size_guidance={"tensors": 0})
+    events.Reload()
+    tags = set(events.Tags()["tensors"])
+    assert {"eval/integrity_lpips", "eval/integrity_grid", "forget/loss", "retain/loss"} <= tags
+    logged = {r["step"]: r for r in read_metrics(workdir) if "eval/integrity_lpips" in r}
+    board = {
+        e.step: float(tensor_util.make_ndarray(e.tensor_proto))
+        for e in events.Tensors("eval/integrity_lpips")
+    }
+    assert sorted(board) == sorted(logged) == [2, 4]  # eval.every=2
+    for step, value in board.items():
+        np.testing.assert_allclose(value, logged[step]["eval/integrity_lpips"], rtol=1e-6)
+
+
 def test_export_after_zero_steps_reproduces_the_original_files(micro, tmp_path):
     train_and_evaluate(config(micro, train__steps=0), tmp_path / "run")
     out = export(tmp_path / "run", tmp_path / "out")
@@ -192,5 +266,8 @@ def test_final_and_standalone_evaluation(full_run, micro):
     report = workdir / "eval" / "step_000004" / "integrity"
     assert json.loads((report / "integrity.json").read_text())["num_prompts"] == 1
     assert (report / "grid.png").is_file()
+    # θ0's evaluation images are sampled once and cached in the workdir.
+    cached = sorted(p.name.split("-")[2] for p in (workdir / "cache").glob("eval-original-*"))
+    assert cached == ["forget", "retain"]
     # `evaluate` measures the latest checkpoint again: same noise, same number.
     assert evaluate(cfg, workdir)["integrity_lpips"] == result["integrity_lpips"]

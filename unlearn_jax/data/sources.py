@@ -85,7 +85,7 @@ def cache_key(**fields) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def _load_or_build(cache_dir: Path | None, name: str, key: str, build) -> dict[str, np.ndarray]:
+def load_or_build(cache_dir: Path | None, name: str, key: str, build) -> dict[str, np.ndarray]:
     """The arrays cached as `<cache_dir>/<name>-<key>.npz`, or `build()`, cached atomically."""
     path = None if cache_dir is None else Path(cache_dir) / f"{name}-{key}.npz"
     if path is not None and path.is_file():
@@ -160,7 +160,7 @@ def generated_latents(
         )
         return {"x0": np.asarray(final, np.float32)}
 
-    arrays = _load_or_build(cache_dir, "x0", key, build)
+    arrays = load_or_build(cache_dir, "x0", key, build)
     index = np.repeat(np.arange(len(prompts), dtype=np.int32), per_prompt)
     return Latents(arrays["x0"], index)
 
@@ -263,7 +263,7 @@ def ddim_trajectories(
             out.append(np.asarray(result, np.float32)[: chunk - pad])
         return {"x_t": np.concatenate(out)}
 
-    arrays = _load_or_build(cache_dir, "trajectories", key, build)
+    arrays = load_or_build(cache_dir, "trajectories", key, build)
     index = np.repeat(np.arange(len(prompts), dtype=np.int32), per_prompt)
     return Trajectories(arrays["x_t"], np.asarray(plan.timesteps, np.int32), index)
 
@@ -334,6 +334,6 @@ def folder_latents(
             out.append(np.asarray(_encode_images(pipe.vae, jnp.asarray(images)))[: chunk - pad])
         return {"x0": np.concatenate(out)}
 
-    arrays = _load_or_build(cache_dir, "images", key, build)
+    arrays = load_or_build(cache_dir, "images", key, build)
     index = (np.arange(len(files)) % num_prompts).astype(np.int32)
     return Latents(arrays["x0"], index)

@@ -123,6 +123,7 @@ def compute_integrity(
     mesh: Mesh | None = None,
     progress: bool = True,
     unlearned_pipe: StableDiffusion | None = None,
+    original_images: np.ndarray | None = None,
 ) -> IntegrityResult:
     """Integrity of `unlearned_params` against `original_params` (both UNet states of `pipe`).
 
@@ -139,6 +140,9 @@ def compute_integrity(
       mesh: optional mesh with a 'data' axis for sampling.
       unlearned_pipe: the unlearned model's own pipeline when more than its UNet
         changed (e.g. a trained text encoder); default: `pipe` with `unlearned_params`.
+      original_images: θ0's images [P*S, H, W, 3] for exactly these prompts and
+        settings, when already generated (e.g. cached across runs); then
+        `original_params` is not sampled.
     """
     prompts = list(prompts)
     if not prompts:
@@ -160,10 +164,19 @@ def compute_integrity(
         mesh=mesh,
         progress=progress,
     )
-    original = text_to_image.generate(pipe, prompts, unet_params=original_params, **common)
     unlearned = text_to_image.generate(
         unlearned_pipe or pipe, prompts, unet_params=unlearned_params, **common
     )
+    if original_images is None:
+        original = text_to_image.generate(pipe, prompts, unet_params=original_params, **common)
+    else:
+        original = np.asarray(original_images, np.float32)
+        if original.shape != unlearned.shape:
+            raise ValueError(
+                f"original_images has shape {original.shape}, but these prompts and settings "
+                f"give {unlearned.shape}; pass the original's images for the same prompts, "
+                "seeds and size, or None to generate them."
+            )
     if lpips_fn is None:
         lpips_fn = lpips.make_lpips_fn(lpips.load_lpips(lpips_net))
     per_pair = pair_metrics(original, unlearned, lpips_fn, batch_size=max(batch_size, 8))

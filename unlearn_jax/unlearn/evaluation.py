@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -62,6 +63,10 @@ class Evaluator:
         encoder must be `pipe`'s own).
       retain_prompts: held-out retain prompts for integrity.
       forget_prompts: prompts for the forget rate.
+      mesh: optional mesh with a 'data' axis for sampling.
+      cache_dir: where θ0's evaluation images are cached (keyed by the model
+        files, prompts and sampler settings), so that runs sharing the folder
+        (e.g. the demo's methods) and repeated evaluations sample θ0 once.
     """
 
     def __init__(
@@ -72,8 +77,10 @@ class Evaluator:
         retain_prompts: Sequence[str],
         forget_prompts: Sequence[str],
         mesh=None,
+        cache_dir: Path | None = None,
     ):
         self.config = config
+        self.cache_dir = cache_dir
         self.pipe = pipe
         self.original_params = original_params
         self.retain_prompts = list(retain_prompts)
@@ -81,6 +88,56 @@ class Evaluator:
         self.mesh = mesh
         self._lpips_fn = None
         self._original_forget_rate: float | None = None
+        self._original_images: dict[str, np.ndarray] = {}
+
+    def _sample(self, model_params: PyTree, prompts: list[str]) -> np.ndarray:
+        """Evaluation images of θ = `model_params`: eval.seeds per prompt, prompt-major."""
+        cfg = self.config.eval
+        unet_params, pipe = unet_and_pipeline(self.pipe, model_params)
+        return text_to_image.generate(
+            pipe,
+            prompts,
+            num_images_per_prompt=cfg.seeds,
+            steps=cfg.steps,
+            guidance=cfg.guidance,
+            height=self.config.sample.height,
+            width=self.config.sample.width,
+            seed=cfg.seed,
+            unet_params=unet_params,
+            batch_size=cfg.batch_size,
+            mesh=self.mesh,
+            progress=False,
+        )
+
+    def original_images(self, which: str) -> np.ndarray:
+        """θ0's evaluation images of the 'retain' or 'forget' prompts, sampled once, cached."""
+        if which not in self._original_images:
+            from unlearn_jax.data import sources
+
+            cfg, prompts = self.config.eval, getattr(self, f"{which}_prompts")
+            path = self.config.model.path
+            key = sources.cache_key(
+                # A hub id is identified by its name (its snapshot is immutable).
+                model=sources.model_identity(path) if Path(path).exists() else str(path),
+                dtype=str(self.pipe.unet.dtype),
+                variant=self.config.model.get("variant"),
+                prompts=prompts,
+                seeds=cfg.seeds,
+                steps=cfg.steps,
+                guidance=cfg.guidance,
+                height=self.config.sample.height,
+                width=self.config.sample.width,
+                seed=cfg.seed,
+                sampler="ddim",
+            )
+            arrays = sources.load_or_build(
+                self.cache_dir,
+                f"eval-original-{which}",
+                key,
+                lambda: {"images": self._sample(self.original_params, prompts)},
+            )
+            self._original_images[which] = arrays["images"]
+        return self._original_images[which]
 
     def _integrity(self, params: PyTree, out_dir: Path) -> Iterator[tuple[str, float]]:
         from unlearn_jax.metrics import integrity, lpips
@@ -107,8 +164,10 @@ class Evaluator:
             mesh=self.mesh,
             progress=False,
             unlearned_pipe=unlearned_pipe,
+            original_images=self.original_images("retain"),
         )
-        integrity.write_integrity_report(result, out_dir / "integrity")
+        if jax.process_index() == 0:
+            integrity.write_integrity_report(result, out_dir / "integrity")
         yield "integrity_lpips", result.integrity_lpips
         yield "integrity_lpips_ci95_low", result.ci95[0]
         yield "integrity_lpips_ci95_high", result.ci95[1]
@@ -125,39 +184,32 @@ class Evaluator:
             )
         classifier, concept = FORGET_CLASSIFIERS[cfg.classifier](self.config, self.pipe)
 
-        def rate(model_params):
-            unet_params, pipe = unet_and_pipeline(self.pipe, model_params)
-            images = text_to_image.generate(
-                pipe,
-                self.forget_prompts,
-                num_images_per_prompt=cfg.seeds,
-                steps=cfg.steps,
-                guidance=cfg.guidance,
-                height=self.config.sample.height,
-                width=self.config.sample.width,
-                seed=cfg.seed,
-                unet_params=unet_params,
-                batch_size=cfg.batch_size,
-                mesh=self.mesh,
-                progress=False,
-            )
-            return forget_rate(images, classifier, concept)
-
         if self._original_forget_rate is None:
-            self._original_forget_rate = rate(self.original_params)
-        yield "forget_rate", rate(params)
+            self._original_forget_rate = forget_rate(
+                self.original_images("forget"), classifier, concept
+            )
+        yield (
+            "forget_rate",
+            forget_rate(self._sample(params, self.forget_prompts), classifier, concept),
+        )
         yield "forget_rate_original", self._original_forget_rate
 
     def __call__(self, params: PyTree, step: int, out_dir: Path) -> dict[str, float]:
-        """All configured metrics of θ = `params` at `step`; writes `out_dir`/metrics.json."""
-        out_dir.mkdir(parents=True, exist_ok=True)
+        """All configured metrics of θ = `params` at `step`; writes `out_dir`/metrics.json.
+
+        Every process computes the metrics (sampling is sharded over all of them);
+        only process 0 writes files.
+        """
+        if jax.process_index() == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
         metrics: dict[str, float] = {}
         if self.config.eval.integrity:
             metrics.update(self._integrity(params, out_dir))
         if self.config.eval.classifier:
             metrics.update(self._forget_rate(params))
         record = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
-        write_json_atomic(out_dir / "metrics.json", record)
+        if jax.process_index() == 0:
+            write_json_atomic(out_dir / "metrics.json", record)
         log.info("eval at step %d: %s", step, json.dumps(record))
         return metrics
 

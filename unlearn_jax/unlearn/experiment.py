@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 PyTree = Any
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+CACHE_DIR = "cache"  # <workdir>/cache: θ0's generations (training x0 and evaluation images)
 # fold_in / seed-derivation ids, one per random purpose of a run.
 TRAIN_STREAM, SALIENCY_STREAM = 0, 1
 FORGET_X0_SEED, RETAIN_X0_SEED, FORGET_TRAJECTORY_SEED = 1, 2, 3

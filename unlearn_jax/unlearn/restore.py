@@ -86,7 +86,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str
     step, trainable = restore_latest(config, model, workdir, spec.preset.saliency)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
     evaluator = Evaluator(
-        config, model.pipe, model.theta0, spec.eval_prompts, spec.eval_forget_prompts, mesh=mesh
+        config,
+        model.pipe,
+        model.theta0,
+        spec.eval_prompts,
+        spec.eval_forget_prompts,
+        mesh=mesh,
+        cache_dir=workdir / experiment.CACHE_DIR,
     )
     scalars = evaluator(
         merged_params(model.split, trainable, model.theta0),

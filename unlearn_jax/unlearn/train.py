@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import PIL.Image
 import tqdm
 from jax.sharding import Mesh
 
@@ -70,7 +71,7 @@ log = logging.getLogger(__name__)
 __all__ = ["NonFiniteLossError", "evaluate", "export", "train_and_evaluate"]
 
 PyTree = Any
-CACHE_DIR = "cache"
+CACHE_DIR = experiment.CACHE_DIR
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -273,7 +274,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     state_shardings = param_shardings(mesh, abstract)
     checkpoints = Checkpoints(workdir, keep=config.checkpoint.keep)
     run = _Run(config, workdir, spec, model, mesh, optimizer, frozen, state_shardings, checkpoints)
-    writer = create_writer(workdir)
+    writer = create_writer(workdir, tensorboard=bool(config.train.get("tensorboard", True)))
     try:
         # 3. Data (generated once, cached in the workdir).
         data = experiment.build_data(config, spec, model.pipe, workdir / CACHE_DIR)
@@ -288,7 +289,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             log.info("resuming %s from step %d", workdir, start)
         # 5-6. Loop, checkpoints, evaluation.
         evaluator = Evaluator(
-            config, model.pipe, frozen, spec.eval_prompts, spec.eval_forget_prompts, mesh=mesh
+            config,
+            model.pipe,
+            frozen,
+            spec.eval_prompts,
+            spec.eval_forget_prompts,
+            mesh=mesh,
+            cache_dir=workdir / CACHE_DIR,
         )
         state, last_metrics = _train_loop(run, data, state, start, evaluator, writer)
         final_step = int(jax.device_get(state.step))
@@ -297,7 +304,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         if config.eval.final and (config.eval.integrity or config.eval.classifier):
             params = merged_params(model.split, state.params, frozen)
             scalars = _final_evaluation(evaluator, params, final_step, workdir)
-            writer.write_scalars(final_step, {f"eval/{k}": v for k, v in scalars.items()})
+            _write_eval(writer, final_step, scalars, workdir)
             result.update(scalars)
         return result
     finally:
@@ -375,11 +382,21 @@ def _train_loop(
             if run_eval:
                 params = merged_params(model.split, state.params, run.frozen)
                 scalars = evaluator(params, done, workdir / EVAL_DIR / f"step_{done:06d}")
-                writer.write_scalars(done, {f"eval/{k}": v for k, v in scalars.items()})
+                _write_eval(writer, done, scalars, workdir)
         if pending is not None:
             tracker.check(*pending, workdir)
     tracker.flush(total_steps)
     return state, tracker.last
+
+
+def _write_eval(writer: Any, step: int, scalars: dict[str, float], workdir: Path) -> None:
+    """Evaluation scalars, and the integrity grid (original vs unlearned) as an image."""
+    writer.write_scalars(step, {f"eval/{k}": v for k, v in scalars.items()})
+    grid = workdir / EVAL_DIR / f"step_{step:06d}" / "integrity" / "grid.png"
+    if grid.is_file():
+        with PIL.Image.open(grid) as image:
+            writer.write_images(step, {"eval/integrity_grid": np.asarray(image.convert("RGB"))})
+    writer.flush()
 
 
 def _final_evaluation(evaluator: Evaluator, params, step: int, workdir: Path) -> dict[str, float]:

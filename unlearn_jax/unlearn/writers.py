@@ -1,10 +1,11 @@
-"""Scalar metric writers of a run: `metrics.jsonl` always, TensorBoard through clu when available.
+"""Metric writers of a run: `metrics.jsonl` always, TensorBoard through clu when available.
 
-clu's writers (`clu.metric_writers.create_default_writer`) write TensorBoard
-summaries through TensorFlow; without TensorFlow installed the run still
-logs every scalar to `<workdir>/metrics.jsonl` (one JSON object per line:
-{"step": s, "name": value, ...}) and to the Python log. Only process 0
-writes files.
+clu's writer (`clu.metric_writers.create_default_writer`) writes TensorBoard
+scalars and images through TensorFlow (`pip install unlearn_jax[tensorboard]`);
+without TensorFlow the run still logs every scalar to `<workdir>/metrics.jsonl`
+(one JSON object per line: {"step": s, "name": value, ...}) and to the Python
+log, and images only reach disk as PNG files. Only process 0 writes files.
+`train.tensorboard=False` turns TensorBoard off (it spares TensorFlow's import).
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ class JsonlWriter:
             row[name] = value if math.isfinite(value) else str(value)
         self._file.write(json.dumps(row) + "\n")
 
+    def write_images(self, step: int, images: Mapping[str, Any]) -> None:
+        del step, images  # images are PNG files next to the evaluation reports
+
     def flush(self) -> None:
         self._file.flush()
 
@@ -50,6 +54,9 @@ class LoggingWriter:
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         text = ", ".join(f"{k}={float(v):.6g}" for k, v in sorted(scalars.items()))
         log.info("step %d: %s", step, text)
+
+    def write_images(self, step: int, images: Mapping[str, Any]) -> None:
+        del step, images
 
     def flush(self) -> None:
         pass
@@ -67,6 +74,12 @@ class MultiWriter:
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         for writer in self.writers:
             writer.write_scalars(step, scalars)
+
+    def write_images(self, step: int, images: Mapping[str, Any]) -> None:
+        """images: name -> uint8 or [0, 1] float array [N, H, W, C] (or [H, W, C])."""
+        images = {k: v if v.ndim == 4 else v[None] for k, v in images.items()}
+        for writer in self.writers:
+            writer.write_images(step, images)
 
     def flush(self) -> None:
         for writer in self.writers:
