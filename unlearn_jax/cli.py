@@ -8,12 +8,34 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from unlearn_jax.demo import add_demo_command
 from unlearn_jax.unlearn.commands import add_unlearn_commands
+
+# Compiled programs are kept here across runs (a rerun of the same command on the
+# same model skips XLA compilation). UNLEARN_JAX_COMPILATION_CACHE=DIR moves it,
+# =off disables it; JAX_COMPILATION_CACHE_DIR, when set, wins.
+COMPILATION_CACHE_ENV = "UNLEARN_JAX_COMPILATION_CACHE"
+
+
+def enable_compilation_cache() -> str | None:
+    """Turns on JAX's persistent compilation cache for this process; returns its folder."""
+    import jax
+
+    if jax.config.jax_compilation_cache_dir:
+        return jax.config.jax_compilation_cache_dir
+    setting = os.environ.get(COMPILATION_CACHE_ENV, "")
+    if setting.lower() in ("off", "0", "false", "no"):
+        return None
+    folder = Path(setting or Path.home() / ".cache" / "unlearn_jax" / "xla").expanduser()
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    return str(folder)
 
 
 def read_prompt_file(path: Path) -> list[str]:
@@ -198,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_integrity)
 
     add_unlearn_commands(sub)
+    add_demo_command(sub)
     return parser
 
 
@@ -208,10 +231,15 @@ def main(argv: list[str] | None = None) -> None:
     takes_overrides = args.command in ("unlearn", "evaluate", "export")
     if extra and not takes_overrides:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # force: an imported library may have installed a root handler already (INFO lost).
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True
+    )
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
     from unlearn_jax.distributed import initialize_from_env
 
     initialize_from_env()  # multi-process jobs started by launch/*.sh; else a no-op
+    enable_compilation_cache()
     try:
         if takes_overrides:
             args.func(args, extra)
