@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from unlearn_jax.demo import add_demo_command
+from unlearn_jax.plan import add_plan_command
 from unlearn_jax.unlearn.commands import add_unlearn_commands
 
 # Compiled programs are kept here across runs (a rerun of the same command on the
@@ -221,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_unlearn_commands(sub)
     add_demo_command(sub)
+    add_plan_command(sub)
     return parser
 
 
