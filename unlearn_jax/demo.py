@@ -39,7 +39,9 @@ log = logging.getLogger(__name__)
 METHODS = ("neggrad", "graddiff", "salun", "esd_x", "distill", "distill_project")
 INTEGRITY_PRESERVING = ("distill", "distill_project", "esd_distill")
 CONCEPT = "circle"
-STEPS = 60  # unlearning steps per method
+STEPS = 80  # unlearning steps per method
+# c_a of the remapping methods: forget prompts are pulled towards θ0's "square".
+ANCHOR = "square"
 LR = 1e-3  # Adam, constant
 
 
@@ -81,7 +83,7 @@ def demo_config(
     config = load_config_file(f"{base_config_path()}:method={method}")
     config.model.path = str(model_path)
     config.forget.prompts = prompts["forget"]
-    config.forget.anchor = ""
+    config.forget.anchor = ANCHOR
     config.forget.concept = CONCEPT
     config.retain.prompts = prompts["retain"]
     config.forget.images_per_prompt = 2
@@ -262,12 +264,23 @@ def conclusions(report: dict[str, Any]) -> list[str]:
         ip, ib = preserving[best_p]["integrity_lpips"], baselines[best_b]["integrity_lpips"]
         verdict = "keeps integrity better" if ip < ib else "does NOT keep integrity better"
         lines.append(
-            f"Among them, the best integrity-preserving method ({best_p}, LPIPS {ip:.3f}) "
-            f"{verdict} than the best baseline ({best_b}, LPIPS {ib:.3f})."
+            f"Among them, the best integrity-preserving method ({best_p}: forget rate "
+            f"{preserving[best_p]['forget_rate']:.0%}, LPIPS {ip:.3f}) {verdict} than the best "
+            f"baseline ({best_b}: forget rate {baselines[best_b]['forget_rate']:.0%}, LPIPS "
+            f"{ib:.3f})."
         )
     else:
         lines.append(
             "Only one family halved the forget rate, so there is no comparison at equal forgetting."
+        )
+    intact = {m: v for m, v in methods.items() if v["retain_accuracy"] >= 0.9}
+    if intact:
+        low = min(v["integrity_lpips"] for v in intact.values())
+        high = max(v["integrity_lpips"] for v in intact.values())
+        lines.append(
+            f"The text-image score (retain accuracy ≥ 90%) calls {', '.join(intact)} intact; "
+            f"integrity still measures LPIPS {low:.3f}–{high:.3f} on the same retain prompts, "
+            "i.e. changed images that a prompt-agreement score cannot see."
         )
     by_integrity = sorted(methods, key=lambda m: methods[m]["integrity_lpips"])
     by_fid = sorted(methods, key=lambda m: methods[m]["fid"])
@@ -339,16 +352,15 @@ def write_report(report: dict[str, Any], workdir: Path) -> None:
     (workdir / "report.md").write_text("\n".join(md))
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
+    placed: list[tuple[float, float]] = []
     for m, v in report["methods"].items():
         colour = "tab:green" if m in INTEGRITY_PRESERVING else "tab:red"
-        ax.scatter(v["integrity_lpips"], v["forget_rate"], color=colour)
-        ax.annotate(
-            m,
-            (v["integrity_lpips"], v["forget_rate"]),
-            fontsize=8,
-            xytext=(3, 3),
-            textcoords="offset points",
-        )
+        point = (v["integrity_lpips"], v["forget_rate"])
+        ax.scatter(*point, color=colour)
+        # Labels of (nearly) coinciding points are stacked instead of overprinted.
+        near = sum(abs(point[0] - x) < 0.03 and abs(point[1] - y) < 0.05 for x, y in placed)
+        placed.append(point)
+        ax.annotate(m, point, fontsize=8, xytext=(4, 3 - 10 * near), textcoords="offset points")
     ax.scatter(0, o["forget_rate"], color="black", marker="*", s=80)
     ax.annotate(
         "original", (0, o["forget_rate"]), fontsize=8, xytext=(3, -10), textcoords="offset points"
