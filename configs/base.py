@@ -60,7 +60,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.forget = ml_collections.ConfigDict()
     config.forget.prompts = None
     config.forget.anchor = ""  # c_a of remapping methods; "" = the empty prompt
-    config.forget.images = ""  # optional folder of forget images (else θ0's generations)
+    # Optional forget images: a folder of image files, or a prepared TFDS dataset
+    # "tfds:NAME[/CONFIG][:SPLIT]" (its first prompts x images_per_prompt records);
+    # empty: θ0's own generations for the prompts.
+    config.forget.images = ""
     config.forget.images_per_prompt = 8  # θ0 generations (or ESD trajectories) per prompt
 
     config.retain = ml_collections.ConfigDict()

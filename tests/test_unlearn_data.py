@@ -88,3 +88,32 @@ def test_image_folder_latents(pipe, tmp_path):
     assert np.isfinite(latents.x0).all()
     with pytest.raises(FileNotFoundError, match="does not exist"):
         sources.folder_latents(pipe, tmp_path / "nope", num_prompts=1)
+
+
+@pytest.mark.parametrize("file_format", ["array_record", "tfrecord"])
+def test_tfds_latents_equal_the_same_images_as_files(pipe, tmp_path, file_format):
+    from unlearn_jax.data import world
+    from unlearn_jax.data.world_tfds import world_builder
+
+    builder = world_builder(
+        str(tmp_path / "tfds"), num_train=8, num_test=2, seed=5, file_format=file_format
+    )
+    builder.download_and_prepare()
+    spec = f"tfds:{builder.data_dir}:train"
+    latents = sources.folder_latents(pipe, spec, num_prompts=3, per_prompt=2)
+    assert latents.x0.shape == (6, 8, 8, 4) and list(latents.prompt_index) == [0, 1, 2, 0, 1, 2]
+    # The first 6 records, as PNG files in record order: the same latents.
+    folder = tmp_path / "files"
+    folder.mkdir()
+    images = world.to_uint8(world.sample_world(6, seed=5, split="train").images)
+    for i, pixels in enumerate(images):
+        Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+    from_files = sources.folder_latents(pipe, folder, num_prompts=3)
+    np.testing.assert_array_equal(latents.x0, from_files.x0)
+
+    with pytest.raises(ValueError, match="holds 8 examples in 'train', 9 are needed"):
+        sources.folder_latents(pipe, spec, num_prompts=3, per_prompt=3)
+    with pytest.raises(ValueError, match="no split 'validation'"):
+        sources.folder_latents(pipe, f"tfds:{builder.data_dir}:validation", num_prompts=1)
+    with pytest.raises(FileNotFoundError, match="not a prepared TFDS dataset"):
+        sources.folder_latents(pipe, "tfds:no_such_dataset_here", num_prompts=1)

@@ -282,18 +282,83 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     return files
 
 
+def _fit_image(image, height: int, width: int) -> np.ndarray:
+    """A PIL image as RGB [H, W, 3] float32 in [-1, 1]: center crop to the aspect ratio, resize."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    w, h = image.size
+    scale = min(w / width, h / height)
+    cw, ch = round(width * scale), round(height * scale)
+    left, top = (w - cw) // 2, (h - ch) // 2
+    image = image.crop((left, top, left + cw, top + ch)).resize((width, height), Image.BICUBIC)
+    return np.asarray(image, np.float32) / 127.5 - 1.0
+
+
 def _load_image(path: Path, height: int, width: int) -> np.ndarray:
-    """RGB [H, W, 3] float32 in [-1, 1]: center crop to the aspect ratio, bicubic resize."""
+    """An image file as RGB [H, W, 3] float32 in [-1, 1] (see `_fit_image`)."""
     from PIL import Image
 
     with Image.open(path) as image:
-        image = image.convert("RGB")
-        w, h = image.size
-        scale = min(w / width, h / height)
-        cw, ch = round(width * scale), round(height * scale)
-        left, top = (w - cw) // 2, (h - ch) // 2
-        image = image.crop((left, top, left + cw, top + ch)).resize((width, height), Image.BICUBIC)
-        return np.asarray(image, np.float32) / 127.5 - 1.0
+        return _fit_image(image, height, width)
+
+
+TFDS_PREFIX = "tfds:"
+
+
+def tfds_images(spec: str, count: int, image_key: str = "image") -> tuple[list[np.ndarray], dict]:
+    """The first `count` images of a prepared TFDS split, in record order (never downloads).
+
+    Args:
+      spec: 'tfds:NAME[/CONFIG][:SPLIT]' (a dataset prepared under the TFDS data dir,
+        `TFDS_DATA_DIR` or ~/tensorflow_datasets) or 'tfds:DIR[:SPLIT]' (a prepared
+        dataset's version folder, e.g. .../unlearn_jax_world/small/1.0.0). SPLIT
+        defaults to 'train'.
+      count: how many examples; fewer in the split is an error.
+    Returns:
+      (uint8 [H, W, 3] arrays, what identifies them for the cache).
+    """
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise ImportError(
+            f"{spec!r} needs tensorflow-datasets: pip install 'unlearn_jax[tfds]', or give a "
+            "folder of image files instead."
+        ) from e
+    name, _, split = spec[len(TFDS_PREFIX) :].partition(":")
+    split = split or "train"
+    if name.startswith("unlearn_jax_world"):
+        from unlearn_jax.data.world_tfds import builder_class
+
+        builder_class()  # registers the embedded world's builder with TFDS
+    try:
+        if Path(name).expanduser().is_dir():
+            builder = tfds.builder_from_directory(str(Path(name).expanduser()))
+        else:
+            builder = tfds.builder(name)
+        if split not in builder.info.splits:
+            known = ", ".join(builder.info.splits)
+            raise ValueError(f"{spec!r}: no split {split!r}; the dataset has {known}")
+        available = builder.info.splits[split].num_examples
+        if available < count:
+            raise ValueError(
+                f"{spec!r} holds {available} examples in {split!r}, {count} are needed "
+                "(prompts x images_per_prompt). Fix: lower images_per_prompt or use a bigger split."
+            )
+        if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:  # random access
+            source = builder.as_data_source(split=split)
+            images = [np.asarray(source[k][image_key]) for k in range(count)]
+        else:  # tfrecord: read in order
+            dataset = builder.as_dataset(split=f"{split}[:{count}]", shuffle_files=False)
+            images = [np.asarray(example[image_key]) for example in tfds.as_numpy(dataset)]
+    except (tfds.core.registered.DatasetNotFoundError, AssertionError) as e:
+        raise FileNotFoundError(
+            f"{spec!r} is not a prepared TFDS dataset ({e}). Fix: prepare it first "
+            "(builder.download_and_prepare() on a machine that can), or give its version folder "
+            "as tfds:DIR[:SPLIT]."
+        ) from e
+    identity = {"dataset": builder.info.full_name, "split": split, "count": count}
+    return images, identity
 
 
 @nnx.jit
@@ -311,23 +376,42 @@ def folder_latents(
     batch_size: int = 8,
     cache_dir: Path | None = None,
     model_id: dict | None = None,
+    per_prompt: int = 1,
 ) -> Latents:
-    """VAE latents (posterior mode x scaling_factor) of an image folder, encoded once.
+    """VAE latents (posterior mode x scaling_factor) of user images, encoded once.
 
-    Image k (in file-name order) is paired with prompt k mod `num_prompts`:
-    name files so that this order matches the prompt list (e.g. 000_*.png ...).
+    `folder` is a folder of image files, or 'tfds:NAME[:SPLIT]' / 'tfds:DIR[:SPLIT]'
+    for the first num_prompts x per_prompt examples of a prepared TFDS dataset
+    (`tfds_images`). Image k (file-name or record order) is paired with prompt
+    k mod `num_prompts`: name files so that this order matches the prompt list
+    (e.g. 000_*.png ...).
     """
-    files = list_images(folder)
     h, w, _ = latent_shape(pipe, height, width)
     size = (h * pipe.vae_scale_factor, w * pipe.vae_scale_factor)
-    listing = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-    key = cache_key(kind="images", model=model_id or str(pipe.source), files=listing, size=size)
+    if str(folder).startswith(TFDS_PREFIX):
+        from PIL import Image
+
+        arrays, identity = tfds_images(str(folder), num_prompts * per_prompt)
+        count = len(arrays)
+
+        def load(k: int) -> np.ndarray:
+            return _fit_image(Image.fromarray(arrays[k]), *size)
+
+    else:
+        files = list_images(folder)
+        identity = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+        count = len(files)
+
+        def load(k: int) -> np.ndarray:
+            return _load_image(files[k], *size)
+
+    key = cache_key(kind="images", model=model_id or str(pipe.source), files=identity, size=size)
 
     def build():
         out = []
-        chunk = max(1, min(batch_size, len(files)))
-        for start in range(0, len(files), chunk):
-            images = np.stack([_load_image(f, *size) for f in files[start : start + chunk]])
+        chunk = max(1, min(batch_size, count))
+        for start in range(0, count, chunk):
+            images = np.stack([load(k) for k in range(start, min(start + chunk, count))])
             pad = chunk - images.shape[0]
             if pad:
                 images = np.concatenate([images, np.repeat(images[-1:], pad, 0)])
@@ -335,5 +419,5 @@ def folder_latents(
         return {"x0": np.concatenate(out)}
 
     arrays = load_or_build(cache_dir, "images", key, build)
-    index = (np.arange(len(files)) % num_prompts).astype(np.int32)
+    index = (np.arange(count) % num_prompts).astype(np.int32)
     return Latents(arrays["x0"], index)

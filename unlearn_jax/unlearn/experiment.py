@@ -281,7 +281,9 @@ def _latents(
         model_id=model_id,
     )
     if images:
-        return sources.folder_latents(pipe, images, len(prompts), **common)
+        return sources.folder_latents(
+            pipe, images, len(prompts), per_prompt=cfg.images_per_prompt, **common
+        )
     return sources.generated_latents(
         pipe,
         prompts,
