@@ -41,6 +41,11 @@ def test_sampling_benchmark_with_subprocesses(tmp_path):
     result = _run(tmp_path, "--compile-steps", "2,3", "--probe-images", "1")
     assert result["ours_process"]["max_abs_diff_vs_diffusers"] < 2e-3
     assert {"wall_s", "images_per_s", "speedup_vs_diffusers"} <= result["ours_process"].keys()
+    # Every run after the first finds its programs in the CLI's compilation cache:
+    # the same images (the same executables), sooner.
+    warm = result["ours_process_warm_cache"]
+    assert warm["max_abs_diff_vs_diffusers"] == result["ours_process"]["max_abs_diff_vs_diffusers"]
+    assert result["headline"]["speedup_warm_cache"] == warm["speedup_vs_diffusers"]
     assert result["startup_s"] > 0
     probes = result["compile_vs_steps"]
     assert set(probes["runs"]) == {"2", "3"}
