@@ -21,6 +21,7 @@ from diffusers import UNet2DConditionModel as TorchUNet
 from diffusers.models.embeddings import get_timestep_embedding as torch_timestep_embedding
 from flax import nnx
 
+from unlearn_jax import plan
 from unlearn_jax.models.convert import (
     WeightMismatchError,
     load_torch_state,
@@ -225,34 +226,8 @@ def test_remat_wraps_every_resnet_and_transformer():
     assert count_remats(True) >= 9
 
 
-SD15_CONFIG = {
-    "_class_name": "UNet2DConditionModel",
-    "act_fn": "silu",
-    "attention_head_dim": 8,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "sample_size": 64,
-    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-}
-SD21_CONFIG = {
-    **SD15_CONFIG,
-    "attention_head_dim": [5, 10, 20, 20],
-    "cross_attention_dim": 1024,
-    "use_linear_projection": True,
-    "upcast_attention": True,
-    "sample_size": 96,
-}
+# The real SD-1.5 / SD-2.1 unet/config.json, as the planner (`unlearn-jax plan`) writes them.
+SD15_CONFIG, SD21_CONFIG = plan.SD15_UNET_CONFIG, plan.SD21_UNET_CONFIG
 
 
 @pytest.mark.parametrize(
