@@ -3,7 +3,9 @@
 from setuptools import find_packages, setup
 
 TENSORBOARD = ["tensorflow-cpu>=2.16", "tensorboard>=2.16"]
-TFDS = ["tensorflow-datasets>=4.9", "tensorflow-cpu>=2.16"]
+# importlib_resources: TFDS builders locate their code through etils' resource helpers,
+# which import it; tensorflow-datasets does not declare it.
+TFDS = ["tensorflow-datasets>=4.9", "tensorflow-cpu>=2.16", "importlib_resources"]
 
 setup(
     name="unlearn_jax",
