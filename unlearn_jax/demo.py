@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 
 from unlearn_jax.data import world
-from unlearn_jax.unlearn.evaluation import register_forget_classifier
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +44,22 @@ ANCHOR = "square"
 LR = 1e-3  # Adam, constant
 
 
-@register_forget_classifier("world_shape")
 def _world_shape_classifier(config, pipe):
     """Forget-rate classifier of the embedded world: the shape head, concept = forget.concept."""
     from unlearn_jax.metrics.world_classifier import world_classifier
 
     return world_classifier("shape"), world.attribute_index("shape", config.forget.concept)
+
+
+def register_world_classifier() -> None:
+    """Registers `_world_shape_classifier` as eval.classifier='world_shape'.
+
+    Called by `demo_config`, not at import: the CLI imports this module for its
+    argument parser, and the trainer's imports would slow every command's start.
+    """
+    from unlearn_jax.unlearn.evaluation import register_forget_classifier
+
+    register_forget_classifier("world_shape")(_world_shape_classifier)
 
 
 def base_config_path() -> Path:
@@ -105,6 +114,7 @@ def demo_config(
     config.eval.steps = 20
     config.eval.guidance = 4.0
     config.eval.batch_size = 48
+    register_world_classifier()
     config.eval.classifier = "world_shape"
     return config
 
