@@ -123,17 +123,9 @@ def _launch_unlearn(workdir: Path, model: Path, port: int) -> list[subprocess.Po
     The umask marks every file rank 1 creates (mode 0600/0700, rank 0's are
     0644/0755), so the test can tell which process wrote what in the shared workdir.
     """
-    from tiny_unlearn import FORGET, HELD_OUT, RETAIN
+    from tiny_unlearn import config_fields
 
-    fields = {
-        "model.path": str(model),
-        "forget.prompts": repr(FORGET),
-        "retain.prompts": repr(RETAIN),
-        "eval.prompts": repr(HELD_OUT),
-        "eval.final": "false",
-        "train.progress": "false",
-        **MULTI_OVERRIDES,
-    }
+    fields = {**config_fields(model), **MULTI_OVERRIDES}
     # `bash -c 'umask M && exec "$@"' umask bash multinode.sh ...`: the umask without a fork
     # of this (multithreaded, JAX-running) process.
     command = [

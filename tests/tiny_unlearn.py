@@ -57,12 +57,9 @@ def save_micro_pipeline(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def make_config(model: Path, preset: str = "distill_project", **overrides):
-    """`configs/<preset>.py:runlocal` on the micro model, no evaluation, quiet.
-
-    Keyword overrides use '__' for '.', e.g. train__steps=2.
-    """
-    fields = {
+def config_fields(model: Path) -> dict[str, str]:
+    """The `--config.a.b=value` fields of a quiet micro-model run without evaluation."""
+    return {
         "model.path": str(model),
         "forget.prompts": repr(FORGET),
         "retain.prompts": repr(RETAIN),
@@ -72,5 +69,13 @@ def make_config(model: Path, preset: str = "distill_project", **overrides):
         "train.steps": "4",
         "checkpoint.every": "2",
     }
+
+
+def make_config(model: Path, preset: str = "distill_project", **overrides):
+    """`configs/<preset>.py:runlocal` on the micro model, no evaluation, quiet.
+
+    Keyword overrides use '__' for '.', e.g. train__steps=2.
+    """
+    fields = config_fields(model)
     fields.update({k.replace("__", "."): str(v) for k, v in overrides.items()})
     return load_config(f"{REPO / 'configs' / preset}.py:runlocal", list(fields.items()))

@@ -79,6 +79,12 @@ def model_identity(path: str | os.PathLike) -> dict:
     return {"path": str(folder), "files": files}
 
 
+def model_key(path: str | os.PathLike) -> dict | str:
+    """What identifies a model in cache keys: a folder's `model_identity`, or a hub id's name
+    (a hub snapshot is immutable)."""
+    return model_identity(path) if Path(path).expanduser().exists() else str(path)
+
+
 def cache_key(**fields) -> str:
     """A short hex digest of the JSON of `fields` (sorted keys)."""
     payload = json.dumps({"version": CACHE_VERSION, **fields}, sort_keys=True, default=str)
@@ -125,7 +131,7 @@ def generated_latents(
     width: int | None = None,
     batch_size: int = 8,
     cache_dir: Path | None = None,
-    model_id: dict | None = None,
+    model_id: dict | str | None = None,
     progress: bool = True,
 ) -> Latents:
     """θ0's own generations for `prompts` as x0 latents (prompt-major), generated once.
@@ -212,7 +218,7 @@ def ddim_trajectories(
     width: int | None = None,
     batch_size: int = 8,
     cache_dir: Path | None = None,
-    model_id: dict | None = None,
+    model_id: dict | str | None = None,
 ) -> Trajectories:
     """θ0's DDIM trajectories for `prompts` (ESD's x_t source), generated once.
 
@@ -375,7 +381,7 @@ def folder_latents(
     width: int | None = None,
     batch_size: int = 8,
     cache_dir: Path | None = None,
-    model_id: dict | None = None,
+    model_id: dict | str | None = None,
     per_prompt: int = 1,
 ) -> Latents:
     """VAE latents (posterior mode x scaling_factor) of user images, encoded once.

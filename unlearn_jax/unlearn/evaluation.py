@@ -115,10 +115,8 @@ class Evaluator:
             from unlearn_jax.data import sources
 
             cfg, prompts = self.config.eval, getattr(self, f"{which}_prompts")
-            path = self.config.model.path
             key = sources.cache_key(
-                # A hub id is identified by its name (its snapshot is immutable).
-                model=sources.model_identity(path) if Path(path).exists() else str(path),
+                model=sources.model_key(self.config.model.path),
                 dtype=str(self.pipe.unet.dtype),
                 variant=self.config.model.get("variant"),
                 prompts=prompts,

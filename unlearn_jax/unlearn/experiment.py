@@ -304,9 +304,7 @@ def build_data(
     When the text encoder trains, the prompts' token ids take the embeddings' place
     (the model encodes them itself, see `text_encoder`).
     """
-    model_id = (
-        sources.model_identity(config.model.path) if Path(config.model.path).exists() else None
-    )
+    model_id = sources.model_key(config.model.path)
     preset = spec.preset
     if spec.text_encoder is None:
         embed = lambda prompts: sources.encode_prompt_set(pipe, prompts)
