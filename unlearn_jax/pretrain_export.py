@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from unlearn_jax.models import convert, weights
+from unlearn_jax.models.abstract import abstract_module
 
 # The versions whose save_pretrained output these dicts reproduce (checked by tests).
 DIFFUSERS_VERSION = "0.42.1"
@@ -218,7 +219,7 @@ def save_component(
 
 def load_component(cls: type, config: dict, folder: Path, kind: str) -> nnx.Module:
     """Builds `cls(config)` abstractly and loads the folder's weights strictly (float32)."""
-    module = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
+    module = abstract_module(lambda rngs: cls(config, rngs=rngs))
     tensors, source = weights.read_component_weights(folder)
     convert.load_torch_state(module, tensors, source=source, dtype=np.float32)
     return module

@@ -32,6 +32,7 @@ from safetensors.numpy import load_file, save_file
 
 from unlearn_jax.data import world
 from unlearn_jax.models import convert
+from unlearn_jax.models.abstract import abstract_module
 
 HEADS: dict[str, int] = {name: len(values) for name, values in world.ATTRIBUTES.items()}
 FEATURE_DIM = 128
@@ -301,6 +302,6 @@ def _load_cached(path: str) -> WorldClassifier:
             f"world classifier weights {path} are missing. Fix: reinstall unlearn_jax, or "
             "train them with `python -m unlearn_jax.pretrain --config configs/pretrain_world.py`."
         )
-    model = nnx.eval_shape(lambda: WorldClassifier(rngs=nnx.Rngs(0)))
+    model = abstract_module(lambda rngs: WorldClassifier(rngs=rngs))
     convert.load_torch_state(model, load_file(path), source=f"weights in {path}")
     return model

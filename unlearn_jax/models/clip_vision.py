@@ -41,6 +41,7 @@ import numpy as np
 from flax import nnx
 
 from unlearn_jax.models import convert, weights
+from unlearn_jax.models.abstract import abstract_module
 from unlearn_jax.models.clip import (
     CLIPEncoder,
     CLIPTextTransformer,
@@ -352,8 +353,8 @@ def load_clip(
             f"{config_path} is not a two-tower CLIPConfig (no text_config/vision_config); "
             "load_clip needs a full CLIPModel folder, not a text or vision tower alone."
         )
-    model = nnx.eval_shape(
-        lambda: CLIPModel(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
+    model = abstract_module(
+        lambda rngs: CLIPModel(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     )
     tensors, source = weights.read_component_weights(folder, allow_pickle=allow_pickle)
     convert.load_torch_state(

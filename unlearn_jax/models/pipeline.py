@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from unlearn_jax.models import convert, weights
+from unlearn_jax.models.abstract import abstract_module
 from unlearn_jax.models.clip import CLIPTextModel, is_clip_buffer, normalize_clip_keys
 from unlearn_jax.models.unet import UNet2DConditionModel
 from unlearn_jax.models.vae import AutoencoderKL, normalize_vae_keys
@@ -206,8 +207,8 @@ def load_pipeline(
     classes = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
     # Abstract modules: no random init of ~1B parameters that the files overwrite anyway.
     modules = {
-        n: nnx.eval_shape(
-            lambda c=c, n=n: c(configs[n], rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
+        n: abstract_module(
+            lambda rngs, c=c, n=n: c(configs[n], rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         )
         for n, c in classes.items()
     }
