@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from unlearn_jax.models.attention import dot_product_attention
+
 Dtype = jnp.dtype | type
 
 
@@ -287,8 +289,8 @@ class Attention(nnx.Module):
         batch = x.shape[0]
         split = lambda t: t.reshape(batch, t.shape[1], self.heads, self.dim_head)
         q, k, v = split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context))
-        # XLA path: q.k accumulated in float32, softmax in float32, probs cast to v's dtype.
-        out = jax.nn.dot_product_attention(q, k, v, scale=self.dim_head**-0.5)
+        # q.k accumulated in float32, softmax in float32, probs cast to v's dtype.
+        out = dot_product_attention(q, k, v, scale=self.dim_head**-0.5)
         out = out.reshape(batch, x.shape[1], self.heads * self.dim_head)
         return self.to_out[1](self.to_out[0](out))
 

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from unlearn_jax.models.attention import dot_product_attention
 from unlearn_jax.models.config import FrozenConfig
 
 _EPS = 1e-6  # diffusers hard-codes this for every VAE norm.
@@ -224,11 +225,10 @@ class VAEAttention(nnx.Module):
         """[B, H, W, C] -> [B, H, W, C]."""
         bsz, height, width, channels = x.shape
         h = self.group_norm(x).reshape(bsz, height * width, channels)
-        q, k, v = self.to_q(h), self.to_k(h), self.to_v(h)
-        logits = jnp.einsum("bqc,bkc->bqk", q, k) * (channels**-0.5)
-        # diffusers marks this attention `upcast_softmax`: softmax in float32.
-        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        h = jnp.einsum("bqk,bkc->bqc", weights, v)
+        one_head = lambda t: t[:, :, None, :]
+        q, k, v = one_head(self.to_q(h)), one_head(self.to_k(h)), one_head(self.to_v(h))
+        # diffusers marks this attention `upcast_softmax`: logits and softmax in float32.
+        h = dot_product_attention(q, k, v, scale=channels**-0.5)[:, :, 0, :]
         h = self.to_out[0](h).reshape(bsz, height, width, channels)
         return x + h
 
