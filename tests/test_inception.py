@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from flax import nnx
 from torch import nn
 
-from unlearn_jax.metrics import fid, inception
+from unlearn_jax.metrics import fid, inception, inception_net
 from unlearn_jax.models.convert import WeightMismatchError
 from unlearn_jax.models.weights import MissingWeightsError
 
@@ -224,7 +224,7 @@ def test_features_match_pytorch_reference_at_299(reference):
     with torch.no_grad():
         want = model_t(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
     got = np.asarray(inception.make_inception_features(model)(images))
-    assert got.shape == (2, inception.FEATURE_DIM)
+    assert got.shape == (2, inception_net.FEATURE_DIM)
     assert np.std(want) > 0.05  # activations did not collapse: the comparison means something
     print(f"max |diff| / max |feature|: {_rel_err(got, want):.2e}")
     assert _rel_err(got, want) < 1e-5, _rel_err(got, want)
@@ -257,7 +257,7 @@ def test_wrong_state_dict_is_refused(reference, tmp_path):
     state = {k: v.numpy() for k, v in model_t.state_dict().items()}
     del state["Mixed_6b.branch7x7_2.bn.running_var"]
     state["AuxLogits.fc.weight"] = np.zeros((1000, 768), np.float32)
-    model = inception.FIDInceptionV3()
+    model = inception_net.FIDInceptionV3()
     with pytest.raises(WeightMismatchError, match="Mixed_6b.branch7x7_2.bn.running_var"):
         inception.load_fid_inception_state(model, state)
     del state["AuxLogits.fc.weight"]
@@ -283,7 +283,7 @@ def test_resize_matches_torch_interpolate(in_hw, out_hw):
     want = F.interpolate(
         torch.from_numpy(x).permute(0, 3, 1, 2), size=out_hw, mode="bilinear", align_corners=False
     )
-    got = np.asarray(inception.resize_bilinear_torch(x, out_hw))
+    got = np.asarray(inception_net.resize_bilinear_torch(x, out_hw))
     # The blend weights are bit-identical to PyTorch's; what remains is the
     # rounding of the blend itself (a few ulp of N(0, 1) values).
     np.testing.assert_allclose(got, want.permute(0, 2, 3, 1).numpy(), rtol=0, atol=1e-6)

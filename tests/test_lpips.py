@@ -10,6 +10,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from unlearn_jax.metrics import lpips as L
+from unlearn_jax.metrics import lpips_files
 from unlearn_jax.models.convert import WeightMismatchError
 
 try:
@@ -183,17 +184,17 @@ def test_restricted_unpickler_refuses_code(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "evil.ckpt"
     path.write_bytes(pickle.dumps({"VGG16_0": _RunsShell()}))
-    with pytest.raises(L.UnsafePickleError, match="system"):
-        L.read_weight_file(path)
+    with pytest.raises(lpips_files.UnsafePickleError, match="system"):
+        lpips_files.read_weight_file(path)
     assert not (tmp_path / "pwned").exists()
     # Object arrays are refused too, even though they need no global to load.
     path.write_bytes(pickle.dumps({"w": np.array([1, "a"], dtype=object)}))
-    with pytest.raises(L.UnsafePickleError, match="object"):
-        L.read_weight_file(path)
+    with pytest.raises(lpips_files.UnsafePickleError, match="object"):
+        lpips_files.read_weight_file(path)
     # Torch pickles need an explicit opt-in.
     (tmp_path / "vgg16.pth").write_bytes(pickle.dumps({"features.0.weight": np.zeros(1)}))
     with pytest.raises(ValueError, match="allow_pickle"):
-        L.read_weight_file(tmp_path / "vgg16.pth")
+        lpips_files.read_weight_file(tmp_path / "vgg16.pth")
 
 
 def _torchvision_layout(tree: dict, net: str) -> tuple[dict, dict]:

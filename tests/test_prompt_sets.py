@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from tiny_unlearn import REPO
 
-from unlearn_jax.data import prompt_sets
+from unlearn_jax.data import captions, prompt_sets
 from unlearn_jax.data.prompts import load_prompts
 from unlearn_jax.metrics.forget_rate import forget_rate
 from unlearn_jax.unlearn import experiment
@@ -88,14 +88,14 @@ def test_style_set_holds_neighbouring_artists_over_the_same_subjects():
 
 
 def test_general_captions_are_seeded_held_out_and_never_name_the_concept():
-    a, b = prompt_sets.coco_style_split(100, 40, seed=0), prompt_sets.coco_style_split(100, 40)
+    a, b = captions.coco_style_split(100, 40, seed=0), captions.coco_style_split(100, 40)
     assert a == b and not set(a[0]) & set(a[1])
-    other = prompt_sets.coco_style_split(100, 40, seed=1)
+    other = captions.coco_style_split(100, 40, seed=1)
     assert other != a and sorted(other[0] + other[1]) != sorted(a[0] + a[1])
     with pytest.raises(ValueError, match="the templates make"):
-        prompt_sets.coco_style_split(10_000, 1)
+        captions.coco_style_split(10_000, 1)
     # Captions naming the concept are left out (whole words).
-    kept = prompt_sets.coco_style_split(50, 50, exclude=["kite", "bus"])
+    kept = captions.coco_style_split(50, 50, exclude=["kite", "bus"])
     assert not any("kite" in c.split() or "bus" in c.split() for c in kept[0] + kept[1])
     mixed = prompt_sets.imagenette_objects("tench", general_retain=30)
     assert len(mixed.retain) == 72 + 30 and len(mixed.eval_retain) == 54 + 30
@@ -104,8 +104,8 @@ def test_general_captions_are_seeded_held_out_and_never_name_the_concept():
 def fake_coco(path, captions_per_image):
     """A COCO-format captions file: images 0..N-1, five captions each by default."""
     annotations, next_id = [], 0
-    for image_id, captions in enumerate(captions_per_image):
-        for caption in captions:
+    for image_id, image_captions in enumerate(captions_per_image):
+        for caption in image_captions:
             annotations.append({"image_id": image_id, "id": next_id, "caption": caption})
             next_id += 1
     images = [{"id": i, "file_name": f"{i:012d}.jpg"} for i in range(len(captions_per_image))]
@@ -118,21 +118,19 @@ def test_coco_captions_reader_on_a_fake_file(tmp_path):
     rows[7] = ["A tench in a net."] * 5  # names the concept: skipped when excluded
     rows[8] = rows[9] = ["The same caption for two images."] * 5  # one string, one split
     path = fake_coco(tmp_path / "captions_val2017.json", rows)
-    train, held_out = prompt_sets.read_coco_captions(path, 20, 6, seed=0, exclude=["tench"])
-    assert (train, held_out) == prompt_sets.read_coco_captions(
-        path, 20, 6, seed=0, exclude=["tench"]
-    )
+    train, held_out = captions.read_coco_captions(path, 20, 6, seed=0, exclude=["tench"])
+    assert (train, held_out) == captions.read_coco_captions(path, 20, 6, seed=0, exclude=["tench"])
     assert len(train) == 20 and len(held_out) == 6 and not set(train) & set(held_out)
     assert all("  " not in c and not c.endswith(".") for c in train + held_out)
     assert not any("tench" in c for c in train + held_out)
     numbers = lambda caps: {c.split(",")[0] for c in caps if c.startswith("A photo")}
     assert not numbers(train) & numbers(held_out)  # one caption per image, disjoint images
-    assert prompt_sets.read_coco_captions(path, 20, 6, seed=1) != (train, held_out)
+    assert captions.read_coco_captions(path, 20, 6, seed=1) != (train, held_out)
     with pytest.raises(ValueError, match="usable distinct captions"):
-        prompt_sets.read_coco_captions(path, 25, 5, exclude=["tench"])
+        captions.read_coco_captions(path, 25, 5, exclude=["tench"])
     (tmp_path / "bad.json").write_text(json.dumps({"images": []}))
     with pytest.raises(ValueError, match="not a COCO captions file"):
-        prompt_sets.read_coco_captions(tmp_path / "bad.json", 1, 1)
+        captions.read_coco_captions(tmp_path / "bad.json", 1, 1)
 
     # Through the command line, as the general part of an object set.
     out = tmp_path / "tench"

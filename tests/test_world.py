@@ -232,7 +232,7 @@ def test_min_snr_loss_reduces_to_the_plain_denoising_loss():
     import jax
     import jax.numpy as jnp
 
-    from unlearn_jax.pretrain import min_snr_denoising_loss
+    from unlearn_jax.pretrain_diffusion import min_snr_denoising_loss
     from unlearn_jax.unlearn import denoising
 
     acp = jnp.cumprod(1.0 - jnp.linspace(1e-4, 0.02, 1000))

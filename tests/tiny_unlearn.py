@@ -8,14 +8,11 @@ train-loop tests are dominated by that compilation.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from tiny_sd import MAX_LENGTH, WORDS, _assemble
+from tiny_sd import MAX_LENGTH, WORDS, text_encoder_config
 
-from unlearn_jax.data.tokenizer import write_clip_tokenizer
+from unlearn_jax.benchmarks.tiny_model import build_sd_pipeline, save_sd_folder, two_level_vae
 from unlearn_jax.unlearn.config_file import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,8 +23,7 @@ HELD_OUT = ["a large blue circle on a grey background"]
 
 def save_micro_pipeline(path: Path, seed: int = 0) -> Path:
     """Writes the micro pipeline (diffusers layout, safetensors float32); returns the folder."""
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    unet = dict(
         sample_size=8,
         in_channels=4,
         out_channels=4,
@@ -39,22 +35,15 @@ def save_micro_pipeline(path: Path, seed: int = 0) -> Path:
         attention_head_dim=4,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=16,
-        layers_per_block=1,
+    pipe = build_sd_pipeline(
+        seed=seed,
+        unet=unet,
+        vae=two_level_vae((8, 16), 16),
+        text_encoder=text_encoder_config(sd2=False),
+        words=WORDS,
+        max_length=MAX_LENGTH,
     )
-    pipe = _assemble(unet, vae, sd2=False, seed=seed)
-    pipe.save_pretrained(str(path), safe_serialization=True)
-    shutil.rmtree(path / "tokenizer")
-    write_clip_tokenizer(path / "tokenizer", WORDS, model_max_length=MAX_LENGTH)
-    return path
+    return save_sd_folder(pipe, path, WORDS, MAX_LENGTH)
 
 
 def config_fields(model: Path) -> dict[str, str]:

@@ -1,15 +1,20 @@
-"""A small random Stable-Diffusion-architecture diffusers folder for benchmarks.
+"""Small random Stable-Diffusion-architecture diffusers folders, for benchmarks and tests.
 
-The benchmarks need a model that both diffusers (PyTorch) and `load_pipeline`
-read, without downloads. This one is written by diffusers' own
-`save_pretrained`, so it has the exact layout and configs of an SD 1.x folder;
-its sizes are close to the embedded-world model's: 32x32 RGB images, a
-2-level VAE (16x16x4 latents), a 3-level UNet with channels (32, 64, 64) and
-cross-attention width 64, and a 2-layer CLIP text encoder of width 64 with
-SD's 77-token context. Weights are random (seeded) and every parameter is
-perturbed off its initial value, so zero-initialised output layers cannot make
-the outputs trivially equal. Needs torch, diffusers and transformers (the
-`test` extra).
+Benchmarks and tests need models that both diffusers (PyTorch) and
+`load_pipeline` read, without downloads. `build_sd_pipeline` makes one from
+the constructor arguments of its UNet, VAE and CLIP text encoder: weights are
+random (seeded) and every parameter is perturbed off its initial value, so
+zero-initialised output layers cannot make outputs trivially equal.
+`save_sd_folder` writes it with diffusers' own `save_pretrained`, so the folder
+has the exact layout and configs of an SD 1.x / 2.x folder, with the classic
+`vocab.json` + `merges.txt` tokenizer. The tests' sizes live in
+`tests/tiny_sd.py` and `tests/tiny_unlearn.py`.
+
+The benchmarks' model (`build_tiny_model`, `save_tiny_model`) has sizes close
+to the embedded-world model's: 32x32 RGB images, a 2-level VAE (16x16x4
+latents), a 3-level UNet with channels (32, 64, 64) and cross-attention width
+64, and a 2-layer CLIP text encoder of width 64 with SD's 77-token context.
+Needs torch, diffusers and transformers (the `test` extra).
 
     from unlearn_jax.benchmarks.tiny_model import save_tiny_model
     save_tiny_model("/tmp/tiny_sd")  # then: --model /tmp/tiny_sd
@@ -18,7 +23,10 @@ the outputs trivially equal. Needs torch, diffusers and transformers (the
 from __future__ import annotations
 
 import shutil
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from unlearn_jax.data.tokenizer import write_clip_tokenizer
 
@@ -46,7 +54,11 @@ def caption_prompts(n: int) -> list[str]:
     return prompts
 
 
-def _perturb_(module, seed: int, scale: float = 0.05) -> None:
+# ----------------------------------------------------------------------------- builders
+
+
+def perturb_(module, seed: int, scale: float = 0.05) -> None:
+    """Adds seeded noise to every parameter of a torch module (norm scales stay near 1)."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
@@ -55,8 +67,44 @@ def _perturb_(module, seed: int, scale: float = 0.05) -> None:
             p.add_(torch.randn(p.shape, generator=gen) * scale)
 
 
-def build_tiny_model(seed: int = 0):
-    """A random SD-1.x-architecture `StableDiffusionPipeline` (float32, PyTorch)."""
+def two_level_vae(block_out_channels: tuple[int, int], sample_size: int) -> dict[str, Any]:
+    """diffusers `AutoencoderKL` arguments: 2 levels (latents at 1/2 size), 4 channels."""
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=block_out_channels,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=sample_size,
+        layers_per_block=1,
+    )
+
+
+def build_sd_pipeline(
+    *,
+    seed: int,
+    unet: dict[str, Any],
+    vae: dict[str, Any],
+    text_encoder: dict[str, Any],
+    words: Sequence[str],
+    max_length: int,
+    prediction_type: str = "epsilon",
+):
+    """A random SD-architecture `StableDiffusionPipeline` (float32, PyTorch).
+
+    Args:
+      seed: seeds torch's global RNG, which initialises the UNet, the VAE and
+        the text encoder in that order; then module i of (unet, vae,
+        text_encoder) is perturbed with seed `seed * 10 + i`.
+      unet, vae: diffusers `UNet2DConditionModel` / `AutoencoderKL` arguments.
+      text_encoder: transformers `CLIPTextConfig` arguments, without the
+        vocabulary size, context length and special tokens (from the tokenizer).
+      words, max_length: the CLIP tokenizer's vocabulary and context length.
+      prediction_type: of the scheduler (PNDM, SD's scaled-linear betas, as SD
+        folders ship it; our samplers read it as DDIM).
+    """
     import torch
     from diffusers import (
         AutoencoderKL,
@@ -67,58 +115,25 @@ def build_tiny_model(seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=IMAGE_SIZE // 2,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64, 64),
-        layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=64,
-        attention_head_dim=4,  # SD 1.x semantics: the number of heads
-        norm_num_groups=8,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(32, 64),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=IMAGE_SIZE,
-        layers_per_block=1,
-    )
-    tok_dir = Path(f"/tmp/unlearn_jax_bench_tokenizer_{MAX_LENGTH}_{seed}")
-    tokenizer = CLIPTokenizer.from_pretrained(
-        str(write_clip_tokenizer(tok_dir, WORDS, model_max_length=MAX_LENGTH))
-    )
-    text_encoder = CLIPTextModel(
+    unet_model = UNet2DConditionModel(**unet)
+    vae_model = AutoencoderKL(**vae)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = CLIPTokenizer.from_pretrained(
+            str(write_clip_tokenizer(Path(tmp), words, model_max_length=max_length))
+        )
+    text_model = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=256,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=MAX_LENGTH,
-            hidden_act="quick_gelu",
+            max_position_embeddings=max_length,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
+            **text_encoder,
         )
     )
-    for i, module in enumerate((unet, vae, text_encoder)):
-        _perturb_(module, seed * 10 + i)
-    # A random UNet under guidance 7.5 makes sampling chaotic: moving the initial
-    # latents by 1e-5 changes diffusers' own 20-step images by 0.35, so float32
-    # round-off would decide any comparison between two frameworks. Smaller
-    # outputs (eps std ~0.06 instead of ~0.6) keep that sensitivity at ~5e-4
-    # and leave the compute unchanged. A trained model is stable by itself.
-    with torch.no_grad():
-        unet.conv_out.weight.mul_(UNET_OUTPUT_SCALE)
-        unet.conv_out.bias.mul_(UNET_OUTPUT_SCALE)
-    scheduler = PNDMScheduler(  # what SD 1.x folders ship; samplers read it as DDIM
+    for i, module in enumerate((unet_model, vae_model, text_model)):
+        perturb_(module, seed * 10 + i)
+    scheduler = PNDMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -126,17 +141,74 @@ def build_tiny_model(seed: int = 0):
         set_alpha_to_one=False,
         skip_prk_steps=True,
         steps_offset=1,
+        prediction_type=prediction_type,
     )
-    pipe = StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
+    return StableDiffusionPipeline(
+        unet=unet_model,
+        vae=vae_model,
+        text_encoder=text_model,
         tokenizer=tokenizer,
         scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def save_sd_folder(pipe, path: str | Path, words: Sequence[str], max_length: int) -> Path:
+    """Writes `pipe` as a diffusers folder (safetensors, its dtype); returns the folder.
+
+    transformers 5 saves tokenizer.json; real SD folders carry vocab.json +
+    merges.txt, so the tokenizer is rewritten in that classic layout and
+    loaders are tested on what users have.
+    """
+    path = Path(path)
+    pipe.save_pretrained(str(path), safe_serialization=True)
+    shutil.rmtree(path / "tokenizer")
+    write_clip_tokenizer(path / "tokenizer", words, model_max_length=max_length)
+    return path
+
+
+# ----------------------------------------------------------------------------- the benchmark model
+
+
+def build_tiny_model(seed: int = 0):
+    """The benchmarks' random SD-1.x-architecture `StableDiffusionPipeline` (float32)."""
+    import torch
+
+    pipe = build_sd_pipeline(
+        seed=seed,
+        unet=dict(
+            sample_size=IMAGE_SIZE // 2,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64, 64),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=64,
+            attention_head_dim=4,  # SD 1.x semantics: the number of heads
+            norm_num_groups=8,
+        ),
+        vae=two_level_vae((32, 64), IMAGE_SIZE),
+        text_encoder=dict(
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            hidden_act="quick_gelu",
+        ),
+        words=WORDS,
+        max_length=MAX_LENGTH,
+    )
+    # A random UNet under guidance 7.5 makes sampling chaotic: moving the initial
+    # latents by 1e-5 changes diffusers' own 20-step images by 0.35, so float32
+    # round-off would decide any comparison between two frameworks. Smaller
+    # outputs (eps std ~0.06 instead of ~0.6) keep that sensitivity at ~5e-4
+    # and leave the compute unchanged. A trained model is stable by itself.
+    with torch.no_grad():
+        pipe.unet.conv_out.weight.mul_(UNET_OUTPUT_SCALE)
+        pipe.unet.conv_out.bias.mul_(UNET_OUTPUT_SCALE)
     return pipe  # float32, as built
 
 
@@ -151,11 +223,6 @@ def quiet_hf_logging() -> None:
 
 
 def save_tiny_model(path: str | Path, seed: int = 0) -> Path:
-    """Writes the tiny model as a diffusers folder (safetensors); returns the folder."""
-    path = Path(path)
+    """Writes the benchmarks' tiny model as a diffusers folder (safetensors); returns it."""
     quiet_hf_logging()
-    build_tiny_model(seed).save_pretrained(str(path), safe_serialization=True)
-    # Real SD folders carry vocab.json + merges.txt, not transformers 5's tokenizer.json.
-    shutil.rmtree(path / "tokenizer")
-    write_clip_tokenizer(path / "tokenizer", WORDS, model_max_length=MAX_LENGTH)
-    return path
+    return save_sd_folder(build_tiny_model(seed), path, WORDS, MAX_LENGTH)
