@@ -12,6 +12,8 @@ arithmetic gives black images.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import flax.struct
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +21,9 @@ import numpy as np
 from unlearn_jax.diffusion.schedule import NoiseSchedule
 
 Array = jnp.ndarray
+
+# diffusers' DDIMScheduler.init_noise_sigma: initial latents are used as given.
+INIT_NOISE_SIGMA = 1.0
 
 
 def ddim_timesteps(
@@ -71,7 +76,8 @@ class DDIMPlan:
 
     Arrays are pytree leaves (inputs of the compiled function, so a new step
     count of the same length, or a new schedule, needs no new trace); the
-    strings and flags are static.
+    strings and flags are static. As a solver (`solvers.SolverPlan`) the carry
+    is just the latents.
 
     Attributes:
       timesteps: [S] int32, denoising order.
@@ -91,9 +97,47 @@ class DDIMPlan:
     clip_sample: bool = flax.struct.field(pytree_node=False, default=False)
     clip_sample_range: float = flax.struct.field(pytree_node=False, default=1.0)
 
+    supports_eta: ClassVar[bool] = True
+
     @property
     def num_steps(self) -> int:
         return int(self.timesteps.shape[0])
+
+    def init(self, latents: Array) -> Array:
+        return jnp.asarray(latents, jnp.float32) * INIT_NOISE_SIGMA
+
+    def timestep(self, i: Array) -> Array:
+        return self.timesteps[i]
+
+    def model_input(self, carry: Array, i: Array) -> Array:
+        return carry
+
+    def step(
+        self,
+        carry: Array,
+        model_output: Array,
+        i: Array,
+        *,
+        eta: float = 0.0,
+        noise: Array | None = None,
+    ) -> Array:
+        """Step i: latents at timesteps[i] -> at prev_timesteps[i] (see `ddim_step`)."""
+        return ddim_step(
+            model_output,
+            self.timesteps[i],
+            self.prev_timesteps[i],
+            carry,
+            self.alphas_cumprod,
+            self.final_alpha_cumprod,
+            eta=eta,
+            noise=noise,
+            prediction_type=self.prediction_type,
+            clip_sample=self.clip_sample,
+            clip_sample_range=self.clip_sample_range,
+        )
+
+    def final(self, carry: Array) -> Array:
+        return carry
 
 
 def ddim_plan(schedule: NoiseSchedule, num_inference_steps: int) -> DDIMPlan:

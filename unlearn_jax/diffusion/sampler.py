@@ -1,13 +1,16 @@
-"""The DDIM sampler with classifier-free guidance: one `lax.scan` inside one `jit`.
+"""The sampler with classifier-free guidance: one `lax.scan` inside one `jit`.
 
-The sampler is generic over a pure model function
+The sampler is generic over the solver (DDIM, DPM-Solver++(2M), Euler: a plan
+implementing `solvers.SolverPlan`, whose carry may hold solver state) and over
+a pure model function
 
-    model_fn(params, latents [B,h,w,C] f32, timesteps [B] int32, context [B,L,D]) -> [B,h,w,C]
+    model_fn(params, latents [B,h,w,C] f32, timesteps [B], context [B,L,D]) -> [B,h,w,C]
 
 returning the epsilon / v / x_0 prediction (as `plan.prediction_type` says), in
-NHWC layout. `params` is an explicit argument (any pytree, e.g. an NNX state)
-rather than closed over, so that ONE compiled sampler serves the original and
-the unlearned model: swapping parameters of the same structure never retraces.
+NHWC layout; timesteps are int32, or float32 where a solver uses fractional ones
+(Euler). `params` is an explicit argument (any pytree, e.g. an NNX state) rather
+than closed over, so that ONE compiled sampler serves the original and the
+unlearned model: swapping parameters of the same structure never retraces.
 `model_fn` itself is a static argument of the jit, hashed by identity: define
 it once (module level or once per run), not as a fresh lambda per call.
 
@@ -17,7 +20,7 @@ the batch composition nor on sharding; chunked streaming therefore reproduces
 one big batch exactly.
 
 Text embeddings are inputs, computed once by the caller. The initial latents
-are the caller's noise (DDIM's init_noise_sigma is 1.0).
+are the caller's standard normal noise; the plan applies its init_noise_sigma.
 """
 
 from __future__ import annotations
@@ -33,14 +36,12 @@ import tqdm
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from unlearn_jax.diffusion.ddim import DDIMPlan, ddim_step
+from unlearn_jax.diffusion.solvers import SolverPlan
 
 Array = jax.Array
 Params = Any
 ModelFn = Callable[[Params, Array, Array, Array], Array]
 
-# diffusers' DDIMScheduler.init_noise_sigma: initial latents are used as given.
-INIT_NOISE_SIGMA = 1.0
 DATA_AXIS = "data"
 
 
@@ -64,7 +65,8 @@ def guided_model_output(
     Args:
       model_fn, params: the model (see module docstring).
       latents: [B,h,w,C] float32.
-      t: int32 scalar timestep (shared by the batch).
+      t: scalar timestep shared by the batch: integer (passed on as int32) or
+        float32 (fractional, passed on as is).
       cond_context: [B,L,D] prompt embeddings.
       uncond_context: [L,D] or [B,L,D] empty-prompt embeddings; unused (may be
         None) when use_guidance is False.
@@ -75,8 +77,10 @@ def guided_model_output(
       [B,h,w,C] float32 guided prediction.
     """
     batch = latents.shape[0]
+    t = jnp.asarray(t)
+    t_dtype = t.dtype if jnp.issubdtype(t.dtype, jnp.floating) else jnp.int32
     if not use_guidance:
-        timesteps = jnp.full((batch,), t, jnp.int32)
+        timesteps = jnp.full((batch,), t, t_dtype)
         return model_fn(params, latents, timesteps, cond_context).astype(jnp.float32)
     if uncond_context is None:
         raise ValueError("guidance_scale > 1 needs uncond_context")
@@ -88,7 +92,7 @@ def guided_model_output(
     output = model_fn(
         params,
         pair(latents, latents),
-        jnp.full((2 * batch,), t, jnp.int32),
+        jnp.full((2 * batch,), t, t_dtype),
         pair(uncond_context, cond_context),
     ).astype(jnp.float32)
     output = output.reshape((batch, 2) + output.shape[1:])
@@ -119,7 +123,7 @@ def step_noise(key: Array, example_ids: Array, step: Array | int, shape: tuple[i
 def _denoise_step(
     model_fn: ModelFn,
     params: Params,
-    plan: DDIMPlan,
+    plan: SolverPlan,
     cond_context: Array,
     uncond_context: Array | None,
     guidance_scale: Array,
@@ -127,34 +131,22 @@ def _denoise_step(
     example_ids: Array,
     eta: float,
     use_guidance: bool,
-    latents: Array,
+    carry: Any,
     step: Array,
-) -> Array:
-    """Sampler step `step`: [B,h,w,C] latents at timesteps[step] -> at prev_timesteps[step]."""
-    t = plan.timesteps[step]
+) -> Any:
+    """Sampler step `step`: the solver's carry before it -> after it."""
+    latents, t = plan.model_input(carry, step), plan.timestep(step)
     model_output = guided_model_output(
         model_fn, params, latents, t, cond_context, uncond_context, guidance_scale, use_guidance
     )
-    noise = step_noise(key, example_ids, step, latents.shape[1:]) if eta > 0 else None
-    return ddim_step(
-        model_output,
-        t,
-        plan.prev_timesteps[step],
-        latents,
-        plan.alphas_cumprod,
-        plan.final_alpha_cumprod,
-        eta=eta,
-        noise=noise,
-        prediction_type=plan.prediction_type,
-        clip_sample=plan.clip_sample,
-        clip_sample_range=plan.clip_sample_range,
-    )
+    noise = step_noise(key, example_ids, step, model_output.shape[1:]) if eta > 0 else None
+    return plan.step(carry, model_output, step, eta=eta, noise=noise)
 
 
 def _sample_loop(
     model_fn: ModelFn,
     params: Params,
-    plan: DDIMPlan,
+    plan: SolverPlan,
     latents: Array,
     cond_context: Array,
     uncond_context: Array | None,
@@ -180,28 +172,29 @@ def _sample_loop(
         eta,
         use_guidance,
     )
-    latents = jnp.asarray(latents, jnp.float32) * INIT_NOISE_SIGMA
+    carry = plan.init(latents)
     if debug:
         for step in range(plan.num_steps):
-            latents = step_fn(latents, jnp.int32(step))
-        return latents
+            carry = step_fn(carry, jnp.int32(step))
+        return plan.final(carry)
     steps = jnp.arange(plan.num_steps, dtype=jnp.int32)
-    latents, _ = jax.lax.scan(lambda x, i: (step_fn(x, i), None), latents, steps)
-    return latents
+    carry, _ = jax.lax.scan(lambda c, i: (step_fn(c, i), None), carry, steps)
+    return plan.final(carry)
 
 
-# One trace per (model_fn, eta, use_guidance, shapes/dtypes/shardings); params,
-# plan arrays, guidance scale, key and example ids are all traced inputs.
+# One trace per (model_fn, solver kind, eta, use_guidance, shapes/dtypes/shardings);
+# params, plan arrays (the step count is only the scan's length), guidance scale,
+# key and example ids are all traced inputs.
 _sample_jit = jax.jit(
     functools.partial(_sample_loop, debug=False),
     static_argnames=("model_fn", "eta", "use_guidance"),
 )
 
 
-def ddim_sample(
+def sample(
     model_fn: ModelFn,
     params: Params,
-    plan: DDIMPlan,
+    plan: SolverPlan,
     latents: Array,
     cond_context: Array,
     uncond_context: Array | None = None,
@@ -212,19 +205,20 @@ def ddim_sample(
     example_ids: Array | None = None,
     debug: bool = False,
 ) -> Array:
-    """Run DDIM with classifier-free guidance from given initial noise.
+    """Run a solver with classifier-free guidance from given initial noise.
 
     Args:
       model_fn: pure model function (see module docstring); static, by identity.
       params: model parameters pytree, passed to model_fn.
-      plan: the DDIM timesteps and schedule (`ddim.ddim_plan`).
-      latents: [B,h,w,C] initial noise.
+      plan: the solver and its timesteps (`solvers.make_plan`, `ddim.ddim_plan`, ...).
+      latents: [B,h,w,C] initial standard normal noise.
       cond_context: [B,L,D] prompt embeddings.
       uncond_context: [L,D] or [B,L,D] empty-prompt embeddings; needed iff
         guidance_scale > 1.
       guidance_scale: CFG weight w; <= 1 skips the unconditional model call
         (the value only decides that statically; other values reuse the trace).
-      eta: DDIM eta, static (0 = deterministic, the default for integrity).
+      eta: DDIM eta, static (0 = deterministic, the default for integrity);
+        other solvers are deterministic and accept only 0.
       key: PRNG key for the eta > 0 noise; required iff eta > 0.
       example_ids: [B] int32 global example indices for the per-example noise
         streams; defaults to arange(B).
@@ -238,6 +232,10 @@ def ddim_sample(
     use_guidance = uses_guidance(guidance_scale)
     if use_guidance and uncond_context is None:
         raise ValueError("guidance_scale > 1 needs uncond_context")
+    if eta != 0 and not plan.supports_eta:
+        raise ValueError(
+            f"eta={eta} is a DDIM option; {type(plan).__name__} is deterministic (use eta=0)"
+        )
     if eta > 0 and key is None:
         raise ValueError("eta > 0 needs a PRNG key")
     if not use_guidance:
@@ -259,6 +257,9 @@ def ddim_sample(
     if debug:
         return _sample_loop(model_fn, *args, eta=float(eta), use_guidance=use_guidance, debug=True)
     return _sample_jit(model_fn, *args, eta=float(eta), use_guidance=use_guidance)
+
+
+ddim_sample = sample  # the name callers used before other solvers existed; any plan works
 
 
 def data_mesh(devices: list[jax.Device] | None = None) -> Mesh:
@@ -307,7 +308,7 @@ def _to_host(x: Array) -> np.ndarray:
 def sample_in_chunks(
     model_fn: ModelFn,
     params: Params,
-    plan: DDIMPlan,
+    plan: SolverPlan,
     latents: Any,
     cond_context: Any,
     uncond_context: Any | None = None,
@@ -329,13 +330,13 @@ def sample_in_chunks(
     several processes (multi-host): every process then receives all N rows.
 
     Args:
-      model_fn, params, plan: as in `ddim_sample`.
+      model_fn, params, plan: as in `sample`.
       latents: [N,h,w,C] initial noise (NumPy or JAX; read chunk by chunk).
       cond_context: [N,L,D] prompt embeddings.
       uncond_context: [L,D] empty-prompt embedding; needed iff guidance_scale > 1.
       batch_size: examples per chunk (before rounding to the device count).
-      guidance_scale, eta, key: as in `ddim_sample`; example i uses noise stream
-        i, so the result equals one `ddim_sample` over all N examples.
+      guidance_scale, eta, key: as in `sample`; example i uses noise stream
+        i, so the result equals one `sample` over all N examples.
       mesh: optional mesh with a 'data' axis (e.g. `data_mesh()` for all devices).
       progress: show a tqdm progress bar over examples.
 
@@ -368,7 +369,7 @@ def sample_in_chunks(
         if batch_sharding is not None:
             inputs = jax.device_put(inputs, batch_sharding)
         chunk_latents, chunk_cond, chunk_ids = inputs
-        return ddim_sample(
+        return sample(
             model_fn,
             params,
             plan,

@@ -1,4 +1,4 @@
-"""Text to image with a loaded Stable Diffusion: noise, text embeddings, DDIM, VAE decode.
+"""Text to image with a loaded Stable Diffusion: noise, text embeddings, a solver, VAE decode.
 
 The glue between `models.pipeline.StableDiffusion` and the generic scan
 sampler. The UNet enters the sampler as `(graphdef, params)`: `unet_model_fn`
@@ -21,9 +21,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from unlearn_jax.diffusion.ddim import ddim_plan
 from unlearn_jax.diffusion.sampler import ModelFn, sample_in_chunks, uses_guidance
-from unlearn_jax.diffusion.schedule import schedule_from_config
+from unlearn_jax.diffusion.solvers import check_scheduler, make_plan
 from unlearn_jax.models.pipeline import StableDiffusion
 
 
@@ -119,6 +118,7 @@ def generate(
     mesh: Mesh | None = None,
     progress: bool = True,
     return_latents: bool = False,
+    scheduler: str = "ddim",
 ) -> np.ndarray:
     """Images [P*S, H, W, 3] float32 in [0,1], prompt-major, like diffusers' pipeline.
 
@@ -126,7 +126,7 @@ def generate(
       pipe: the loaded pipeline.
       prompts: P prompts; each is encoded once.
       num_images_per_prompt: S.
-      steps, guidance, eta: DDIM steps, CFG weight (<= 1: no guidance), DDIM eta.
+      steps, guidance, eta: denoising steps, CFG weight (<= 1: no guidance), DDIM eta.
       height, width: image size; default the UNet's native size.
       seed: seed of the initial noise (see module docstring) and of eta > 0 noise.
       latents: optional initial noise [P*S, h, w, C] (NHWC), instead of the seed's.
@@ -136,8 +136,12 @@ def generate(
       mesh: optional mesh with a 'data' axis to shard each chunk over.
       progress: show progress bars.
       return_latents: also return the final latents.
+      scheduler: the solver, one of `solvers.SCHEDULERS` ('ddim', 'dpmpp_2m',
+        'euler'), built from the folder's scheduler config as diffusers'
+        `<Scheduler>.from_config` builds it; eta applies to 'ddim' only.
     """
     prompts = list(prompts)
+    check_scheduler(scheduler)
     if not prompts:
         raise ValueError("no prompts given. Fix: pass --prompt TEXT or a non-empty --prompts file.")
     n = len(prompts) * num_images_per_prompt
@@ -153,7 +157,7 @@ def generate(
     cond = np.repeat(cond, num_images_per_prompt, axis=0)
     uncond = np.asarray(pipe.encode_prompts([""]))[0] if uses_guidance(guidance) else None
     graphdef, state = nnx.split(pipe.unet)
-    plan = ddim_plan(schedule_from_config(pipe.scheduler_config), steps)
+    plan = make_plan(scheduler, pipe.scheduler_config, steps)
     final = sample_in_chunks(
         unet_model_fn(graphdef),
         state if unet_params is None else unet_params,

@@ -124,6 +124,7 @@ def compute_integrity(
     progress: bool = True,
     unlearned_pipe: StableDiffusion | None = None,
     original_images: np.ndarray | None = None,
+    scheduler: str = "ddim",
 ) -> IntegrityResult:
     """Integrity of `unlearned_params` against `original_params` (both UNet states of `pipe`).
 
@@ -133,6 +134,7 @@ def compute_integrity(
       prompts: the retain prompts p_1..p_P (held out from training).
       seeds: S images per prompt.
       steps, guidance, height, width: sampler settings, identical for both models.
+      scheduler: the solver ('ddim', 'dpmpp_2m' or 'euler'; see `text_to_image.generate`).
       seed: root seed of the shared initial noise.
       batch_size: images per compiled sampler chunk and per LPIPS batch.
       lpips_net: "vgg" (default) or "alex", real weights.
@@ -163,6 +165,7 @@ def compute_integrity(
         batch_size=batch_size,
         mesh=mesh,
         progress=progress,
+        scheduler=scheduler,
     )
     unlearned = text_to_image.generate(
         unlearned_pipe or pipe, prompts, unet_params=unlearned_params, **common
@@ -198,7 +201,7 @@ def compute_integrity(
             "width": original.shape[2],
             "seed": seed,
             "lpips_net": lpips_net,
-            "sampler": "ddim",
+            "sampler": scheduler,
             "eta": 0.0,
         },
         original=original,
