@@ -22,6 +22,8 @@ from unlearn_jax.unlearn.commands import add_unlearn_commands
 # same model skips XLA compilation). UNLEARN_JAX_COMPILATION_CACHE=DIR moves it,
 # =off disables it; JAX_COMPILATION_CACHE_DIR, when set, wins.
 COMPILATION_CACHE_ENV = "UNLEARN_JAX_COMPILATION_CACHE"
+# diffusion.solvers.SCHEDULERS, spelled out so that parsing arguments imports no JAX.
+SCHEDULERS = ("ddim", "dpmpp_2m", "euler")
 
 
 def enable_compilation_cache() -> str | None:
@@ -74,6 +76,12 @@ def _add_sampling_args(p: argparse.ArgumentParser, steps: int = 50) -> None:
     )
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
+    p.add_argument(
+        "--scheduler",
+        default="ddim",
+        choices=SCHEDULERS,
+        help="sampler, built from the model's scheduler config as diffusers does",
+    )
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:
@@ -91,13 +99,34 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def _load(path: str, args: argparse.Namespace):
+def _load(path: str | Path, args: argparse.Namespace):
     import jax.numpy as jnp
 
     from unlearn_jax.models.pipeline import load_pipeline
 
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     return load_pipeline(path, dtype=dtype, variant=args.variant, allow_pickle=args.allow_pickle)
+
+
+def _replica_bytes(folder: Path) -> int:
+    """Upper bound of one in-memory copy of a pipeline's weights (half files load as float32)."""
+    files = [f for c in ("unet", "vae", "text_encoder") for f in (folder / c).glob("*.safetensors")]
+    return 2 * sum(f.stat().st_size for f in files)
+
+
+def _devices_for(model_paths: list[str], args: argparse.Namespace) -> tuple[list[Path], object]:
+    """Resolves the models and lays out the devices: (local folders, mesh over all devices).
+
+    Sampling shards each chunk's batch over every device. On a CPU-only host
+    the cores first become separate devices (`distributed.split_cpu_into_devices`).
+    """
+    from unlearn_jax.diffusion.sampler import data_mesh
+    from unlearn_jax.distributed import split_cpu_into_devices
+    from unlearn_jax.models.pipeline import resolve_model_path
+
+    folders = [resolve_model_path(p) for p in model_paths]
+    split_cpu_into_devices(args.batch_size, sum(_replica_bytes(f) for f in folders))
+    return folders, data_mesh()
 
 
 def _fresh_output(out: Path, names: list[str]) -> None:
@@ -118,7 +147,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     prompts = _prompts(args)
     _fresh_output(args.out, ["images.npz"])
-    pipe = _load(args.model, args)
+    (folder,), mesh = _devices_for([args.model], args)
+    pipe = _load(folder, args)
     latents = None
     if args.latents is not None:
         latents = np.load(args.latents)
@@ -140,6 +170,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
         latents=latents,
         batch_size=args.batch_size,
         eta=args.eta,
+        scheduler=args.scheduler,
+        mesh=mesh,
     )
     np.savez(
         args.out / "images.npz",
@@ -159,8 +191,8 @@ def cmd_integrity(args: argparse.Namespace) -> None:
 
     prompts = _prompts(args)
     _fresh_output(args.out, ["integrity.json", "pairs.npz", "grid.png"])
-    original = _load(args.original, args)
-    unlearned = _load(args.unlearned, args)
+    folders, mesh = _devices_for([args.original, args.unlearned], args)
+    original, unlearned = (_load(f, args) for f in folders)
     if dict(original.unet.config) != dict(unlearned.unet.config):
         raise SystemExit(
             "error: the two models have different UNet configs; integrity "
@@ -180,6 +212,8 @@ def cmd_integrity(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         lpips_net=args.lpips_net,
         unlearned_pipe=unlearned,
+        scheduler=args.scheduler,
+        mesh=mesh,
     )
     write_integrity_report(result, args.out)
     summary = {k: result.to_json()[k] for k in ("integrity_lpips", "ci95", "psnr", "ssim")}
@@ -193,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("sample", help="generate images (DDIM, classifier-free guidance)")
+    p = sub.add_parser("sample", help="generate images (DDIM by default, classifier-free guidance)")
     p.add_argument("--model", required=True, help="diffusers folder or hub id")
     _add_sampling_args(p)
     p.add_argument("--seed", type=int, default=0)

@@ -163,12 +163,14 @@ def run_diffusers(folder, prompts, latents_nchw, args) -> dict:
 
 def run_ours_in_process(folder, prompts, latents_nhwc, args) -> dict:
     """`generate` twice in this process: first call (with compile) and steady state."""
+    from unlearn_jax.diffusion.sampler import data_mesh
     from unlearn_jax.diffusion.text_to_image import generate
     from unlearn_jax.models.pipeline import load_pipeline
 
     start = time.perf_counter()
     pipe = load_pipeline(folder)
     loaded = time.perf_counter()
+    mesh = data_mesh()  # the CLI's layout: see `_split_cpu_like_the_cli`
 
     def call() -> np.ndarray:
         return generate(
@@ -178,6 +180,7 @@ def run_ours_in_process(folder, prompts, latents_nhwc, args) -> dict:
             guidance=args.guidance,
             latents=latents_nhwc,
             batch_size=args.batch_size,
+            mesh=mesh,
             progress=False,
         )
 
@@ -250,6 +253,14 @@ def compile_probe(folder, steps: int, args) -> dict:
     if proc.returncode:
         raise RuntimeError(f"compile probe failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _split_cpu_like_the_cli(folder, batch_size: int) -> int:
+    """Gives this process the CPU device layout `unlearn-jax sample` uses (before any JAX work)."""
+    from unlearn_jax.cli import _replica_bytes
+    from unlearn_jax.distributed import split_cpu_into_devices
+
+    return split_cpu_into_devices(batch_size, _replica_bytes(Path(folder)))
 
 
 def _inputs(folder, num_images: int, seed: int) -> tuple[list[str], np.ndarray]:
@@ -335,6 +346,7 @@ def run_benchmark(args) -> dict:
         workdir = Path(tmp)
         folder = Path(args.model) if args.model else save_tiny_model(workdir / "tiny_model")
         prompts, latents_nchw = _inputs(folder, args.num_images, args.seed)
+        cpu_devices = _split_cpu_like_the_cli(folder, args.batch_size)
         result = {
             "config": {
                 "model": args.model or "random tiny_model (unlearn_jax.benchmarks.tiny_model)",
@@ -344,6 +356,7 @@ def run_benchmark(args) -> dict:
                 "batch_size": args.batch_size,
                 "threads": args.threads,
                 "cores": _cores(),
+                "jax_cpu_devices": cpu_devices or None,
                 "latent_shape_nchw": list(latents_nchw.shape[1:]),
                 "load_average": [round(x, 2) for x in os.getloadavg()],
             }
@@ -417,6 +430,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.compile_probe:  # child of compile_probe(): one JSON line on stdout
         prompts, latents = _inputs(args.model, args.num_images, args.seed)
+        _split_cpu_like_the_cli(args.model, args.batch_size)
         run = run_ours_in_process(args.model, prompts, latents.transpose(0, 2, 3, 1), args)
         run.pop("images")
         print(json.dumps(run))
