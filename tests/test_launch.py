@@ -256,7 +256,8 @@ import jax, numpy as np
 from unlearn_jax.distributed import initialize_from_env
 initialize_from_env()
 from test_sampler import make_inputs, make_model, make_plan
-from unlearn_jax.diffusion.sampler import data_mesh, ddim_sample, sample_in_chunks
+from unlearn_jax.diffusion.chunks import data_mesh, sample_in_chunks
+from unlearn_jax.diffusion.sampler import ddim_sample
 
 model_fn, plan = make_model(), make_plan(3)
 params, latents, cond, uncond = make_inputs(batch=5, seed=2)

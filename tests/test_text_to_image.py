@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+
+import jax
 import numpy as np
 import pytest
 import torch
@@ -77,3 +80,29 @@ def test_nan_images_are_reported():
     with pytest.raises(text_to_image.NonFiniteImagesError, match="1 of 4 images.*'dog'"):
         text_to_image.check_finite(images, ["cat", "dog"], per_prompt=2)
     text_to_image.check_finite(np.zeros((4, 2, 2, 3), np.float32), ["cat", "dog"], 2)
+
+
+def test_precompile_while_loading_is_what_generate_runs(sd1_folder, caplog):
+    from unlearn_jax.models.pipeline import read_structure
+
+    settings = dict(steps=4, guidance=3.0, batch_size=3, num_images_per_prompt=2)
+    n = len(PROMPTS) * settings["num_images_per_prompt"]
+    structure = read_structure(sd1_folder)
+    sampler, decoder = text_to_image.precompile(
+        structure, n, steps=4, guidance=3.0, batch_size=3, mesh=None
+    )
+    pipe = load_pipeline(sd1_folder, structure=structure)
+    assert pipe.unet is structure.unet  # the structure's modules received the weights
+    sampler.result(), decoder.result()
+    pipe.encode_prompts(PROMPTS + [""])  # generate's one text-encoder call, compiled here
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        images = text_to_image.generate(pipe, PROMPTS, progress=False, **settings)
+    compiled = [r.getMessage() for r in caplog.records if "XLA compilation" in r.getMessage()]
+    assert not [m for m in compiled if "_sample_loop" in m or "_decode" in m], compiled
+    # The same programs compile on demand without precompile.
+    fresh = text_to_image.generate(load_pipeline(sd1_folder), PROMPTS, progress=False, **settings)
+    np.testing.assert_array_equal(images, fresh)
+    with pytest.raises(ValueError, match="already holds loaded weights"):
+        load_pipeline(sd1_folder, structure=structure)
+    with pytest.raises(ValueError, match="dtype"):
+        load_pipeline(sd1_folder, dtype=jax.numpy.bfloat16, structure=read_structure(sd1_folder))

@@ -99,13 +99,48 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def _load(path: str | Path, args: argparse.Namespace):
+def _dtype(args: argparse.Namespace):
     import jax.numpy as jnp
 
+    return jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+
+
+def _load(path: str | Path, args: argparse.Namespace, structure=None):
     from unlearn_jax.models.pipeline import load_pipeline
 
-    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    return load_pipeline(path, dtype=dtype, variant=args.variant, allow_pickle=args.allow_pickle)
+    return load_pipeline(
+        path,
+        dtype=_dtype(args),
+        variant=args.variant,
+        allow_pickle=args.allow_pickle,
+        structure=structure,
+    )
+
+
+def _load_while_compiling(folder: Path, args: argparse.Namespace, num_images: int, mesh):
+    """Loads a pipeline while its sampler and decoder compile on a worker thread.
+
+    The programs are compiled from the folder's configs alone (shapes), for
+    exactly the settings `generate` is then called with, so that XLA's compile
+    time overlaps reading the weights and encoding the prompts.
+    """
+    from unlearn_jax.diffusion import text_to_image
+    from unlearn_jax.models.pipeline import read_structure
+
+    structure = read_structure(folder, dtype=_dtype(args))
+    text_to_image.precompile(
+        structure,
+        num_images,
+        steps=args.steps,
+        guidance=args.guidance,
+        height=args.height,
+        width=args.width,
+        batch_size=args.batch_size,
+        eta=getattr(args, "eta", 0.0),
+        mesh=mesh,
+        scheduler=args.scheduler,
+    )
+    return _load(folder, args, structure)
 
 
 def _replica_bytes(folder: Path) -> int:
@@ -120,7 +155,7 @@ def _devices_for(model_paths: list[str], args: argparse.Namespace) -> tuple[list
     Sampling shards each chunk's batch over every device. On a CPU-only host
     the cores first become separate devices (`distributed.split_cpu_into_devices`).
     """
-    from unlearn_jax.diffusion.sampler import data_mesh
+    from unlearn_jax.diffusion.chunks import data_mesh
     from unlearn_jax.distributed import split_cpu_into_devices
     from unlearn_jax.models.pipeline import resolve_model_path
 
@@ -148,7 +183,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     prompts = _prompts(args)
     _fresh_output(args.out, ["images.npz"])
     (folder,), mesh = _devices_for([args.model], args)
-    pipe = _load(folder, args)
+    pipe = _load_while_compiling(folder, args, len(prompts) * args.num_images_per_prompt, mesh)
     latents = None
     if args.latents is not None:
         latents = np.load(args.latents)
@@ -192,7 +227,8 @@ def cmd_integrity(args: argparse.Namespace) -> None:
     prompts = _prompts(args)
     _fresh_output(args.out, ["integrity.json", "pairs.npz", "grid.png"])
     folders, mesh = _devices_for([args.original, args.unlearned], args)
-    original, unlearned = (_load(f, args) for f in folders)
+    original = _load_while_compiling(folders[0], args, len(prompts) * args.seeds, mesh)
+    unlearned = _load(folders[1], args)
     if dict(original.unet.config) != dict(unlearned.unet.config):
         raise SystemExit(
             "error: the two models have different UNet configs; integrity "

@@ -163,7 +163,7 @@ def run_diffusers(folder, prompts, latents_nchw, args) -> dict:
 
 def run_ours_in_process(folder, prompts, latents_nhwc, args) -> dict:
     """`generate` twice in this process: first call (with compile) and steady state."""
-    from unlearn_jax.diffusion.sampler import data_mesh
+    from unlearn_jax.diffusion.chunks import data_mesh
     from unlearn_jax.diffusion.text_to_image import generate
     from unlearn_jax.models.pipeline import load_pipeline
 

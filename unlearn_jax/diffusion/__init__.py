@@ -1,5 +1,6 @@
 """Noise schedules, solvers (DDIM, DPM-Solver++(2M), Euler), guidance and the scan sampler."""
 
+from unlearn_jax.diffusion.chunks import data_mesh, precompile_chunks, sample_in_chunks
 from unlearn_jax.diffusion.ddim import (
     DDIMPlan,
     ddim_plan,
@@ -11,11 +12,9 @@ from unlearn_jax.diffusion.dpm_solver import DPMSolverPlan, dpm_solver_schedule,
 from unlearn_jax.diffusion.euler import EulerPlan, euler_plan, euler_schedule, euler_step
 from unlearn_jax.diffusion.sampler import (
     ModelFn,
-    data_mesh,
     ddim_sample,
     guided_model_output,
     sample,
-    sample_in_chunks,
     step_noise,
     uses_guidance,
 )
@@ -44,6 +43,7 @@ __all__ = [
     "guided_model_output",
     "load_schedule",
     "make_plan",
+    "precompile_chunks",
     "predict_x0_and_eps",
     "sample",
     "sample_in_chunks",

@@ -31,18 +31,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import tqdm
-from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from unlearn_jax.diffusion.solvers import SolverPlan
 
 Array = jax.Array
 Params = Any
 ModelFn = Callable[[Params, Array, Array, Array], Array]
-
-DATA_AXIS = "data"
 
 
 def uses_guidance(guidance_scale: float) -> bool:
@@ -185,10 +179,36 @@ def _sample_loop(
 # One trace per (model_fn, solver kind, eta, use_guidance, shapes/dtypes/shardings);
 # params, plan arrays (the step count is only the scan's length), guidance scale,
 # key and example ids are all traced inputs.
-_sample_jit = jax.jit(
+sample_jit = jax.jit(
     functools.partial(_sample_loop, debug=False),
     static_argnames=("model_fn", "eta", "use_guidance"),
 )
+
+
+def checked_options(
+    plan: SolverPlan,
+    guidance_scale: float,
+    eta: float,
+    key: Array | None,
+    uncond_context: Any,
+) -> tuple[bool, Array, Any]:
+    """Validates the sampler options; returns (use_guidance, key, uncond_context) as traced.
+
+    Without guidance the empty-prompt embedding is dropped (never shipped to the
+    device nor traced); without eta noise the key is a placeholder.
+    """
+    use_guidance = uses_guidance(guidance_scale)
+    if use_guidance and uncond_context is None:
+        raise ValueError("guidance_scale > 1 needs uncond_context")
+    if eta != 0 and not plan.supports_eta:
+        raise ValueError(
+            f"eta={eta} is a DDIM option; {type(plan).__name__} is deterministic (use eta=0)"
+        )
+    if eta > 0 and key is None:
+        raise ValueError("eta > 0 needs a PRNG key")
+    if key is None:
+        key = jax.random.key(0)  # unused: eta == 0 draws no noise
+    return use_guidance, key, uncond_context if use_guidance else None
 
 
 def sample(
@@ -229,19 +249,9 @@ def sample(
       [B,h,w,C] float32 final latents x_0.
     """
     batch = latents.shape[0]
-    use_guidance = uses_guidance(guidance_scale)
-    if use_guidance and uncond_context is None:
-        raise ValueError("guidance_scale > 1 needs uncond_context")
-    if eta != 0 and not plan.supports_eta:
-        raise ValueError(
-            f"eta={eta} is a DDIM option; {type(plan).__name__} is deterministic (use eta=0)"
-        )
-    if eta > 0 and key is None:
-        raise ValueError("eta > 0 needs a PRNG key")
-    if not use_guidance:
-        uncond_context = None  # never shipped to the device nor traced
-    if key is None:
-        key = jax.random.key(0)  # unused: eta == 0 draws no noise
+    use_guidance, key, uncond_context = checked_options(
+        plan, guidance_scale, eta, key, uncond_context
+    )
     if example_ids is None:
         example_ids = jnp.arange(batch, dtype=jnp.int32)
     args = (
@@ -256,145 +266,7 @@ def sample(
     )
     if debug:
         return _sample_loop(model_fn, *args, eta=float(eta), use_guidance=use_guidance, debug=True)
-    return _sample_jit(model_fn, *args, eta=float(eta), use_guidance=use_guidance)
+    return sample_jit(model_fn, *args, eta=float(eta), use_guidance=use_guidance)
 
 
 ddim_sample = sample  # the name callers used before other solvers existed; any plan works
-
-
-def data_mesh(devices: list[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh over `devices` (default: all) with the batch axis named 'data'."""
-    devices = jax.devices() if devices is None else devices
-    return Mesh(np.asarray(devices), (DATA_AXIS,))
-
-
-def _replicate_on(mesh: Mesh, tree: Any) -> Any:
-    """Place leaves on `mesh` replicated, leaving leaves already laid out on it alone.
-
-    Doing this once up front keeps the per-chunk calls from re-sending
-    parameters; parameters the caller already sharded (e.g. FSDP) stay as they are.
-    """
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def place(leaf: Any) -> Any:
-        sharding = getattr(leaf, "sharding", None)
-        if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
-            return leaf
-        return jax.device_put(leaf, replicated)
-
-    return jax.tree.map(place, tree)
-
-
-def _padded_rows(x: Any, start: int, size: int) -> np.ndarray:
-    """Rows [start, start+size) of x on the host, padded by repeating the last row.
-
-    Repeating a real example (rather than zeros) keeps padded rows well inside
-    the model's input distribution, so they cannot produce NaNs or warnings.
-    """
-    rows = np.asarray(x[start : start + size])
-    missing = size - rows.shape[0]
-    if missing:
-        rows = np.concatenate([rows, np.repeat(rows[-1:], missing, axis=0)], axis=0)
-    return rows
-
-
-def _to_host(x: Array) -> np.ndarray:
-    """The whole array on this host; across processes (a multi-host mesh) every process gets it."""
-    if x.is_fully_addressable:
-        return np.asarray(x)
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def sample_in_chunks(
-    model_fn: ModelFn,
-    params: Params,
-    plan: SolverPlan,
-    latents: Any,
-    cond_context: Any,
-    uncond_context: Any | None = None,
-    *,
-    batch_size: int,
-    guidance_scale: float = 7.5,
-    eta: float = 0.0,
-    key: Array | None = None,
-    mesh: Mesh | None = None,
-    progress: bool = True,
-) -> np.ndarray:
-    """Sample a large prompt set in fixed-size chunks through one compiled sampler.
-
-    Every chunk has the same shape (the last one is padded, and the padding
-    dropped), so the sampler compiles once. With a mesh, each chunk's batch is
-    sharded over the mesh axis 'data' and the chunk size is rounded up to a
-    multiple of that axis' size. The next chunk is dispatched before the
-    previous one is copied to the host, so the device stays busy. A mesh may span
-    several processes (multi-host): every process then receives all N rows.
-
-    Args:
-      model_fn, params, plan: as in `sample`.
-      latents: [N,h,w,C] initial noise (NumPy or JAX; read chunk by chunk).
-      cond_context: [N,L,D] prompt embeddings.
-      uncond_context: [L,D] empty-prompt embedding; needed iff guidance_scale > 1.
-      batch_size: examples per chunk (before rounding to the device count).
-      guidance_scale, eta, key: as in `sample`; example i uses noise stream
-        i, so the result equals one `sample` over all N examples.
-      mesh: optional mesh with a 'data' axis (e.g. `data_mesh()` for all devices).
-      progress: show a tqdm progress bar over examples.
-
-    Returns:
-      [N,h,w,C] float32 NumPy array of final latents.
-    """
-    total = latents.shape[0]
-    if cond_context.shape[0] != total:
-        raise ValueError(f"{total} latents but {cond_context.shape[0]} cond embeddings")
-    if total == 0:
-        return np.zeros(latents.shape, np.float32)
-    num_shards = mesh.shape[DATA_AXIS] if mesh is not None else 1
-    # Never pad a small set up to a large batch_size: one compile either way.
-    chunk = min(max(batch_size, 1), total)
-    chunk = -(-chunk // num_shards) * num_shards
-
-    batch_sharding = None
-    if mesh is not None:
-        batch_sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-        params, plan = _replicate_on(mesh, (params, plan))
-        if uncond_context is not None and uses_guidance(guidance_scale):
-            uncond_context = _replicate_on(mesh, jnp.asarray(uncond_context))
-
-    def launch(start: int) -> Array:
-        inputs = (
-            _padded_rows(latents, start, chunk),
-            _padded_rows(cond_context, start, chunk),
-            np.arange(start, start + chunk, dtype=np.int32),
-        )
-        if batch_sharding is not None:
-            inputs = jax.device_put(inputs, batch_sharding)
-        chunk_latents, chunk_cond, chunk_ids = inputs
-        return sample(
-            model_fn,
-            params,
-            plan,
-            chunk_latents,
-            chunk_cond,
-            uncond_context,
-            guidance_scale=guidance_scale,
-            eta=eta,
-            key=key,
-            example_ids=chunk_ids,
-        )
-
-    outputs: list[np.ndarray] = []
-    with tqdm.tqdm(total=total, desc="sampling", unit="img", disable=not progress) as bar:
-
-        def collect(start: int, result: Array) -> None:
-            rows = min(chunk, total - start)  # drop the padding
-            outputs.append(_to_host(result)[:rows])
-            bar.update(rows)
-
-        pending = None  # (start, result still being computed on device)
-        for start in range(0, total, chunk):
-            launched = (start, launch(start))
-            if pending is not None:
-                collect(*pending)
-            pending = launched
-        collect(*pending)
-    return np.concatenate(outputs, axis=0)

@@ -12,6 +12,7 @@ prompt's images do not depend on which other prompts are in the set.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 from collections.abc import Sequence
 
@@ -21,9 +22,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from unlearn_jax.diffusion.sampler import ModelFn, sample_in_chunks, uses_guidance
+from unlearn_jax.diffusion.chunks import in_background, precompile_chunks, sample_in_chunks
+from unlearn_jax.diffusion.sampler import ModelFn, uses_guidance
 from unlearn_jax.diffusion.solvers import check_scheduler, make_plan
-from unlearn_jax.models.pipeline import StableDiffusion
+from unlearn_jax.models.pipeline import PipelineStructure, StableDiffusion
 
 
 class NonFiniteImagesError(FloatingPointError):
@@ -40,7 +42,9 @@ def unet_model_fn(graphdef: nnx.GraphDef) -> ModelFn:
     return apply
 
 
-def latent_shape(pipe: StableDiffusion, height: int | None, width: int | None) -> tuple:
+def latent_shape(
+    pipe: StableDiffusion | PipelineStructure, height: int | None, width: int | None
+) -> tuple:
     """(h, w, C) of the latents for an image size; default: the UNet's training size.
 
     Raises:
@@ -69,23 +73,95 @@ def initial_noise(seed: int, num_prompts: int, per_prompt: int, shape: Sequence[
     return np.asarray(draw(ids), dtype=np.float32)
 
 
-@nnx.jit
-def _decode(vae, latents: jax.Array) -> jax.Array:
+@functools.partial(jax.jit, static_argnums=0)
+def _decode(graphdef: nnx.GraphDef, state: nnx.State, latents: jax.Array) -> jax.Array:
+    vae = nnx.merge(graphdef, state)
     image = vae.decode(latents / vae.scaling_factor)
     return jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+
+def _decode_chunk(num_images: int, batch_size: int) -> int:
+    return max(1, min(batch_size, num_images))
 
 
 def decode_latents(pipe: StableDiffusion, latents: np.ndarray, batch_size: int) -> np.ndarray:
     """Images [N,H,W,3] in [0,1] from final latents [N,h,w,C], in fixed-size chunks."""
     n = latents.shape[0]
-    chunk = max(1, min(batch_size, n))
+    chunk = _decode_chunk(n, batch_size)
+    graphdef, state = nnx.split(pipe.vae)
     out = []
     for start in range(0, n, chunk):
         rows = latents[start : start + chunk]
         pad = chunk - rows.shape[0]  # same shape every chunk: one compile
         padded = np.concatenate([rows, np.repeat(rows[-1:], pad, 0)]) if pad else rows
-        out.append(np.asarray(_decode(pipe.vae, jnp.asarray(padded)))[: rows.shape[0]])
+        out.append(np.asarray(_decode(graphdef, state, jnp.asarray(padded)))[: rows.shape[0]])
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+def _abstract(tree):
+    """Shapes and dtypes only (no shardings, no data) of a state's leaves."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+
+
+def precompile(
+    structure: PipelineStructure,
+    num_images: int,
+    *,
+    steps: int = 50,
+    guidance: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
+    batch_size: int = 8,
+    eta: float = 0.0,
+    mesh: Mesh | None = None,
+    scheduler: str = "ddim",
+) -> tuple[concurrent.futures.Future, concurrent.futures.Future]:
+    """Starts compiling what `generate` with these settings will run: sampler and decoder.
+
+    Compilation happens on worker threads from the structure's shapes alone,
+    so the caller can load the weights meanwhile (`load_pipeline(...,
+    structure=structure)`) and then call `generate` with the same settings,
+    which picks the compiled programs up instead of compiling them again.
+
+    Args:
+      structure: `pipeline.read_structure(...)`, before or while its weights load.
+      num_images: P*S, the number of images `generate` will make.
+      steps, guidance, height, width, batch_size, eta, mesh, scheduler: as for `generate`.
+
+    Returns:
+      Futures of the sampler's and the decoder's compilation (done, or holding the error).
+    """
+    check_scheduler(scheduler)
+    shape = latent_shape(structure, height, width)
+    graphdef, state = nnx.split(structure.unet)
+    text_graphdef, text_state = nnx.split(structure.text_encoder)
+    token_ids = (1, structure.text_encoder.config["max_position_embeddings"])
+    context = jax.eval_shape(
+        lambda s, ids: nnx.merge(text_graphdef, s)(ids)[0],
+        _abstract(text_state),
+        jax.ShapeDtypeStruct(token_ids, jnp.int32),
+    )
+    sampler = precompile_chunks(
+        unet_model_fn(graphdef),
+        _abstract(state),
+        make_plan(scheduler, structure.scheduler_config, steps),
+        total=num_images,
+        latent_shape=shape,
+        context_shape=context.shape[1:],
+        context_dtype=context.dtype,
+        batch_size=batch_size,
+        guidance_scale=guidance,
+        eta=eta,
+        mesh=mesh,
+    )
+    vae_graphdef, vae_state = nnx.split(structure.vae)
+    decoder_args = (
+        vae_graphdef,
+        _abstract(vae_state),
+        jax.ShapeDtypeStruct((_decode_chunk(num_images, batch_size), *shape), jnp.float32),
+    )
+    decoder = in_background(lambda: _decode.lower(*decoder_args).compile())
+    return sampler, decoder
 
 
 def check_finite(images: np.ndarray, prompts: Sequence[str], per_prompt: int) -> None:
@@ -153,9 +229,11 @@ def generate(
             f"initial latents have shape {tuple(latents.shape)} (NHWC); expected {(n, *shape)} "
             f"for {len(prompts)} prompts x {num_images_per_prompt} images at this size."
         )
-    cond = np.asarray(pipe.encode_prompts(prompts))
-    cond = np.repeat(cond, num_images_per_prompt, axis=0)
-    uncond = np.asarray(pipe.encode_prompts([""]))[0] if uses_guidance(guidance) else None
+    # One text-encoder call (and compile) for the prompts and the empty prompt.
+    with_empty = prompts + [""] if uses_guidance(guidance) else prompts
+    encoded = np.asarray(pipe.encode_prompts(with_empty))
+    uncond = encoded[len(prompts)] if uses_guidance(guidance) else None
+    cond = np.repeat(encoded[: len(prompts)], num_images_per_prompt, axis=0)
     graphdef, state = nnx.split(pipe.unet)
     plan = make_plan(scheduler, pipe.scheduler_config, steps)
     final = sample_in_chunks(

@@ -46,6 +46,40 @@ class PipelineError(ValueError):
 _CLIP_PREFIX = "text_model."
 
 
+def _vae_scale_factor(vae: AutoencoderKL) -> int:
+    """Pixels per latent pixel (8 for SD): 2 ** (number of VAE levels - 1)."""
+    return 2 ** (len(vae.config["block_out_channels"]) - 1)
+
+
+@dataclasses.dataclass
+class PipelineStructure:
+    """A pipeline folder's modules before their weights are read: configs, graphs, shapes.
+
+    Enough to compile programs for the pipeline ahead of time (their inputs'
+    shapes and dtypes are known) while the weights are still loading;
+    `load_pipeline(..., structure=s)` then fills these very modules in.
+
+    Attributes:
+      unet, vae, text_encoder: modules whose variables are `jax.ShapeDtypeStruct`s.
+      scheduler_config: the dict of `scheduler/scheduler_config.json`.
+      source: the local folder.
+      dtype, param_dtype: the compute and parameter dtypes the modules were built with.
+    """
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    scheduler_config: dict
+    source: Path
+    dtype: Any
+    param_dtype: Any
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent pixel (8 for SD)."""
+        return _vae_scale_factor(self.vae)
+
+
 @dataclasses.dataclass
 class StableDiffusion:
     """The components of a Stable Diffusion pipeline as Flax NNX modules.
@@ -74,7 +108,7 @@ class StableDiffusion:
     @property
     def vae_scale_factor(self) -> int:
         """Pixels per latent pixel (8 for SD): 2 ** (number of VAE levels - 1)."""
-        return 2 ** (len(self.vae.config["block_out_channels"]) - 1)
+        return _vae_scale_factor(self.vae)
 
     def tokenize(self, prompts: list[str]) -> np.ndarray:
         """Token ids [N, model_max_length], padded and truncated as diffusers does."""
@@ -179,27 +213,20 @@ def _load_component(
     return file_dtype, buffers, strip
 
 
-def load_pipeline(
+def read_structure(
     path_or_id: str | Path,
     *,
     dtype: jnp.dtype = jnp.float32,
     param_dtype: jnp.dtype = jnp.float32,
-    variant: str | None = None,
-    allow_pickle: bool = False,
-) -> StableDiffusion:
-    """Builds the NNX pipeline from a diffusers folder or hub id.
+) -> PipelineStructure:
+    """The pipeline's modules without weights (configs and shapes only; fast).
 
     Args:
       path_or_id: local folder with model_index.json, or a hub id (online only).
-      dtype: compute dtype of the modules (e.g. bf16 on accelerators).
-      param_dtype: dtype the weights are loaded into, whatever the file dtype.
-      variant: weight-file variant, e.g. "fp16".
-      allow_pickle: permit `.bin` pickles (off by default: they can run code).
+      dtype, param_dtype: as for `load_pipeline`.
     """
     folder = resolve_model_path(path_or_id)
     read_model_index(folder)
-    from transformers import CLIPTokenizer
-
     configs = {
         n: _read_json(folder / n / "config.json", f"the {n} config")
         for n in ("unet", "vae", "text_encoder")
@@ -212,6 +239,55 @@ def load_pipeline(
         )
         for n, c in classes.items()
     }
+    scheduler_config = _read_json(
+        folder / "scheduler" / "scheduler_config.json", "the scheduler config"
+    )
+    return PipelineStructure(
+        **modules,
+        scheduler_config=scheduler_config,
+        source=folder,
+        dtype=dtype,
+        param_dtype=param_dtype,
+    )
+
+
+def load_pipeline(
+    path_or_id: str | Path,
+    *,
+    dtype: jnp.dtype = jnp.float32,
+    param_dtype: jnp.dtype = jnp.float32,
+    variant: str | None = None,
+    allow_pickle: bool = False,
+    structure: PipelineStructure | None = None,
+) -> StableDiffusion:
+    """Builds the NNX pipeline from a diffusers folder or hub id.
+
+    Args:
+      path_or_id: local folder with model_index.json, or a hub id (online only).
+      dtype: compute dtype of the modules (e.g. bf16 on accelerators).
+      param_dtype: dtype the weights are loaded into, whatever the file dtype.
+      variant: weight-file variant, e.g. "fp16".
+      allow_pickle: permit `.bin` pickles (off by default: they can run code).
+      structure: `read_structure(path_or_id, dtype=..., param_dtype=...)`, when
+        already read (e.g. to compile while loading); its modules receive the
+        weights. Default: read here.
+    """
+    if structure is None:
+        structure = read_structure(path_or_id, dtype=dtype, param_dtype=param_dtype)
+    elif (structure.dtype, structure.param_dtype) != (dtype, param_dtype):
+        raise ValueError(
+            f"the structure was built for dtype={structure.dtype}, param_dtype="
+            f"{structure.param_dtype}; load_pipeline was asked for {dtype}, {param_dtype}."
+        )
+    if not isinstance(jax.tree.leaves(nnx.state(structure.unet))[0], jax.ShapeDtypeStruct):
+        raise ValueError(
+            "this PipelineStructure already holds loaded weights (its modules are the "
+            "pipeline's); call read_structure again for another pipeline."
+        )
+    folder = structure.source
+    from transformers import CLIPTokenizer
+
+    modules = {n: getattr(structure, n) for n in ("unet", "vae", "text_encoder")}
     file_dtypes, buffers, strip_prefix = {}, {}, {}
     for name, module in modules.items():
         file_dtypes[name], buffers[name], strip_prefix[name] = _load_component(
@@ -222,9 +298,6 @@ def load_pipeline(
             allow_pickle=allow_pickle,
             param_dtype=param_dtype,
         )
-    scheduler_config = _read_json(
-        folder / "scheduler" / "scheduler_config.json", "the scheduler config"
-    )
     try:
         tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
     except Exception as e:
@@ -237,7 +310,7 @@ def load_pipeline(
         vae=modules["vae"],
         text_encoder=modules["text_encoder"],
         tokenizer=tokenizer,
-        scheduler_config=scheduler_config,
+        scheduler_config=structure.scheduler_config,
         source=folder,
         file_dtypes=file_dtypes,
         buffers=buffers,
