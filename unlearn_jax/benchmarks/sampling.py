@@ -31,13 +31,12 @@ What is measured (wall clock, `time.perf_counter`):
                  unrolled code, so the ratio should be ~1.
 Both frameworks get the same batch: diffusers is called on --batch-size prompts
 at a time, ours compiles one chunk of --batch-size images (the last one padded).
-Default 16: on one core ours costs ~21.5 ms CPU per image-step at batch 4-16 but
-~24 at 64 (the [2B, heads, 256, 256] attention scores outgrow the cache), while
-diffusers is flat (~20) from 8 to 64.
-`--threads` sets torch's threads; XLA uses every core the process may run on,
-so use `taskset` to restrict both. A persistent JAX compilation cache
-(JAX_COMPILATION_CACHE_DIR) is removed from the subprocesses' environment so
-they compile cold, as a first-time user does.
+`--threads` sets torch's threads. Ours splits the cores into JAX CPU devices
+as `unlearn-jax sample` does (`distributed.split_cpu_into_devices`; the JSON
+records the count, and UNLEARN_JAX_CPU_DEVICES overrides it); use `taskset`
+to restrict both frameworks to the same cores. A persistent JAX compilation
+cache (JAX_COMPILATION_CACHE_DIR) is removed from the subprocesses'
+environment so they compile cold, as a first-time user does.
 
 Run it on a quiet machine: with other processes on the cores, torch's OpenMP
 threads slow down many-fold (8 images x 20 steps: 3.9 s with 1 thread, 29 s
