@@ -100,26 +100,38 @@ def _program_key_and_args(
 def _program(
     model_fn, args, eta: float, use_guidance: bool, key, *, background: bool = False
 ) -> concurrent.futures.Future:
-    """The future executable for `key`; compiles it (here, or on the worker) if nobody has."""
+    """The future executable for `key`; compiles it (here, or on the worker) if nobody has.
+
+    Tracing and lowering always run on the calling thread: they hold the GIL,
+    and finishing them before the caller goes on to Python-heavy work (loading
+    weights) starts XLA's GIL-free compilation as early as possible.
+    """
     with _programs_lock:
         future = _programs.get(key)
         if future is not None:
             return future
         future = _programs[key] = concurrent.futures.Future()
 
-    def compile_program() -> None:
-        try:
-            lowered = sample_jit.lower(model_fn, *args, eta=eta, use_guidance=use_guidance)
-            future.set_result(lowered.compile())
-        except BaseException as e:  # raised to whoever waits for it
-            with _programs_lock:
-                _programs.pop(key, None)
-            future.set_exception(e)
+    def fail(e: BaseException) -> None:  # raised to whoever waits for the future
+        with _programs_lock:
+            _programs.pop(key, None)
+        future.set_exception(e)
 
+    def compile_program(lowered) -> None:
+        try:
+            future.set_result(lowered.compile())
+        except BaseException as e:
+            fail(e)
+
+    try:
+        lowered = sample_jit.lower(model_fn, *args, eta=eta, use_guidance=use_guidance)
+    except BaseException as e:
+        fail(e)
+        raise
     if background:
-        _worker.submit(compile_program)
+        _worker.submit(compile_program, lowered)
     else:
-        compile_program()
+        compile_program(lowered)
     return future
 
 

@@ -160,7 +160,7 @@ def precompile(
         _abstract(vae_state),
         jax.ShapeDtypeStruct((_decode_chunk(num_images, batch_size), *shape), jnp.float32),
     )
-    decoder = in_background(lambda: _decode.lower(*decoder_args).compile())
+    decoder = in_background(_decode.lower(*decoder_args).compile)
     return sampler, decoder
 
 
