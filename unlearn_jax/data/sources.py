@@ -3,11 +3,11 @@
 Where no images are given, x0 comes from θ0's own generations for the prompts
 (DDIM with guidance, `text_to_image.generate(..., return_latents=True)`); ESD
 trains on x_t taken from partial θ0 trajectories for the forget prompts. Both
-are generated once and cached in `<workdir>/cache/` as .npz files named by a
-hash of everything that produced them (model files, prompts, sampler
-settings, seed), so a resumed or repeated run reuses them and a changed
-setting can never pick up stale data. An image folder can replace the
-generations: its images are VAE-encoded (posterior mode) instead.
+are generated once and cached in `<workdir>/cache/` (see `cache`), so a
+resumed or repeated run reuses them and a changed setting can never pick up
+stale data. An image folder or a prepared TFDS split (read by
+`image_readers`) can replace the generations: its images are VAE-encoded
+(posterior mode) instead.
 
 Shapes: latents are NHWC, [N, h, w, C]; text embeddings [P, L, D].
 """
@@ -15,9 +15,6 @@ Shapes: latents are NHWC, [N, h, w, C]; text embeddings [P, L, D].
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,17 +24,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from unlearn_jax.data.cache import cache_key, load_or_build
+from unlearn_jax.data.image_readers import (
+    TFDS_PREFIX,
+    fit_image,
+    list_images,
+    load_image,
+    tfds_images,
+)
 from unlearn_jax.diffusion.ddim import DDIMPlan, ddim_plan, ddim_step
 from unlearn_jax.diffusion.sampler import ModelFn, guided_model_output, uses_guidance
 from unlearn_jax.diffusion.schedule import schedule_from_config
 from unlearn_jax.diffusion.text_to_image import generate, initial_noise, latent_shape, unet_model_fn
 from unlearn_jax.models.pipeline import StableDiffusion
-from unlearn_jax.models.weights import find_weight_files
-
-log = logging.getLogger(__name__)
-
-CACHE_VERSION = 1  # bump when the content of a cached array changes meaning
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 @dataclasses.dataclass
@@ -66,45 +65,6 @@ class Trajectories:
     x_t: np.ndarray
     timesteps: np.ndarray
     prompt_index: np.ndarray
-
-
-def model_identity(path: str | os.PathLike) -> dict:
-    """What identifies a model folder's content cheaply: its path and weight files' sizes/times."""
-    folder = Path(path).expanduser().absolute()
-    files = {}
-    for component in ("unet", "vae", "text_encoder"):
-        for f in find_weight_files(folder / component):
-            stat = f.stat()
-            files[f"{component}/{f.name}"] = [stat.st_size, stat.st_mtime_ns]
-    return {"path": str(folder), "files": files}
-
-
-def model_key(path: str | os.PathLike) -> dict | str:
-    """What identifies a model in cache keys: a folder's `model_identity`, or a hub id's name
-    (a hub snapshot is immutable)."""
-    return model_identity(path) if Path(path).expanduser().exists() else str(path)
-
-
-def cache_key(**fields) -> str:
-    """A short hex digest of the JSON of `fields` (sorted keys)."""
-    payload = json.dumps({"version": CACHE_VERSION, **fields}, sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def load_or_build(cache_dir: Path | None, name: str, key: str, build) -> dict[str, np.ndarray]:
-    """The arrays cached as `<cache_dir>/<name>-<key>.npz`, or `build()`, cached atomically."""
-    path = None if cache_dir is None else Path(cache_dir) / f"{name}-{key}.npz"
-    if path is not None and path.is_file():
-        with np.load(path) as data:
-            log.info("using cached %s from %s", name, path)
-            return {k: data[k] for k in data.files}
-    arrays = build()
-    if path is not None and jax.process_index() == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    return arrays
 
 
 def encode_prompt_set(pipe: StableDiffusion, prompts: Sequence[str], chunk: int = 64) -> np.ndarray:
@@ -274,99 +234,6 @@ def ddim_trajectories(
     return Trajectories(arrays["x_t"], np.asarray(plan.timesteps, np.int32), index)
 
 
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files of a folder (not recursive), sorted by name."""
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"image folder {folder} does not exist. Fix: point forget.images / retain.images "
-            "to a folder of .png/.jpg files, or leave it empty to use θ0's generations."
-        )
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise FileNotFoundError(f"image folder {folder} holds no {'/'.join(IMAGE_SUFFIXES)} files")
-    return files
-
-
-def _fit_image(image, height: int, width: int) -> np.ndarray:
-    """A PIL image as RGB [H, W, 3] float32 in [-1, 1]: center crop to the aspect ratio, resize."""
-    from PIL import Image
-
-    image = image.convert("RGB")
-    w, h = image.size
-    scale = min(w / width, h / height)
-    cw, ch = round(width * scale), round(height * scale)
-    left, top = (w - cw) // 2, (h - ch) // 2
-    image = image.crop((left, top, left + cw, top + ch)).resize((width, height), Image.BICUBIC)
-    return np.asarray(image, np.float32) / 127.5 - 1.0
-
-
-def _load_image(path: Path, height: int, width: int) -> np.ndarray:
-    """An image file as RGB [H, W, 3] float32 in [-1, 1] (see `_fit_image`)."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return _fit_image(image, height, width)
-
-
-TFDS_PREFIX = "tfds:"
-
-
-def tfds_images(spec: str, count: int, image_key: str = "image") -> tuple[list[np.ndarray], dict]:
-    """The first `count` images of a prepared TFDS split, in record order (never downloads).
-
-    Args:
-      spec: 'tfds:NAME[/CONFIG][:SPLIT]' (a dataset prepared under the TFDS data dir,
-        `TFDS_DATA_DIR` or ~/tensorflow_datasets) or 'tfds:DIR[:SPLIT]' (a prepared
-        dataset's version folder, e.g. .../unlearn_jax_world/small/1.0.0). SPLIT
-        defaults to 'train'.
-      count: how many examples; fewer in the split is an error.
-    Returns:
-      (uint8 [H, W, 3] arrays, what identifies them for the cache).
-    """
-    try:
-        import tensorflow_datasets as tfds
-    except ImportError as e:
-        raise ImportError(
-            f"{spec!r} needs tensorflow-datasets: pip install 'unlearn_jax[tfds]', or give a "
-            "folder of image files instead."
-        ) from e
-    name, _, split = spec[len(TFDS_PREFIX) :].partition(":")
-    split = split or "train"
-    if name.startswith("unlearn_jax_world"):
-        from unlearn_jax.data.world_tfds import builder_class
-
-        builder_class()  # registers the embedded world's builder with TFDS
-    try:
-        if Path(name).expanduser().is_dir():
-            builder = tfds.builder_from_directory(str(Path(name).expanduser()))
-        else:
-            builder = tfds.builder(name)
-        if split not in builder.info.splits:
-            known = ", ".join(builder.info.splits)
-            raise ValueError(f"{spec!r}: no split {split!r}; the dataset has {known}")
-        available = builder.info.splits[split].num_examples
-        if available < count:
-            raise ValueError(
-                f"{spec!r} holds {available} examples in {split!r}, {count} are needed "
-                "(prompts x images_per_prompt). Fix: lower images_per_prompt or use a bigger split."
-            )
-        if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:  # random access
-            source = builder.as_data_source(split=split)
-            images = [np.asarray(source[k][image_key]) for k in range(count)]
-        else:  # tfrecord: read in order
-            dataset = builder.as_dataset(split=f"{split}[:{count}]", shuffle_files=False)
-            images = [np.asarray(example[image_key]) for example in tfds.as_numpy(dataset)]
-    except (tfds.core.registered.DatasetNotFoundError, AssertionError) as e:
-        raise FileNotFoundError(
-            f"{spec!r} is not a prepared TFDS dataset ({e}). Fix: prepare it first "
-            "(builder.download_and_prepare() on a machine that can), or give its version folder "
-            "as tfds:DIR[:SPLIT]."
-        ) from e
-    identity = {"dataset": builder.info.full_name, "split": split, "count": count}
-    return images, identity
-
-
 @nnx.jit
 def _encode_images(vae, images: jax.Array) -> jax.Array:
     return vae.encode(images).mode().astype(jnp.float32) * vae.scaling_factor
@@ -401,7 +268,7 @@ def folder_latents(
         count = len(arrays)
 
         def load(k: int) -> np.ndarray:
-            return _fit_image(Image.fromarray(arrays[k]), *size)
+            return fit_image(Image.fromarray(arrays[k]), *size)
 
     else:
         files = list_images(folder)
@@ -409,7 +276,7 @@ def folder_latents(
         count = len(files)
 
         def load(k: int) -> np.ndarray:
-            return _load_image(files[k], *size)
+            return load_image(files[k], *size)
 
     key = cache_key(kind="images", model=model_id or str(pipe.source), files=identity, size=size)
 

@@ -112,11 +112,11 @@ class Evaluator:
     def original_images(self, which: str) -> np.ndarray:
         """θ0's evaluation images of the 'retain' or 'forget' prompts, sampled once, cached."""
         if which not in self._original_images:
-            from unlearn_jax.data import sources
+            from unlearn_jax.data.cache import cache_key, load_or_build, model_key
 
             cfg, prompts = self.config.eval, getattr(self, f"{which}_prompts")
-            key = sources.cache_key(
-                model=sources.model_key(self.config.model.path),
+            key = cache_key(
+                model=model_key(self.config.model.path),
                 dtype=str(self.pipe.unet.dtype),
                 variant=self.config.model.get("variant"),
                 prompts=prompts,
@@ -128,7 +128,7 @@ class Evaluator:
                 seed=cfg.seed,
                 sampler="ddim",
             )
-            arrays = sources.load_or_build(
+            arrays = load_or_build(
                 self.cache_dir,
                 f"eval-original-{which}",
                 key,

@@ -24,6 +24,7 @@ from flax import nnx
 
 from unlearn_jax.data import prompts as prompt_sets
 from unlearn_jax.data import sources
+from unlearn_jax.data.cache import model_key
 from unlearn_jax.diffusion.schedule import schedule_from_config
 from unlearn_jax.models.pipeline import StableDiffusion, load_pipeline
 from unlearn_jax.models.unet import UNet2DConditionModel
@@ -304,7 +305,7 @@ def build_data(
     When the text encoder trains, the prompts' token ids take the embeddings' place
     (the model encodes them itself, see `text_encoder`).
     """
-    model_id = sources.model_key(config.model.path)
+    model_id = model_key(config.model.path)
     preset = spec.preset
     if spec.text_encoder is None:
         embed = lambda prompts: sources.encode_prompt_set(pipe, prompts)
