@@ -128,19 +128,22 @@ def _load_while_compiling(folder: Path, args: argparse.Namespace, num_images: in
     from unlearn_jax.models.pipeline import read_structure
 
     structure = read_structure(folder, dtype=_dtype(args))
-    text_to_image.precompile(
-        structure,
-        num_images,
+    text_to_image.precompile(structure, num_images, **_sampler_settings(args, mesh))
+    return _load(folder, args, structure)
+
+
+def _sampler_settings(args: argparse.Namespace, mesh) -> dict:
+    """What `generate` and `precompile` must agree on for the compiled programs to be reused."""
+    return dict(
         steps=args.steps,
         guidance=args.guidance,
         height=args.height,
         width=args.width,
         batch_size=args.batch_size,
-        eta=getattr(args, "eta", 0.0),
-        mesh=mesh,
+        eta=getattr(args, "eta", 0.0),  # integrity samples deterministically
         scheduler=args.scheduler,
+        mesh=mesh,
     )
-    return _load(folder, args, structure)
 
 
 def _replica_bytes(folder: Path) -> int:
@@ -197,16 +200,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
         pipe,
         prompts,
         num_images_per_prompt=args.num_images_per_prompt,
-        steps=args.steps,
-        guidance=args.guidance,
-        height=args.height,
-        width=args.width,
         seed=args.seed,
         latents=latents,
-        batch_size=args.batch_size,
-        eta=args.eta,
-        scheduler=args.scheduler,
-        mesh=mesh,
+        **_sampler_settings(args, mesh),
     )
     np.savez(
         args.out / "images.npz",
@@ -240,16 +236,10 @@ def cmd_integrity(args: argparse.Namespace) -> None:
         nnx.state(unlearned.unet),
         prompts,
         seeds=args.seeds,
-        steps=args.steps,
-        guidance=args.guidance,
-        height=args.height,
-        width=args.width,
         seed=args.seed,
-        batch_size=args.batch_size,
         lpips_net=args.lpips_net,
         unlearned_pipe=unlearned,
-        scheduler=args.scheduler,
-        mesh=mesh,
+        **{k: v for k, v in _sampler_settings(args, mesh).items() if k != "eta"},
     )
     write_integrity_report(result, args.out)
     summary = {k: result.to_json()[k] for k in ("integrity_lpips", "ci95", "psnr", "ssim")}
