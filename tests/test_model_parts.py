@@ -62,3 +62,14 @@ def test_abstract_module_matches_eval_shape_with_real_rngs(tiny_folder, cls, com
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert isinstance(a, jax.ShapeDtypeStruct)
         assert (a.shape, a.dtype) == (b.shape, b.dtype)
+
+
+def test_accelerator_attention_traces_the_fused_path_on_cpu():
+    q = jnp.ones((2, 16, 2, 8))
+    traced = lambda: str(
+        jax.make_jaxpr(lambda x: attention.dot_product_attention(x, x, x, scale=1.0))(q)
+    )
+    assert jax.default_backend() == "cpu" and "while" in traced()  # the per-head loop
+    with attention.accelerator_attention():
+        assert "while" not in traced()  # what GPU/TPU run, e.g. for the planner
+    assert "while" in traced()

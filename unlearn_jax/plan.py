@@ -328,8 +328,11 @@ def loops_other_than_rng(compiled) -> int:
 
 
 def _compile(jitted, *args) -> tuple[Any, float]:
+    from unlearn_jax.models.attention import accelerator_attention
+
     start = time.perf_counter()
-    compiled = jitted.lower(*args).compile()
+    with accelerator_attention():  # the GPU/TPU program, even when planned on CPU
+        compiled = jitted.lower(*args).compile()
     return compiled, time.perf_counter() - start
 
 

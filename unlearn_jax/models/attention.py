@@ -14,8 +14,29 @@ float32, probabilities cast to the value dtype.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import jax
 import jax.numpy as jnp
+
+_accelerator_path = contextvars.ContextVar("accelerator_attention", default=False)
+
+
+@contextlib.contextmanager
+def accelerator_attention() -> Iterator[None]:
+    """Within: trace `jax.nn.dot_product_attention` whatever the default backend.
+
+    For programs traced on CPU but meant for GPU/TPU (the planner compiles
+    the accelerators' program on CPU to count its FLOPs and memory; XLA
+    counts a `lax.map` body once, not once per iteration).
+    """
+    token = _accelerator_path.set(True)
+    try:
+        yield
+    finally:
+        _accelerator_path.reset(token)
 
 
 def _attend_one(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
@@ -46,8 +67,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: fl
 
     Returns:
       [B, Tq, H, Dv] in v's dtype. The implementation depends on the default
-      backend at trace time (see module docstring); both compute the same function.
+      backend at trace time (see module docstring) unless `accelerator_attention`
+      is active; both compute the same function.
     """
-    if jax.default_backend() == "cpu":
+    if jax.default_backend() == "cpu" and not _accelerator_path.get():
         return per_head_attention(q, k, v, scale=scale)
     return jax.nn.dot_product_attention(q, k, v, scale=scale)
