@@ -69,7 +69,7 @@ def test_accelerator_attention_traces_the_fused_path_on_cpu():
     traced = lambda: str(
         jax.make_jaxpr(lambda x: attention.dot_product_attention(x, x, x, scale=1.0))(q)
     )
-    assert jax.default_backend() == "cpu" and "while" in traced()  # the per-head loop
+    assert jax.default_backend() == "cpu" and "scan" in traced()  # the per-head loop
     with attention.accelerator_attention():
-        assert "while" not in traced()  # what GPU/TPU run, e.g. for the planner
-    assert "while" in traced()
+        assert "scan" not in traced()  # what GPU/TPU run, e.g. for the planner
+    assert "scan" in traced()
