@@ -163,7 +163,7 @@ def precompile_chunks(
     Returns:
       A future that is done when the program is compiled (or holds the error).
     """
-    mesh = mesh if mesh is not None else data_mesh(jax.devices()[:1])
+    mesh = mesh if mesh is not None else data_mesh(jax.local_devices()[:1])
     use_guidance, key, uncond = checked_options(
         plan,
         guidance_scale,
@@ -241,7 +241,7 @@ def sample_in_chunks(
       guidance_scale, eta, key: as in `sampler.sample`; example i uses noise
         stream i, so the result equals one `sample` over all N examples.
       mesh: mesh with a 'data' axis (e.g. `data_mesh()` for all devices);
-        default: the first device alone.
+        default: this process's first device alone.
       progress: show a tqdm progress bar over examples.
 
     Returns:
@@ -252,7 +252,7 @@ def sample_in_chunks(
         raise ValueError(f"{total} latents but {cond_context.shape[0]} cond embeddings")
     if total == 0:
         return np.zeros(latents.shape, np.float32)
-    mesh = mesh if mesh is not None else data_mesh(jax.devices()[:1])
+    mesh = mesh if mesh is not None else data_mesh(jax.local_devices()[:1])
     use_guidance, key, uncond_context = checked_options(
         plan, guidance_scale, eta, key, uncond_context
     )
