@@ -1,6 +1,9 @@
 """Shared model parts: CPU attention path and shape-only module construction."""
 
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +19,10 @@ from unlearn_jax.models.unet import UNet2DConditionModel
 from unlearn_jax.models.vae import AutoencoderKL
 
 
+@pytest.mark.parametrize("block_bytes", [attention.BLOCK_BYTES, 4 * 3 * 77 * 16])
 @pytest.mark.parametrize("tq,tk", [(64, 64), (64, 77)])
-def test_per_head_attention_equals_jax_attention(tq, tk):
+def test_per_head_attention_equals_jax_attention(tq, tk, block_bytes, monkeypatch):
+    monkeypatch.setattr(attention, "BLOCK_BYTES", block_bytes)  # small: 4 query blocks
     keys = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(keys[0], (3, tq, 4, 8))
     k = jax.random.normal(keys[1], (3, tk, 4, 8))
@@ -32,6 +37,48 @@ def test_per_head_attention_equals_jax_attention(tq, tk):
         jax.grad(loss(jax.nn.dot_product_attention))(q),
         atol=2e-5,
     )
+
+
+def test_query_blocks_divide_the_queries_and_fit_the_budget():
+    assert attention.query_block(2, 4096, 4096) == 128  # 2 x 128 x 4096 x 4 bytes = 4 MiB
+    assert attention.query_block(1, 256, 77) == 256  # one block: the whole head fits
+    block = attention.query_block(7, 2304, 2304)  # 48x48 latents
+    assert 2304 % block == 0 and 4 * 7 * block * 2304 <= attention.BLOCK_BYTES
+    assert attention.query_block(10**6, 97, 10**6) == 1  # nothing fits: one query at a time
+
+
+# The CPU attention under a jit whose batch is sharded over 2 CPU devices.
+SHARDED_ATTENTION = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from unlearn_jax.models import attention
+q = jax.random.normal(jax.random.key(0), (4, 256, 4, 8))
+rows = NamedSharding(Mesh(np.asarray(jax.devices()), ("data",)), P("data"))
+fn = jax.jit(lambda x: attention.dot_product_attention(x, x, x, scale=0.3), out_shardings=rows)
+compiled = fn.lower(jax.device_put(q, rows)).compile()
+hlo = compiled.as_text()
+for op in ("all-gather", "all-reduce", "all-to-all", "collective-permute"):
+    assert op not in hlo, op
+got = compiled(jax.device_put(q, rows))
+np.testing.assert_allclose(got, jax.nn.dot_product_attention(q, q, q, scale=0.3), atol=2e-6)
+print("ok", len(got.sharding.device_set))
+"""
+
+
+def test_cpu_attention_keeps_each_device_on_its_own_rows():
+    """No collective in a batch-sharded program: each device attends over its own examples.
+
+    A loop over the sharded batch axis would make XLA gather every example onto
+    every device and compute all of them there (2 CPU devices then sampled 1.5x
+    slower than they should).
+    """
+    env = {k: v for k, v in os.environ.items() if k != "UNLEARN_JAX_CPU_DEVICES"}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    result = subprocess.run(
+        [sys.executable, "-c", SHARDED_ATTENTION], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["ok", "2"]
 
 
 def test_per_head_attention_bfloat16_keeps_float32_softmax():

@@ -4,12 +4,21 @@ On GPU and TPU this is `jax.nn.dot_product_attention` (XLA fuses it, cuDNN can
 take it over). On CPU, XLA materialises the whole [batch, heads, q, k] logits
 tensor and streams it through memory three times (logits, softmax, weighted
 sum); for SD's 16x16..64x64 latents that tensor outgrows the caches and
-attention alone took ~60% of a tiny UNet's forward pass. Looping over the
-(example, head) pairs with `lax.map` keeps each [q, k] block in cache: the
-whole UNet forward runs ~1.6x faster on one core (see the README's speed
-section), and peak memory falls by the factor batch x heads. The arithmetic
-is the same in both paths: logits accumulated in float32, scaled, softmax in
-float32, probabilities cast to the value dtype.
+attention alone took ~60% of a tiny UNet's forward pass. The CPU path loops
+(`lax.map`) over heads and, when a head's logits would exceed
+`BLOCK_BYTES`, over blocks of queries, with the batch axis kept whole in
+each iteration: the UNet forward runs ~1.5x faster on one core than with
+the fused form (see the README's speed section), and peak memory is bounded.
+
+The loop never runs over the batch axis, because that is the axis sharded
+over devices: XLA cannot split a loop over a sharded axis, so it gathers the
+whole batch onto every device and each device computes attention for all
+examples. (An earlier loop over (example, head) pairs did exactly that, and
+made sampling on 2 CPU devices 1.5x slower than it should be.) Iterating over
+heads and query blocks keeps every device on its own rows.
+
+The arithmetic is the same in both paths: logits accumulated in float32,
+scaled, softmax in float32, probabilities cast to the value dtype.
 """
 
 from __future__ import annotations
@@ -39,21 +48,42 @@ def accelerator_attention() -> Iterator[None]:
         _accelerator_path.reset(token)
 
 
-def _attend_one(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
-    """One (example, head): q [Tq,D], k [Tk,D], v [Tk,Dv] -> [Tq,Dv]."""
-    logits = jnp.einsum("qd,kd->qk", q, k, preferred_element_type=jnp.float32)
+# Logits of one loop iteration (batch x query block x keys, float32) stay under
+# this: about an L2 cache's worth, and a bound on attention's temporary memory.
+BLOCK_BYTES = 4 * 2**20
+
+
+def query_block(batch: int, queries: int, keys: int) -> int:
+    """Queries per loop iteration: the largest divisor of `queries` within `BLOCK_BYTES`."""
+    fits = max(1, BLOCK_BYTES // (4 * batch * keys))
+    return max(d for d in range(1, min(fits, queries) + 1) if queries % d == 0)
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+    """One head, one query block: q [B,Tq,D], k [B,Tk,D], v [B,Tk,Dv] -> [B,Tq,Dv]."""
+    logits = jnp.einsum("bqd,bkd->bqk", q, k, preferred_element_type=jnp.float32)
     probs = jax.nn.softmax(logits * jnp.float32(scale), axis=-1).astype(v.dtype)
-    return jnp.einsum("qk,kd->qd", probs, v)
+    return jnp.einsum("bqk,bkd->bqd", probs, v)
 
 
 def per_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float) -> jax.Array:
-    """Attention as a `lax.map` over (example, head) pairs; layout as `dot_product_attention`."""
-    batch, length, heads, _ = q.shape
-    heads_first = lambda t: jnp.swapaxes(t, 1, 2).reshape(batch * heads, t.shape[1], t.shape[3])
-    out = jax.lax.map(
-        lambda qkv: _attend_one(*qkv, scale), (heads_first(q), heads_first(k), heads_first(v))
-    )
-    return jnp.swapaxes(out.reshape(batch, heads, length, v.shape[-1]), 1, 2)
+    """Attention as a `lax.map` over heads (and query blocks); layout as `dot_product_attention`."""
+    batch, length, heads, depth = q.shape
+    block = query_block(batch, length, k.shape[1])
+    blocks = length // block
+    # [heads, blocks, batch, block, depth]: the loops' axes lead, the batch stays whole.
+    q_blocks = q.reshape(batch, blocks, block, heads, depth).transpose(3, 1, 0, 2, 4)
+    heads_first = lambda t: jnp.moveaxis(t, 2, 0)
+
+    def one_head(qkv):
+        q_head, k_head, v_head = qkv
+        if blocks == 1:
+            return _attend(q_head[0], k_head, v_head, scale)[None]
+        return jax.lax.map(lambda q_block: _attend(q_block, k_head, v_head, scale), q_head)
+
+    out = jax.lax.map(one_head, (q_blocks, heads_first(k), heads_first(v)))
+    # [heads, blocks, batch, block, Dv] -> [batch, length, heads, Dv]
+    return out.transpose(2, 1, 3, 0, 4).reshape(batch, length, heads, v.shape[-1])
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float) -> jax.Array:
