@@ -29,8 +29,7 @@ exactly those, and the losses and gradient norms of both are compared
 
 Each framework runs in its own subprocess (the pattern of `sampling.py`), so
 its peak RSS is its own: the high-water mark (VmHWM; `getrusage` where there
-is no /proc) in total and its growth after the imports (see
-`process_stats.PeakMemory`);
+is no /proc) in total and its growth after the imports (see `PeakMemory`);
 on GPUs also `torch.cuda.max_memory_allocated` and JAX's device
 `peak_bytes_in_use`. `--threads N` pins both subprocesses to the same N cores
 (CPU affinity, which XLA's thread pools follow) and sets torch's threads to N.
@@ -46,10 +45,6 @@ Measured on the tiny default (batch 4 per term, float32) on this project's
 7e-7; our compile 110 s and peak RSS 3.3 GiB against torch's 0.64 GiB. At the
 default `--threads 2` on the busy machine torch's OpenMP threads spin (14.6
 s/step, "9.8x" for ours): a number about the machine, not the frameworks.
-
-This module is the parent (inputs, the two workers, the cross-check, the table);
-the JAX worker is `train_step_jax`, the PyTorch inputs and reference step are
-`train_step_torch`, and both workers measure themselves with `process_stats`.
 """
 
 from __future__ import annotations
@@ -57,27 +52,531 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
-from unlearn_jax.benchmarks.process_stats import pin_threads
-from unlearn_jax.benchmarks.sampling import _children_cpu_s, _cores, _subprocess_env, _table
-from unlearn_jax.benchmarks.train_step_jax import run_ours
-from unlearn_jax.benchmarks.train_step_torch import (
-    TORCH_FORGET,
-    TORCH_RETAIN,
-    prepare_inputs,
-    run_torch,
+import numpy as np
+
+from unlearn_jax.benchmarks.sampling import (
+    _children_cpu_s,
+    _cores,
+    _jax_compile_seconds,
+    _subprocess_env,
+    _table,
 )
 
+PERTURBATION = 0.05  # θ = θ0 + 0.05 rms(p) N(0, 1) on every trainable leaf
 LOSS_RTOL = {"float32": 1e-4, "bfloat16": 5e-2}
 GRAD_RTOL = {"float32": 1e-3, "bfloat16": 1e-1}
+# The torch reference implements these terms and combiners (saliency: no).
+TORCH_FORGET = ("neggrad", "remap", "noise", "esd")
+TORCH_RETAIN = (None, "retain_dm", "retain_distill")
 LOSS_KEYS = ("forget/loss", "retain/loss", "retain/mse_cond", "retain/mse_uncond")
 GRAD_KEYS = ("grad/forget_norm", "grad/retain_norm", "grad/norm")
 OPTIM = {"name": "adam", "lr": 1e-5, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "grad_clip": 1.0}
+
+
+def _proc_status_mb(field: str) -> float | None:
+    """A memory line of /proc/self/status ('VmRSS', 'VmHWM') in MiB; None where there is none."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+class PeakMemory:
+    """This process's peak RSS, in total and since `mark()` (e.g. after the imports).
+
+    Linux: VmHWM, reset at `mark()` through /proc/self/clear_refs. Not
+    `getrusage`'s ru_maxrss: across fork + exec it keeps the parent's high-water
+    mark, so a child of a large parent reports the parent's peak. Elsewhere
+    ru_maxrss is the fallback (growth is then a getrusage delta, 0 when the
+    peak came before `mark()`).
+    """
+
+    def __init__(self):
+        self.before_mark = self.base = 0.0
+
+    @staticmethod
+    def _peak() -> float:
+        peak = _proc_status_mb("VmHWM")
+        if peak is not None:
+            return peak
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return kib / 1024 if sys.platform != "darwin" else kib / 2**20  # macOS: bytes
+
+    def mark(self) -> None:
+        self.before_mark = self._peak()
+        self.base = _proc_status_mb("VmRSS") or self.before_mark
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # VmHWM := VmRSS
+        except OSError:
+            pass
+
+    def report(self) -> dict[str, float]:
+        """{'peak_rss_mb', 'rss_after_imports_mb', 'rss_growth_mb' (peak since mark - base)}."""
+        since = self._peak()
+        return {
+            "peak_rss_mb": max(self.before_mark, since),
+            "rss_after_imports_mb": self.base,
+            "rss_growth_mb": max(since - self.base, 0.0),
+        }
+
+
+def _pin_threads(threads: int) -> None:
+    """Restricts this process to `threads` cores; call before JAX or torch start threads."""
+    if threads and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:threads])
+
+
+def _timed_loop(step, warmup: int, steps: int, sync) -> dict:
+    """Runs `step()` warmup + steps times; wall and CPU seconds of the last `steps`."""
+    for _ in range(warmup):
+        step()
+    sync()
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        step()
+    sync()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"wall_s": wall, "cpu_s": cpu, "steps_per_s": steps / wall}
+
+
+# ---------------------------------------------------------------------------
+# Inputs (parent process): batch, contexts, the perturbed starting UNet
+# ---------------------------------------------------------------------------
+
+
+def prepare_inputs(folder: Path, spec: dict, workdir: Path) -> None:
+    """Writes workdir/inputs.npz (NCHW latents, contexts) and workdir/start_unet/ (θ)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from unlearn_jax.benchmarks.tiny_model import caption_prompts, quiet_hf_logging
+
+    quiet_hf_logging()
+    b = spec["batch_size"]
+    tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
+    encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder")).eval()
+
+    def embed(prompts: list[str]) -> np.ndarray:
+        ids = tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt")
+        with torch.no_grad():
+            return encoder(ids.input_ids).last_hidden_state.float().numpy()
+
+    prompts = caption_prompts(2 * b)
+    unet = UNet2DConditionModel.from_pretrained(str(folder / "unet")).float()
+    cfg = unet.config
+    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    num_timesteps = scheduler.get("num_train_timesteps", 1000)
+    rng = np.random.default_rng(spec["seed"])
+    latent = (b, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    arrays = {
+        "forget_x0": rng.standard_normal(latent, dtype=np.float32),
+        "forget_context": embed(prompts[:b]),
+        "retain_x0": rng.standard_normal(latent, dtype=np.float32),
+        "retain_context": embed(prompts[b:]),
+        "empty_context": embed([""]),  # anchor c_a (forget.anchor's default) and ∅
+        # ESD's x_t and t come from θ0's trajectories in a real run; any values time the same.
+        "esd_x_t": rng.standard_normal(latent, dtype=np.float32),
+        "esd_t": rng.integers(0, num_timesteps, b).astype(np.int32),
+    }
+    np.savez(workdir / "inputs.npz", **arrays)
+    gen = torch.Generator().manual_seed(spec["seed"])
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if _torch_trainable(name, spec["params"]):
+                rms = p.pow(2).mean().sqrt()
+                p.add_(PERTURBATION * rms * torch.randn(p.shape, generator=gen))
+    unet.save_pretrained(str(workdir / "start_unet"), safe_serialization=True)
+
+
+def _torch_trainable(name: str, group: str) -> bool:
+    """registry.trainable_mask's groups on a diffusers parameter name (no JAX import)."""
+    if group == "full":
+        return True
+    in_xattn = "attn2" in name.split(".")
+    if group in ("xattn", "noxattn"):
+        return in_xattn == (group == "xattn")
+    raise ValueError(f"the torch reference supports params full|xattn|noxattn, not {group!r}")
+
+
+# ---------------------------------------------------------------------------
+# Ours (subprocess): the trainer's step
+# ---------------------------------------------------------------------------
+
+
+def _step_draws(train_key, step: int, batch: dict, model) -> dict[str, np.ndarray]:
+    """The t and eps (NCHW) the terms of `step` draw, re-derived as train_step/step.py do."""
+    import jax
+
+    from unlearn_jax.unlearn.denoising import (
+        TARGET_NOISE_STREAM,
+        sample_timesteps_and_noise,
+    )
+    from unlearn_jax.unlearn.step import FORGET_STREAM, RETAIN_STREAM
+
+    micro = jax.random.fold_in(jax.random.fold_in(train_key, step), 0)  # one micro-step
+    draws = {}
+    for part, stream in (("forget", FORGET_STREAM), ("retain", RETAIN_STREAM)):
+        if "x0" not in batch.get(part, {}):
+            continue
+        rng = jax.random.fold_in(micro, stream)
+        x0 = batch[part]["x0"][0]
+        t, eps = sample_timesteps_and_noise(rng, x0, model.num_timesteps)
+        noise = jax.random.normal(jax.random.fold_in(rng, TARGET_NOISE_STREAM), x0.shape)
+        for key, value in (("t", t), ("eps", eps), ("target_noise", noise)):
+            value = np.asarray(value)
+            draws[f"{part}_{key}"] = value.transpose(0, 3, 1, 2) if value.ndim == 4 else value
+    return draws
+
+
+def run_ours(spec: dict, workdir: Path) -> dict:
+    """Loads, compiles and times our step; returns timings, memory and the step-0 metrics."""
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+    from flax import nnx
+
+    from unlearn_jax.models import convert, weights
+    from unlearn_jax.models.unet import UNet2DConditionModel
+    from unlearn_jax.unlearn import experiment, registry
+    from unlearn_jax.unlearn.state import init_state, make_optimizer
+    from unlearn_jax.unlearn.train_step import make_train_step
+
+    memory = PeakMemory()
+    memory.mark()
+    if spec["compilation_cache"]:
+        jax.config.update("jax_compilation_cache_dir", spec["compilation_cache"])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    t0 = time.perf_counter()
+    preset = registry.get_preset(spec["method"])
+    config = ml_collections.ConfigDict(
+        {
+            "model": {"path": spec["model"], "variant": None, "allow_pickle": False},
+            "train": {"dtype": spec["dtype"], "remat": spec["remat"]},
+        }
+    )
+    run = experiment.RunSpec(preset, preset.params, preset.hparams, [], [], [], [], "", {})
+    model = experiment.load_model(config, run)
+    # θ: the perturbed UNet the parent wrote, in θ0's structure (float32 parameters).
+    tensors, _ = weights.read_component_weights(workdir / "start_unet")
+    unet = nnx.eval_shape(
+        lambda: UNet2DConditionModel(dict(model.pipe.unet.config), rngs=nnx.Rngs(0))
+    )
+    convert.load_torch_state(unet, tensors, source="start_unet", dtype=jnp.float32)
+    start_params = nnx.split(unet)[1].to_pure_dict()
+    optimizer = make_optimizer(ml_collections.ConfigDict(OPTIM))
+    state = init_state(model.split.select(start_params), model.split, optimizer)
+    frozen = jax.device_put(model.theta0)
+    # On the device once, like torch's tensors: the step, not the host transfer, is timed.
+    batch = jax.device_put(_our_batch(preset, np.load(workdir / "inputs.npz")))
+    train_key = jax.random.fold_in(jax.random.key(spec["seed"]), experiment.TRAIN_STREAM)
+    loaded = time.perf_counter()
+
+    step_fn = make_train_step(model.diffusion, preset, preset.hparams, optimizer, model.split)
+    jitted = jax.jit(step_fn, donate_argnums=(0,))
+    c0 = time.perf_counter()
+    compiled, jax_compile_s = _jax_compile_seconds(
+        lambda: jitted.lower(state, frozen, batch, train_key).compile()
+    )
+    compile_s = time.perf_counter() - c0
+    compile_peak = PeakMemory._peak()  # XLA's own memory while compiling shows up here
+    draws = _step_draws(train_key, 0, batch, model.diffusion)
+    np.savez(workdir / "draws.npz", **draws)
+    holder = {"state": state}
+
+    def step():
+        holder["state"], holder["metrics"] = compiled(holder["state"], frozen, batch, train_key)
+
+    sync = lambda: jax.block_until_ready(holder["state"])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+        f0 = time.perf_counter()
+        step()
+        sync()
+        first_s = time.perf_counter() - f0
+        metrics = {k: float(v) for k, v in jax.device_get(holder["metrics"]).items()}
+        timing = _timed_loop(step, spec["warmup"], spec["steps"], sync)
+    stats = jax.devices()[0].memory_stats() or {}
+    return {
+        **timing,
+        "load_s": loaded - t0,
+        "compile_s": compile_s,
+        "jax_compile_s": jax_compile_s,
+        "first_step_s": first_s,
+        "trainable_parameters": model.split.size,
+        **memory.report(),
+        "peak_rss_through_compile_mb": compile_peak,
+        "device_peak_mb": stats.get("peak_bytes_in_use", 0) / 2**20 or None,
+        "backend": jax.default_backend(),
+        "step0": metrics,
+    }
+
+
+def _our_batch(preset, inputs) -> dict:
+    """The trainer's batch: per-example arrays [1 micro-step, B, ...] (NHWC), shared [1,L,D]."""
+    from unlearn_jax.unlearn.batches import SHARED_KEYS
+    from unlearn_jax.unlearn.registry import BATCH_KEYS
+
+    nhwc = lambda x: x.transpose(0, 2, 3, 1)
+    values = {
+        "forget": {
+            "x0": nhwc(inputs["forget_x0"]),
+            "x_t": nhwc(inputs["esd_x_t"]),
+            "t": inputs["esd_t"],
+            "context": inputs["forget_context"],
+        },
+        "retain": {"x0": nhwc(inputs["retain_x0"]), "context": inputs["retain_context"]},
+    }
+    for part in values.values():
+        part.update(anchor_context=inputs["empty_context"], uncond_context=inputs["empty_context"])
+    terms = {"forget": preset.forget, "retain": preset.retain}
+    return {
+        part: {
+            k: values[part][k] if k in SHARED_KEYS else values[part][k][None]
+            for k in BATCH_KEYS[term]
+        }
+        for part, term in terms.items()
+        if term is not None and BATCH_KEYS[term]
+    }
+
+
+# ---------------------------------------------------------------------------
+# PyTorch reference (subprocess): the same terms, combiner and optimizer
+# ---------------------------------------------------------------------------
+
+
+class TorchReference:
+    """The preset's loss on a trainable diffusers UNet and a frozen copy, term for term.
+
+    Mirrors forget.py / retain.py / registry.COMBINERS: the same targets, the
+    same stop-gradients (here: the frozen copy runs under no_grad, a 'current'
+    remap target is detached) and, like ours, one UNet call over both
+    contexts where ours makes one.
+    """
+
+    def __init__(self, spec, student, frozen, scheduler, data, params):
+        import torch
+
+        self.torch, self.spec, self.hp = torch, spec, spec["hparams"]
+        self.student, self.frozen, self.scheduler, self.data = student, frozen, scheduler, data
+        self.params = params
+        self.num_timesteps = scheduler.config.num_train_timesteps
+        self.generator = torch.Generator(student.device).manual_seed(spec["seed"])
+        self.bf16 = spec["dtype"] == "bfloat16"
+
+    def _autocast(self):
+        import contextlib
+
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return self.torch.autocast(self.student.device.type, dtype=self.torch.bfloat16)
+
+    def _mse(self, a, b):
+        return self.torch.nn.functional.mse_loss(a.float(), b.float())
+
+    def _apply(self, unet, x_t, t, context):
+        return unet(x_t, t, encoder_hidden_states=context).sample
+
+    def _two_contexts(self, unet, x_t, t, context_a, context_b):
+        cat = self.torch.cat
+        context_b = context_b.expand_as(context_a)
+        out = self._apply(unet, cat([x_t, x_t]), cat([t, t]), cat([context_a, context_b]))
+        return out.chunk(2)
+
+    def _draws(self, part: str, draws: dict | None):
+        x0 = self.data[f"{part}_x0"]
+        if draws is not None:  # ours' exact t and eps (cross-check)
+            t, eps = draws[f"{part}_t"].long(), draws[f"{part}_eps"]
+        else:
+            t = self.torch.randint(
+                0, self.num_timesteps, (x0.shape[0],), generator=self.generator, device=x0.device
+            )
+            eps = self.torch.randn(x0.shape, generator=self.generator, device=x0.device)
+        return x0, t, eps, self.scheduler.add_noise(x0, eps, t)
+
+    def _target(self, x0, eps, t):
+        if self.scheduler.config.prediction_type == "epsilon":
+            return eps
+        return self.scheduler.get_velocity(x0, eps, t)
+
+    def forget_loss(self, draws=None):
+        """(loss, aux) of the preset's forget term."""
+        term, d = self.spec["forget"], self.data
+        context, empty = d["forget_context"], d["empty_context"]
+        if term == "esd":
+            x_t, t = d["esd_x_t"], d["esd_t"].long()
+            with self.torch.no_grad():
+                cond, uncond = self._two_contexts(self.frozen, x_t, t, context, empty)
+                target = uncond.float() - self.hp["eta"] * (cond.float() - uncond.float())
+            mse = self._mse(self._apply(self.student, x_t, t, context), target)
+            return mse, {"mse": mse}
+        x0, t, eps, x_t = self._draws("forget", draws)
+        if term == "remap":
+            if self.hp["target_model"] == "current":
+                prediction, anchored = self._two_contexts(self.student, x_t, t, context, empty)
+                anchored = anchored.detach()
+            else:
+                prediction = self._apply(self.student, x_t, t, context)
+                with self.torch.no_grad():
+                    anchored = self._apply(self.frozen, x_t, t, empty.expand_as(context))
+            mse = self._mse(prediction, anchored)
+            return mse, {"mse": mse}
+        if term == "noise":
+            if draws is not None:
+                noise = draws["forget_target_noise"]
+            else:
+                noise = self.torch.randn(x0.shape, generator=self.generator, device=x0.device)
+            target = self._target(x0, noise, t)
+        else:  # neggrad
+            target = self._target(x0, eps, t)
+        mse = self._mse(self._apply(self.student, x_t, t, context), target)
+        return (-mse if term == "neggrad" else mse), {"mse": mse}
+
+    def retain_loss(self, draws=None):
+        """(loss, aux) of the preset's retain term."""
+        x0, t, eps, x_t = self._draws("retain", draws)
+        context, empty = self.data["retain_context"], self.data["empty_context"]
+        if self.spec["retain"] == "retain_dm":
+            mse = self._mse(self._apply(self.student, x_t, t, context), self._target(x0, eps, t))
+            return mse, {"mse": mse}
+        student_cond, student_uncond = self._two_contexts(self.student, x_t, t, context, empty)
+        with self.torch.no_grad():
+            teacher_cond, teacher_uncond = self._two_contexts(self.frozen, x_t, t, context, empty)
+        mse_cond = self._mse(student_cond, teacher_cond)
+        mse_uncond = self._mse(student_uncond, teacher_uncond)
+        loss = mse_cond + self.hp["uncond_weight"] * mse_uncond
+        return loss, {"mse_cond": mse_cond, "mse_uncond": mse_uncond}
+
+    def _coefficients(self, gram):
+        """(a, b) of g = a g_f + b g_r: registry.COMBINERS in PyTorch."""
+        hp, name = self.hp, self.spec["combiner"]
+        ff, fr, rr = gram
+        if name == "sum":
+            return 1.0, hp["retain_weight"]
+        if name == "project":
+            remove = rr > 0 and (fr < 0 or hp["strict"])
+            return 1.0, hp["retain_weight"] - (fr / rr if remove else 0.0)
+        if hp["erasediff_lambda"] is not None:
+            return hp["erasediff_lambda"], 1.0
+        cosine = fr / (ff * rr) ** 0.5 if ff * rr > 0 else 0.0
+        return max(hp["erasediff_eta"] - cosine, 0.0), 1.0
+
+    def _term_grads(self, draws=None):
+        """(g_f, g_r, metrics named like ours, (a, b) of the combination g = a g_f + b g_r)."""
+        grad = lambda loss: self.torch.autograd.grad(loss, self.params)
+        dot = lambda x, y: sum(float((a.double() * b.double()).sum()) for a, b in zip(x, y))
+        with self._autocast():
+            loss_f, aux_f = self.forget_loss(draws)
+        g_f = grad(loss_f)
+        metrics = {"forget/loss": loss_f, **{f"forget/{k}": v for k, v in aux_f.items()}}
+        if self.spec["retain"] is None:
+            metrics["grad/forget_norm"] = metrics["grad/norm"] = dot(g_f, g_f) ** 0.5
+            return g_f, None, metrics, (1.0, 0.0)
+        with self._autocast():
+            loss_r, aux_r = self.retain_loss(draws)
+        g_r = grad(loss_r)
+        metrics.update({"retain/loss": loss_r, **{f"retain/{k}": v for k, v in aux_r.items()}})
+        gram = (dot(g_f, g_f), dot(g_f, g_r), dot(g_r, g_r))
+        a, b = self._coefficients(gram)
+        metrics["grad/forget_norm"], metrics["grad/retain_norm"] = gram[0] ** 0.5, gram[2] ** 0.5
+        combined = a * a * gram[0] + 2 * a * b * gram[1] + b * b * gram[2]
+        metrics["grad/norm"] = max(combined, 0.0) ** 0.5
+        return g_f, g_r, metrics, (a, b)
+
+    def metrics_at(self, draws) -> dict[str, float]:
+        """The losses and gradient norms at the current θ for the given draws (no update)."""
+        return {k: float(v) for k, v in self._term_grads(draws)[2].items()}
+
+    def step(self, optimizer) -> None:
+        """One update: loss.backward() (sum) or per-term gradients, clipping, Adam."""
+        optimizer.zero_grad(set_to_none=True)
+        if self.spec["combiner"] == "sum" or self.spec["retain"] is None:
+            with self._autocast():
+                loss = self.forget_loss()[0]
+                if self.spec["retain"] is not None:
+                    loss = loss + self.hp["retain_weight"] * self.retain_loss()[0]
+            loss.backward()
+        else:  # non-linear combiners need each term's gradient
+            g_f, g_r, _, (a, b) = self._term_grads()
+            for p, gf, gr in zip(self.params, g_f, g_r):
+                p.grad = a * gf + b * gr
+        if self.spec["optim"]["grad_clip"] > 0:
+            self.torch.nn.utils.clip_grad_norm_(self.params, self.spec["optim"]["grad_clip"])
+        optimizer.step()
+
+
+def run_torch(spec: dict, workdir: Path) -> dict:
+    """Loads the reference, evaluates it on ours' step-0 draws, times its steps."""
+    import torch
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from unlearn_jax.benchmarks.tiny_model import quiet_hf_logging
+
+    quiet_hf_logging()
+    torch.set_num_threads(spec["threads"])
+    memory = PeakMemory()
+    memory.mark()
+    t0 = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    folder = Path(spec["model"])
+    student = UNet2DConditionModel.from_pretrained(str(workdir / "start_unet"))
+    student = student.to(device, torch.float32).train()
+    frozen = UNet2DConditionModel.from_pretrained(str(folder / "unet"))
+    frozen = frozen.to(device, torch.float32).eval().requires_grad_(False)
+    if spec["remat"]:
+        student.enable_gradient_checkpointing()
+    params = []
+    for name, p in student.named_parameters():
+        p.requires_grad_(_torch_trainable(name, spec["params"]))
+        if p.requires_grad:
+            params.append(p)
+    scheduler = DDPMScheduler.from_pretrained(str(folder), subfolder="scheduler")
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    to_device = lambda npz: {k: torch.from_numpy(v).to(device) for k, v in npz.items()}
+    data = to_device(np.load(workdir / "inputs.npz"))
+    reference = TorchReference(spec, student, frozen, scheduler, data, params)
+    optim = spec["optim"]
+    optimizer = torch.optim.Adam(
+        params, lr=optim["lr"], betas=(optim["b1"], optim["b2"]), eps=optim["eps"]
+    )
+    loaded = time.perf_counter()
+    step0 = reference.metrics_at(to_device(np.load(workdir / "draws.npz")))
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    f0 = time.perf_counter()
+    reference.step(optimizer)
+    sync()
+    first_s = time.perf_counter() - f0
+    timing = _timed_loop(lambda: reference.step(optimizer), spec["warmup"], spec["steps"], sync)
+    cuda = device.type == "cuda"
+    return {
+        **timing,
+        "load_s": loaded - t0,
+        "first_step_s": first_s,
+        "trainable_parameters": sum(p.numel() for p in params),
+        **memory.report(),
+        "device_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "step0": step0,
+    }
+
+
+# ---------------------------------------------------------------------------
+# Parent: inputs, the two subprocesses, the cross-check, the table
+# ---------------------------------------------------------------------------
 
 
 def _run_worker(name: str, workdir: Path) -> dict:
@@ -246,7 +745,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.worker:  # child of _run_worker(): one JSON line on stdout
         spec = json.loads((args.workdir / "spec.json").read_text())
-        pin_threads(spec["threads"])  # before JAX/torch create their thread pools
+        _pin_threads(spec["threads"])  # before JAX/torch create their thread pools
         run = run_ours if args.worker == "ours" else run_torch
         result = run(spec, args.workdir)
         print(json.dumps(result))

@@ -17,39 +17,11 @@ import jax.numpy as jnp
 PyTree = Any
 
 
-def _leaf_dot(x: jax.Array, y: jax.Array) -> jax.Array:
-    """⟨x, y⟩ of two same-shaped arrays in float32, without reshaping them.
-
-    A sum of products over all axes rather than `vdot` of raveled arrays: raveling
-    an array sharded along a minor axis (FSDP) makes XLA gather it whole on every
-    device first; a reduction over all axes stays a per-device partial sum.
-    """
-    return jnp.sum(x.astype(jnp.float32) * y.astype(jnp.float32))
-
-
-def _total(parts: list[jax.Array], shape: tuple[int, ...]) -> jax.Array:
-    """The sum of per-leaf partial results (float32 arrays of one shape), computed once.
-
-    Not `sum(parts)`, nor a plain `jnp.sum(jnp.stack(parts), 0)`, which XLA
-    rewrites into the same thing: a chain of one add per leaf, cheap ops that
-    XLA then fuses into (copies into) every per-leaf consumer of the total, e.g.
-    each leaf of `linear_combination` reads the Gram matrix through the
-    combiner's coefficients. That made compile time quadratic in the number of
-    leaves (the benchmarks' tiny UNet, 494 leaves: a distill_project train step
-    of 700k HLO lines and 241 s of XLA:CPU compile, against 250k lines and 75 s
-    with the total computed once). The optimization barrier on the stacked
-    partials keeps XLA from taking the reduction apart. Pinned by
-    `tests/test_combine.py`.
-    """
-    if not parts:
-        return jnp.zeros(shape, jnp.float32)
-    return jnp.sum(jax.lax.optimization_barrier(jnp.stack(parts)), axis=0)
-
-
 def _leaf_gram(x: jax.Array, y: jax.Array) -> jax.Array:
     """[[⟨x,x⟩, ⟨x,y⟩], [⟨y,x⟩, ⟨y,y⟩]] of one leaf pair, float32 [2, 2]."""
-    dot = _leaf_dot(x, y)
-    return jnp.stack([jnp.stack([_leaf_dot(x, x), dot]), jnp.stack([dot, _leaf_dot(y, y)])])
+    x, y = x.astype(jnp.float32).ravel(), y.astype(jnp.float32).ravel()
+    dot = jnp.vdot(x, y)
+    return jnp.stack([jnp.stack([jnp.vdot(x, x), dot]), jnp.stack([dot, jnp.vdot(y, y)])])
 
 
 def tree_gram(a: PyTree, b: PyTree) -> jax.Array:
@@ -60,12 +32,16 @@ def tree_gram(a: PyTree, b: PyTree) -> jax.Array:
     instead of one per leaf and quantity (XLA's compile time grows with the
     number of separate reductions).
     """
-    return _total(jax.tree.leaves(jax.tree.map(_leaf_gram, a, b)), (2, 2))
+    parts = jax.tree.leaves(jax.tree.map(_leaf_gram, a, b))
+    return sum(parts, jnp.zeros((2, 2), jnp.float32))
 
 
 def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
     """Global inner product ⟨a, b⟩ of two pytrees of the same structure, float32 scalar."""
-    return _total(jax.tree.leaves(jax.tree.map(_leaf_dot, a, b)), ())
+    parts = jax.tree.map(
+        lambda x, y: jnp.vdot(x.astype(jnp.float32).ravel(), y.astype(jnp.float32).ravel()), a, b
+    )
+    return sum(jax.tree.leaves(parts), jnp.zeros((), jnp.float32))
 
 
 def tree_norm(a: PyTree) -> jax.Array:

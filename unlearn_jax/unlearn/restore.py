@@ -27,6 +27,7 @@ from unlearn_jax.unlearn.checkpoints import (
 )
 from unlearn_jax.unlearn.evaluation import EVAL_DIR, Evaluator
 from unlearn_jax.unlearn.sharding import make_mesh
+from unlearn_jax.unlearn.state import TrainState, abstract_state, make_optimizer
 from unlearn_jax.unlearn.text_encoder import (
     TEXT_ENCODER,
     UNET,
@@ -38,24 +39,28 @@ from unlearn_jax.unlearn.train_step import merged_params
 log = logging.getLogger(__name__)
 
 
-def restore_latest(model: experiment.Model, workdir: Path) -> tuple[int, dict[str, jax.Array]]:
-    """(step, trainable params) of the latest checkpoint; θ0's own values if there is none.
-
-    Reads only what evaluation and export need, the parameters, so it also reads
-    checkpoints whose optimizer state has an older layout (`Checkpoints.restore_params`).
-    """
+def restore_latest(
+    config: ml_collections.ConfigDict,
+    model: experiment.Model,
+    workdir: Path,
+    with_saliency: bool,
+) -> tuple[int, dict[str, jax.Array]]:
+    """(step, trainable params) of the latest checkpoint; θ0's own values if there is none."""
     checkpoints = Checkpoints(workdir, keep=0)
     try:
         step = checkpoints.latest_step()
         if step is None:
             log.warning("no checkpoint in %s: using the original parameters (step 0)", workdir)
             return 0, model.split.select(model.theta0)
-        single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = {
-            name: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=single)
-            for name, x in model.split.select(model.theta0).items()
-        }
-        return step, checkpoints.restore_params(target, step)
+        optimizer = make_optimizer(config.optim)
+        abstract = abstract_state(model.split, model.theta0, optimizer, with_saliency)
+        device = jax.devices()[0]
+        single = jax.sharding.SingleDeviceSharding(device)
+        target = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=single), abstract
+        )
+        state: TrainState = checkpoints.restore(target, step)
+        return step, state.params
     finally:
         checkpoints.close()
 
@@ -78,7 +83,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str
             "run was trained with (only eval.* may differ)."
         )
     model = experiment.load_model(config, spec)
-    step, trainable = restore_latest(model, workdir)
+    step, trainable = restore_latest(config, model, workdir, spec.preset.saliency)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
     evaluator = Evaluator(
         config,
@@ -126,7 +131,7 @@ def export(workdir: str | Path, out: str | Path) -> Path:
     text_group = text_encoder_group(config)  # run.json of older runs has no such field
     spec = experiment.RunSpec(preset, group, preset.hparams, [], [], [], [], "", {}, text_group)
     model = experiment.load_model(config, spec)
-    step, trainable = restore_latest(model, workdir)
+    step, trainable = restore_latest(config, model, workdir, preset.saliency)
     params = model.split.merge(jax.device_get(trainable), model.theta0)
     if text_group is None:
         nnx.update(model.pipe.unet, params)

@@ -2,16 +2,18 @@
 
 Only the trainable subset lives in the train state: the parameters as a
 dict keyed by the '.'-joined path (`down_blocks.0.attentions.0....attn2.to_k.kernel`,
-readable in a checkpoint without the model code), the optimizer state over
-that same dict (float32), and SalUn's mask as a dict of bool arrays of the
-same shapes. Everything is per leaf on purpose: every gradient, moment and
-mask entry has its parameter's shape, hence its parameter's FSDP sharding
-(`sharding.param_spec`), and the train step never materialises a
-concatenation of all parameters. (An earlier layout kept the optimizer state
-over ONE flat vector of all trainable entries: the concatenations it needed
-were parameter-sized temporaries, about ten of them in an SD-1.5 step, and
-under FSDP XLA gathered every leaf to build them, so sharding did not divide
-them.)
+readable in a checkpoint without the model code), and the optimizer state
+(and SalUn's mask) over ONE flat float32 vector of those parameters (raveled
+and concatenated in `jax.tree.leaves` order, zero-padded to a multiple of
+`PAD_MULTIPLE`). Why both:
+
+  * gradients are taken with respect to the per-leaf parameters (the
+    gradient of slicing a flat vector compiles slowly), then concatenated
+    once; combination, clipping and the optimizer update are then a handful
+    of operations on one vector instead of a handful per leaf: this halves
+    the XLA compile time of a train step (45 s -> 20 s for a tiny UNet on
+    two CPU cores), and at 860M parameters it is fewer, bigger kernels;
+  * optimizer state and checkpoints scale with what trains, not with the UNet.
 
 Everything outside the trainable set is θ0's own array, inserted at use by
 `ParamSplit.merge`; it cannot change, so export writes it back bit for bit.
@@ -39,18 +41,22 @@ NamedParams = dict[str, jax.Array]
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "linear")
+# The flat vector's length is padded to a multiple of this, so that it shards
+# evenly over any power-of-two number of devices up to it (the padding never
+# reaches the model and has zero gradient).
+PAD_MULTIPLE = 1024
 
 
 @dataclasses.dataclass(frozen=True)
 class ParamSplit:
-    """The trainable/frozen split of a parameter pytree, and the names of the trainable leaves.
+    """The trainable/frozen split of a parameter pytree, and the flat layout of the trainable part.
 
     Attributes:
       treedef: structure of the full parameter pytree (e.g. a UNet's pure dict).
       names: '.'-joined path of every leaf, in `jax.tree.leaves` order.
       mask: per leaf, whether it trains.
       shapes: shape of each trainable leaf, in order.
-      size: number of trainable entries.
+      size: number of trainable entries (the unpadded length of the flat vector).
     """
 
     treedef: Any
@@ -85,6 +91,10 @@ class ParamSplit:
         return cls(jax.tree.structure(params), names, mask, shapes, size)
 
     @property
+    def padded_size(self) -> int:
+        return -(-self.size // PAD_MULTIPLE) * PAD_MULTIPLE
+
+    @property
     def trainable_names(self) -> tuple[str, ...]:
         return tuple(n for n, m in zip(self.names, self.mask) if m)
 
@@ -94,12 +104,24 @@ class ParamSplit:
         return {n: x for n, x, m in zip(self.names, leaves, self.mask) if m}
 
     def ordered(self, named: NamedParams) -> list[jax.Array]:
-        """The values of a {name: array} dict in the split's (`jax.tree.leaves`) order."""
+        """The values of a {name: array} dict in the split's (flat-vector) order."""
         return [named[n] for n in self.trainable_names]
 
-    def named(self, ordered: list[jax.Array]) -> NamedParams:
-        """Inverse of `ordered`: {name: array} from the values in the split's order."""
-        return dict(zip(self.trainable_names, ordered, strict=True))
+    def flatten(self, trainable: NamedParams | list[jax.Array]) -> jax.Array:
+        """Trainable leaves ({name: array} or an ordered list) -> flat float32 [padded_size]."""
+        leaves = self.ordered(trainable) if isinstance(trainable, dict) else trainable
+        parts = [jnp.ravel(x).astype(jnp.float32) for x in leaves]
+        parts.append(jnp.zeros((self.padded_size - self.size,), jnp.float32))
+        return jnp.concatenate(parts)
+
+    def unflatten(self, flat: jax.Array) -> NamedParams:
+        """{name: array} of the trainable leaves from the flat vector."""
+        out, offset = {}, 0
+        for name, shape in zip(self.trainable_names, self.shapes):
+            n = int(np.prod(shape, dtype=np.int64))
+            out[name] = flat[offset : offset + n].reshape(shape)
+            offset += n
+        return out
 
     def merge(self, trainable: NamedParams, full: PyTree) -> PyTree:
         """`full` with its trainable leaves replaced by `trainable` (cast to the leaves' dtypes)."""
@@ -122,15 +144,15 @@ class TrainState:
     Attributes:
       step: int32 scalar, number of optimizer updates done.
       params: the trainable parameters, {name: array}.
-      opt_state: the optax state of `params` in float32 (moments shaped like `params`).
-      saliency: SalUn's mask, {name: bool array shaped like the parameter} (fixed
+      opt_state: the optax state of the flat vector of `params` (`ParamSplit.flatten`).
+      saliency: SalUn's mask over the flat vector, bool [padded_size] (fixed
         before step 0), or None.
     """
 
     step: jax.Array
     params: NamedParams
     opt_state: optax.OptState
-    saliency: NamedParams | None = None
+    saliency: jax.Array | None = None
 
     def to_checkpoint(self) -> dict[str, Any]:
         """A plain dict for orbax (no custom pytree nodes on disk)."""
@@ -219,20 +241,15 @@ def set_learning_rate(opt_state: optax.OptState, lr: float) -> optax.OptState:
     return opt_state._replace(hyperparams=hyperparams)
 
 
-def float32_tree(named: NamedParams) -> NamedParams:
-    """{name: array} in float32: what the optimizer and the gradient combiners work on."""
-    return {n: x.astype(jnp.float32) for n, x in named.items()}
-
-
 def init_state(
     trainable: NamedParams,
     split: ParamSplit,
     optimizer: optax.GradientTransformation,
-    saliency: NamedParams | None = None,
+    saliency: jax.Array | None = None,
 ) -> TrainState:
     """Step-0 state; `trainable` is copied so that donating the state never frees θ0's buffers."""
     params = {n: jnp.copy(x) for n, x in trainable.items()}
-    opt_state = optimizer.init(float32_tree(params))
+    opt_state = optimizer.init(split.flatten(params))
     return TrainState(jnp.zeros((), jnp.int32), params, opt_state, saliency)
 
 
@@ -242,10 +259,7 @@ def abstract_state(
     """The state's shapes and dtypes (ShapeDtypeStructs), for sharding and restore targets."""
 
     def build(full):
-        trainable = split.select(full)
-        saliency = None
-        if with_saliency:
-            saliency = {n: jnp.zeros(x.shape, bool) for n, x in trainable.items()}
-        return init_state(trainable, split, optimizer, saliency)
+        saliency = jnp.zeros((split.padded_size,), bool) if with_saliency else None
+        return init_state(split.select(full), split, optimizer, saliency)
 
     return jax.eval_shape(build, full)

@@ -173,11 +173,10 @@ class _Run:
     checkpoints: Checkpoints
 
 
-def _saliency_mask(run: _Run, data: UnlearnData) -> dict[str, jax.Array]:
+def _saliency_mask(run: _Run, data: UnlearnData) -> jax.Array:
     """SalUn: top keep_fraction of trainable entries by |forget-loss gradient| over the forget set.
 
-    Returns {name: bool array shaped like the parameter}. Ties at the threshold go to
-    the earlier entries in the split's parameter order (`ParamSplit.ordered`).
+    Returns a bool vector shaped like the flat trainable parameters (padding: False).
     """
     config, split = run.config, run.model.split
     grad_fn = make_saliency_grad_fn(run.model.diffusion, split)
@@ -185,13 +184,11 @@ def _saliency_mask(run: _Run, data: UnlearnData) -> dict[str, jax.Array]:
     total = None
     for i, (weight, chunk) in enumerate(data.saliency_chunks(config.train.batch_size)):
         chunk = jax.device_put(chunk, replicated(run.mesh))
-        grads = grad_fn(run.frozen, chunk, jax.random.fold_in(key, i))
-        grads = {n: weight * g for n, g in grads.items()}
-        total = grads if total is None else jax.tree.map(jnp.add, total, grads)
-    masks = combine.saliency_mask(split.ordered(total), run.spec.hparams.keep_fraction)
-    kept = sum(int(m.sum()) for m in masks)
-    log.info("SalUn saliency mask keeps %d of %d trainable entries", kept, split.size)
-    return split.named(masks)
+        grads = weight * grad_fn(run.frozen, chunk, jax.random.fold_in(key, i))
+        total = grads if total is None else total + grads
+    mask = combine.saliency_mask(total[: split.size], run.spec.hparams.keep_fraction)
+    log.info("SalUn saliency mask keeps %d of %d trainable entries", int(mask.sum()), split.size)
+    return jnp.concatenate([mask, jnp.zeros((split.padded_size - split.size,), bool)])
 
 
 def _initial_state(run: _Run, data: UnlearnData) -> TrainState:

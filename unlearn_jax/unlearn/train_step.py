@@ -13,11 +13,6 @@ Gradient accumulation scans over the leading [micro_steps] axis of the batch;
 each term's gradient is averaged over micro-batches and the combiner runs
 once on the averages (combiners are not linear). Micro-batch i uses
 `fold_in(fold_in(train_key, step), i)`.
-
-Gradients, the combination, the optimizer update and the saliency mask stay
-per parameter ({name: array}): each has its parameter's shape and sharding,
-so under FSDP every device holds 1/fsdp of them, and nothing the size of all
-parameters is ever concatenated (see `state`).
 """
 
 from __future__ import annotations
@@ -30,12 +25,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from unlearn_jax.unlearn import combine
 from unlearn_jax.unlearn.batches import SHARED_KEYS
 from unlearn_jax.unlearn.denoising import DiffusionModel
 from unlearn_jax.unlearn.hparams import UnlearnHParams
 from unlearn_jax.unlearn.registry import Preset
-from unlearn_jax.unlearn.state import ParamSplit, TrainState, float32_tree
+from unlearn_jax.unlearn.state import ParamSplit, TrainState
 from unlearn_jax.unlearn.step import combine_term_grads, forget_saliency_grads, term_grads
 
 PyTree = Any
@@ -75,8 +69,11 @@ def make_train_step(
         merge = lambda trainable: split.merge(trainable, frozen_original)
         per_example, shared = _split_shared(batch)
         micro_steps = jax.tree.leaves(per_example)[0].shape[0]
+        zeros = jnp.zeros((split.padded_size,), jnp.float32)
+        init = (zeros, zeros if preset.retain is not None else None)
 
-        def micro_grads(index, micro_batch):
+        def micro_step(accumulated, inputs):
+            index, micro_batch = inputs
             full = {part: {**micro_batch[part], **shared[part]} for part in batch}
             g_f, g_r, metrics = term_grads(
                 state.params,
@@ -88,35 +85,30 @@ def make_train_step(
                 model,
                 hparams,
             )
-            return (float32_tree(g_f), None if g_r is None else float32_tree(g_r)), metrics
+            flat = (split.flatten(g_f), None if g_r is None else split.flatten(g_r))
+            return jax.tree.map(jnp.add, accumulated, flat), metrics
 
         if micro_steps == 1:
-            (g_f, g_r), metrics = micro_grads(
-                jnp.int32(0), jax.tree.map(lambda x: x[0], per_example)
+            (g_f, g_r), metrics = micro_step(
+                init, (jnp.int32(0), jax.tree.map(lambda x: x[0], per_example))
             )
         else:
-            zeros = {n: jnp.zeros(p.shape, jnp.float32) for n, p in state.params.items()}
-
-            def micro_step(accumulated, inputs):
-                grads, metrics = micro_grads(*inputs)
-                return jax.tree.map(jnp.add, accumulated, grads), metrics
-
-            init = (zeros, zeros if preset.retain is not None else None)
             (g_f, g_r), metrics = jax.lax.scan(
                 micro_step, init, (jnp.arange(micro_steps), per_example)
             )
             metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
-            g_f, g_r = jax.tree.map(lambda g: g / micro_steps, (g_f, g_r))
+            g_f = g_f / micro_steps
+            g_r = None if g_r is None else g_r / micro_steps
         grads, combine_metrics = combine_term_grads(g_f, g_r, preset, hparams, state.saliency)
-        params32 = float32_tree(state.params)
-        updates, opt_state = optimizer.update(grads, state.opt_state, params32)
+        flat_params = split.flatten(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, flat_params)
         if state.saliency is not None:
             # Weight decay or momentum must not move parameters outside the mask either.
-            updates = combine.apply_mask(updates, state.saliency)
-        moved = jax.tree.map(jnp.add, params32, updates)
-        params = {n: moved[n].astype(p.dtype) for n, p in state.params.items()}
+            updates = jnp.where(state.saliency, updates, 0.0)
+        delta = split.unflatten(updates)
+        params = {n: (p + delta[n]).astype(p.dtype) for n, p in state.params.items()}
         metrics.update(combine_metrics)
-        metrics["param/norm"] = combine.tree_norm(moved)
+        metrics["param/norm"] = jnp.linalg.norm(flat_params + updates)
         metrics["finite"] = _all_finite(metrics)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
@@ -126,18 +118,18 @@ def make_train_step(
 
 def make_saliency_grad_fn(
     model: DiffusionModel, split: ParamSplit
-) -> Callable[[PyTree, dict, jax.Array], dict[str, jax.Array]]:
-    """Jitted (frozen_original, forget chunk {'x0','context'}, rng) -> gradient at θ0.
+) -> Callable[[PyTree, dict, jax.Array], jax.Array]:
+    """Jitted (frozen_original, forget chunk {'x0','context'}, rng) -> flat gradient at θ0.
 
     The gradient of the forget denoising loss with respect to the trainable
-    parameters, evaluated at θ = θ0 (SalUn's saliency is taken there), as
-    {name: float32 array} of `split`'s trainable leaves.
+    parameters, evaluated at θ = θ0 (SalUn's saliency is taken there), as the
+    flat vector of `split`.
     """
 
     def grad_fn(frozen_original, chunk, rng):
         merge = lambda trainable: split.merge(trainable, frozen_original)
         grads = forget_saliency_grads(split.select(frozen_original), merge, chunk, rng, model)
-        return float32_tree(grads)
+        return split.flatten(grads)
 
     return jax.jit(grad_fn)
 
