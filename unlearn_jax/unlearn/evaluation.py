@@ -10,7 +10,19 @@ see `text_encoder`) and an output folder, and yield scalar metrics:
   forget_rate -- the share of forget-prompt generations a classifier assigns
                  to the concept, for θ and θ0. The classifier is a plug-in:
                  register a factory with `register_forget_classifier(name)` and
-                 set `eval.classifier=name` (none is built in yet).
+                 set `eval.classifier=name`. Built in: 'world_shape' (the embedded
+                 world's shape head; the concept is `forget.concept`).
+  retain      -- metrics of the same retain image pairs that integrity compares
+                 (FID, text-image agreement), plug-ins named in
+                 `eval.retain_metrics` (comma-separated), registered with
+                 `register_retain_metric(name)`. Built in: 'world' (FID with the
+                 world classifier's features, and retain accuracy: the share of
+                 θ's retain images showing the prompted shape and colour).
+
+Periodic evaluations (every `eval.every` steps) give a run its trajectory; with
+`eval.periodic_prompt_stride=k` they use every k-th prompt of both prompt sets,
+so that a curve costs little, while the final evaluation uses them all.
+`read_curve(workdir)` returns the trajectory from the files the evaluations wrote.
 """
 
 from __future__ import annotations
@@ -40,6 +52,10 @@ ClassifierFactory = Callable[
     [ml_collections.ConfigDict, StableDiffusion], tuple[Classifier, int | Sequence[int]]
 ]
 FORGET_CLASSIFIERS: dict[str, ClassifierFactory] = {}
+# (original [N,H,W,3], unlearned [N,H,W,3], the prompt of each image [N]) -> {name: value}
+RetainMetric = Callable[[np.ndarray, np.ndarray, Sequence[str]], dict[str, float]]
+RetainMetricFactory = Callable[[ml_collections.ConfigDict, StableDiffusion], RetainMetric]
+RETAIN_METRICS: dict[str, RetainMetricFactory] = {}
 
 
 def register_forget_classifier(name: str) -> Callable[[ClassifierFactory], ClassifierFactory]:
@@ -50,6 +66,70 @@ def register_forget_classifier(name: str) -> Callable[[ClassifierFactory], Class
         return factory
 
     return register
+
+
+def register_retain_metric(name: str) -> Callable[[RetainMetricFactory], RetainMetricFactory]:
+    """Decorator registering a retain-metric factory under `name` (for eval.retain_metrics)."""
+
+    def register(factory: RetainMetricFactory) -> RetainMetricFactory:
+        RETAIN_METRICS[name] = factory
+        return factory
+
+    return register
+
+
+@register_forget_classifier("world_shape")
+def _world_shape_classifier(config: ml_collections.ConfigDict, pipe: StableDiffusion):
+    """The embedded world's shape head; the concept is `forget.concept` (e.g. 'circle')."""
+    from unlearn_jax.data import world
+    from unlearn_jax.metrics.world_classifier import world_classifier
+
+    concept = config.forget.get("concept") or ""
+    shapes = world.ATTRIBUTES["shape"]
+    if concept not in shapes:
+        raise ValueError(
+            f"eval.classifier='world_shape' detects a shape of the embedded world, but "
+            f"forget.concept is {concept!r}. Fix: --config.forget.concept=<one of "
+            f"{', '.join(shapes)}>."
+        )
+    return world_classifier("shape"), world.attribute_index("shape", concept)
+
+
+@register_retain_metric("world")
+def _world_retain_metrics(config: ml_collections.ConfigDict, pipe: StableDiffusion):
+    """FID between θ0's and θ's retain images (world features) and θ's retain accuracy."""
+    from unlearn_jax.metrics.fid import fid_between_image_sets
+    from unlearn_jax.metrics.world_classifier import prompt_accuracy, world_feature_fn
+
+    features = world_feature_fn()
+
+    def metrics(original, unlearned, prompts) -> dict[str, float]:
+        return {
+            "fid": float(fid_between_image_sets(original, unlearned, features, batch_size=64)),
+            "retain_accuracy": prompt_accuracy(unlearned, prompts)["accuracy"],
+            "retain_accuracy_original": prompt_accuracy(original, prompts)["accuracy"],
+        }
+
+    return metrics
+
+
+def _names(value: str | None, what: str, registry: dict) -> list[str]:
+    names = [n.strip() for n in str(value or "").split(",") if n.strip()]
+    unknown = [n for n in names if n not in registry]
+    if unknown:
+        raise ValueError(
+            f"{what} {', '.join(map(repr, unknown))} is not registered; registered: "
+            f"{', '.join(registry) or '(none)'}."
+        )
+    return names
+
+
+def read_curve(workdir: str | Path) -> list[dict[str, Any]]:
+    """The run's evaluated points, by step: the metrics.json of every eval/step_N/ folder."""
+    records = []
+    for path in sorted((Path(workdir) / EVAL_DIR).glob("step_*/metrics.json")):
+        records.append(json.loads(path.read_text()))
+    return sorted(records, key=lambda r: r["step"])
 
 
 class Evaluator:
@@ -87,8 +167,25 @@ class Evaluator:
         self.forget_prompts = list(forget_prompts)
         self.mesh = mesh
         self._lpips_fn = None
-        self._original_forget_rate: float | None = None
-        self._original_images: dict[str, np.ndarray] = {}
+        self._original_forget_rate: dict[int, float] = {}
+        self._original_images: dict[tuple[str, int], np.ndarray] = {}
+        cfg = config.eval
+        if cfg.get("classifier"):
+            _names(cfg.classifier, "eval.classifier", FORGET_CLASSIFIERS)
+        self.retain_metric_names = _names(
+            cfg.get("retain_metrics"), "eval.retain_metrics", RETAIN_METRICS
+        )
+        if self.retain_metric_names and not cfg.integrity:
+            raise ValueError(
+                "eval.retain_metrics are computed on the integrity image pairs, but "
+                "eval.integrity is off. Fix: --config.eval.integrity=True, or clear "
+                "eval.retain_metrics."
+            )
+        self._retain_metrics: dict[str, RetainMetric] = {}
+        stride = int(cfg.get("periodic_prompt_stride", 1) or 1)
+        if stride < 1:
+            raise ValueError(f"eval.periodic_prompt_stride must be >= 1, got {stride}")
+        self.periodic_stride = stride
 
     def _sample(self, model_params: PyTree, prompts: list[str]) -> np.ndarray:
         """Evaluation images of θ = `model_params`: eval.seeds per prompt, prompt-major."""
@@ -109,12 +206,16 @@ class Evaluator:
             progress=False,
         )
 
-    def original_images(self, which: str) -> np.ndarray:
-        """θ0's evaluation images of the 'retain' or 'forget' prompts, sampled once, cached."""
-        if which not in self._original_images:
+    def prompts(self, which: str, stride: int = 1) -> list[str]:
+        """Every `stride`-th prompt of the 'retain' or 'forget' evaluation set."""
+        return getattr(self, f"{which}_prompts")[::stride]
+
+    def original_images(self, which: str, stride: int = 1) -> np.ndarray:
+        """θ0's images of `prompts(which, stride)`, sampled once, cached on disk by content."""
+        if (which, stride) not in self._original_images:
             from unlearn_jax.data.cache import cache_key, load_or_build, model_key
 
-            cfg, prompts = self.config.eval, getattr(self, f"{which}_prompts")
+            cfg, prompts = self.config.eval, self.prompts(which, stride)
             key = cache_key(
                 model=model_key(self.config.model.path),
                 dtype=str(self.pipe.unet.dtype),
@@ -134,10 +235,10 @@ class Evaluator:
                 key,
                 lambda: {"images": self._sample(self.original_params, prompts)},
             )
-            self._original_images[which] = arrays["images"]
-        return self._original_images[which]
+            self._original_images[which, stride] = arrays["images"]
+        return self._original_images[which, stride]
 
-    def _integrity(self, params: PyTree, out_dir: Path) -> Iterator[tuple[str, float]]:
+    def _integrity(self, params: PyTree, out_dir: Path, stride: int) -> dict[str, float]:
         from unlearn_jax.metrics import integrity, lpips
 
         cfg = self.config.eval
@@ -149,7 +250,7 @@ class Evaluator:
             self.pipe,
             original_unet,
             unet,
-            self.retain_prompts,
+            self.prompts("retain", stride),
             seeds=cfg.seeds,
             steps=cfg.steps,
             guidance=cfg.guidance,
@@ -162,50 +263,61 @@ class Evaluator:
             mesh=self.mesh,
             progress=False,
             unlearned_pipe=unlearned_pipe,
-            original_images=self.original_images("retain"),
+            original_images=self.original_images("retain", stride),
         )
         if jax.process_index() == 0:
             integrity.write_integrity_report(result, out_dir / "integrity")
-        yield "integrity_lpips", result.integrity_lpips
-        yield "integrity_lpips_ci95_low", result.ci95[0]
-        yield "integrity_lpips_ci95_high", result.ci95[1]
-        yield "psnr", result.psnr
-        yield "ssim", result.ssim
+        metrics = {
+            "integrity_lpips": result.integrity_lpips,
+            "integrity_lpips_ci95_low": result.ci95[0],
+            "integrity_lpips_ci95_high": result.ci95[1],
+            "psnr": result.psnr,
+            "ssim": result.ssim,
+        }
+        image_prompts = [p for p in result.prompts for _ in range(result.seeds)]
+        for name in self.retain_metric_names:
+            if name not in self._retain_metrics:
+                self._retain_metrics[name] = RETAIN_METRICS[name](self.config, self.pipe)
+            metrics.update(
+                self._retain_metrics[name](result.original, result.unlearned, image_prompts)
+            )
+        return metrics
 
-    def _forget_rate(self, params: PyTree) -> Iterator[tuple[str, float]]:
+    def _forget_rate(self, params: PyTree, stride: int) -> Iterator[tuple[str, float]]:
         cfg = self.config.eval
-        if cfg.classifier not in FORGET_CLASSIFIERS:
-            raise ValueError(
-                f"eval.classifier {cfg.classifier!r} is not registered; registered: "
-                f"{', '.join(FORGET_CLASSIFIERS) or '(none)'}. Register one with "
-                "unlearn_jax.unlearn.evaluation.register_forget_classifier."
-            )
         classifier, concept = FORGET_CLASSIFIERS[cfg.classifier](self.config, self.pipe)
-
-        if self._original_forget_rate is None:
-            self._original_forget_rate = forget_rate(
-                self.original_images("forget"), classifier, concept
+        if stride not in self._original_forget_rate:
+            self._original_forget_rate[stride] = forget_rate(
+                self.original_images("forget", stride), classifier, concept
             )
-        yield (
-            "forget_rate",
-            forget_rate(self._sample(params, self.forget_prompts), classifier, concept),
-        )
-        yield "forget_rate_original", self._original_forget_rate
+        images = self._sample(params, self.prompts("forget", stride))
+        yield "forget_rate", forget_rate(images, classifier, concept)
+        yield "forget_rate_original", self._original_forget_rate[stride]
 
-    def __call__(self, params: PyTree, step: int, out_dir: Path) -> dict[str, float]:
+    def __call__(
+        self, params: PyTree, step: int, out_dir: Path, *, periodic: bool = False
+    ) -> dict[str, float]:
         """All configured metrics of θ = `params` at `step`; writes `out_dir`/metrics.json.
 
-        Every process computes the metrics (sampling is sharded over all of them);
-        only process 0 writes files.
+        `periodic`: an intermediate point of the run's curve, evaluated on every
+        `eval.periodic_prompt_stride`-th prompt. metrics.json also records how
+        many prompts each metric saw. Every process computes the metrics
+        (sampling is sharded over all of them); only process 0 writes files.
         """
         if jax.process_index() == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
+        stride = self.periodic_stride if periodic else 1
         metrics: dict[str, float] = {}
         if self.config.eval.integrity:
-            metrics.update(self._integrity(params, out_dir))
+            metrics.update(self._integrity(params, out_dir, stride))
         if self.config.eval.classifier:
-            metrics.update(self._forget_rate(params))
+            metrics.update(self._forget_rate(params, stride))
         record = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
+        record["prompts"] = {
+            "retain": len(self.prompts("retain", stride)) if self.config.eval.integrity else 0,
+            "forget": len(self.prompts("forget", stride)) if self.config.eval.classifier else 0,
+            "seeds": int(self.config.eval.seeds),
+        }
         if jax.process_index() == 0:
             write_json_atomic(out_dir / "metrics.json", record)
         log.info("eval at step %d: %s", step, json.dumps(record))

@@ -44,11 +44,23 @@ def restore_latest(
     model: experiment.Model,
     workdir: Path,
     with_saliency: bool,
+    step: int | None = None,
 ) -> tuple[int, dict[str, jax.Array]]:
-    """(step, trainable params) of the latest checkpoint; θ0's own values if there is none."""
+    """(step, trainable params) of checkpoint `step` (default: the latest).
+
+    Without any checkpoint and no `step` asked for: θ0's own values at step 0.
+    Raises FileNotFoundError naming the saved steps when `step` was not saved.
+    """
     checkpoints = Checkpoints(workdir, keep=0)
     try:
-        step = checkpoints.latest_step()
+        if step is not None and step not in checkpoints.manager.all_steps():
+            saved = sorted(checkpoints.manager.all_steps())
+            raise FileNotFoundError(
+                f"{workdir} has no checkpoint at step {step}; saved steps: "
+                f"{', '.join(map(str, saved)) or 'none'}. Fix: pick one of them (checkpoints "
+                "are kept every checkpoint.every steps, the last checkpoint.keep of them)."
+            )
+        step = checkpoints.latest_step() if step is None else step
         if step is None:
             log.warning("no checkpoint in %s: using the original parameters (step 0)", workdir)
             return 0, model.split.select(model.theta0)
@@ -65,11 +77,16 @@ def restore_latest(
         checkpoints.close()
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
-    """Metrics of the latest checkpoint in `workdir` (eval settings from `config`).
+def evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    step: int | None = None,
+    out_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Metrics of checkpoint `step` (default: the latest) of `workdir`; eval settings of `config`.
 
     The config must describe the run in the workdir (same fingerprint); its
-    `eval` section may differ. Results go to workdir/eval/step_<N>/.
+    `eval` section may differ. Results go to `out_dir` (default workdir/eval/step_<N>/).
     """
     workdir = Path(workdir).absolute()
     spec = experiment.resolve_run(config)
@@ -83,7 +100,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str
             "run was trained with (only eval.* may differ)."
         )
     model = experiment.load_model(config, spec)
-    step, trainable = restore_latest(config, model, workdir, spec.preset.saliency)
+    step, trainable = restore_latest(config, model, workdir, spec.preset.saliency, step)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
     evaluator = Evaluator(
         config,
@@ -97,7 +114,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str
     scalars = evaluator(
         merged_params(model.split, trainable, model.theta0),
         step,
-        workdir / EVAL_DIR / f"step_{step:06d}",
+        Path(out_dir) if out_dir is not None else workdir / EVAL_DIR / f"step_{step:06d}",
     )
     return {"step": step, **scalars}
 

@@ -381,7 +381,8 @@ def _train_loop(
                 tracker.last_saved = run.checkpoints.save(state)
             if run_eval:
                 params = merged_params(model.split, state.params, run.frozen)
-                scalars = evaluator(params, done, workdir / EVAL_DIR / f"step_{done:06d}")
+                out = workdir / EVAL_DIR / f"step_{done:06d}"
+                scalars = evaluator(params, done, out, periodic=True)
                 _write_eval(writer, done, scalars, workdir)
         if pending is not None:
             tracker.check(*pending, workdir)
