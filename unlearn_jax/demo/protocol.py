@@ -1,0 +1,195 @@
+"""What the demo runs: methods, learning-rate grids, steps, seeds, and the run config of each.
+
+The demo tests the project's claim on the embedded world: methods built to
+preserve integrity forget as well as the baselines while changing everything
+else far less. A single (learning rate, step) per method cannot show that (a
+method that forgets less also damages less), so every method runs on a grid of
+learning rates, each run is evaluated every `eval_every` steps, and methods
+are compared by their fronts on forget-rate x integrity axes.
+
+`DEFAULT` fits `unlearn-jax demo` into 10 minutes on 2 CPU cores with an empty
+compilation cache; `FULL` (`unlearn-jax demo --full`) is the complete protocol:
+more learning rates, more steps, three training seeds and more evaluation noise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import ml_collections
+
+from unlearn_jax.data import world
+
+CONCEPT = "circle"
+# The remapping methods' anchors: each forget prompt with the concept replaced by this
+# shape ("a small red circle on a grey background" -> "a small red square on a grey
+# background"), so θ0's target keeps colour, size and background and changes only the shape.
+ANCHOR_CONCEPT = "square"
+BASELINES = ("neggrad", "graddiff", "salun", "esd_x", "ablation")
+INTEGRITY_PRESERVING = ("distill", "distill_project", "esd_distill")
+METHODS = ("neggrad", "graddiff", "salun", "esd_x", "ablation", "distill", "distill_project")
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """One demo protocol.
+
+    Attributes:
+      name: 'default' or 'full'.
+      methods: presets to run, in report order.
+      lrs: method -> learning rates of its grid (Adam, constant).
+      steps: unlearning steps of every run.
+      eval_every: steps between the points of a run's curve.
+      seeds: training seeds; the grid runs with the first, the headline point of every
+        method is re-trained with each of the others.
+      eval_seeds: images per evaluation prompt.
+      periodic_prompt_stride: intermediate curve points use every k-th evaluation prompt.
+    """
+
+    name: str
+    methods: tuple[str, ...]
+    lrs: dict[str, tuple[float, ...]]
+    steps: int
+    eval_every: int
+    seeds: tuple[int, ...]
+    eval_seeds: int
+    periodic_prompt_stride: int
+
+    def with_overrides(
+        self,
+        *,
+        methods: tuple[str, ...] | None = None,
+        lrs: tuple[float, ...] | None = None,
+        steps: int | None = None,
+        seeds: int | None = None,
+    ) -> Protocol:
+        """This protocol with the command line's choices (one lr grid for all, steps, seeds)."""
+        methods = self.methods if methods is None else methods
+        from unlearn_jax.unlearn.registry import get_preset
+
+        for method in methods:
+            get_preset(method)  # a clear error naming the valid presets
+        unknown = [m for m in methods if m not in self.lrs and lrs is None]
+        if unknown:
+            raise ValueError(
+                f"the demo has no learning-rate grid for {', '.join(unknown)}; give one with "
+                "--lr (e.g. --lr 3e-4,1e-3)"
+            )
+        grid = {m: tuple(lrs) if lrs is not None else self.lrs[m] for m in methods}
+        steps = self.steps if steps is None else steps
+        if steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {steps}")
+        count = len(self.seeds) if seeds is None else seeds
+        if count < 1:
+            raise ValueError(f"--seeds must be >= 1, got {count}")
+        return dataclasses.replace(
+            self,
+            methods=tuple(methods),
+            lrs=grid,
+            steps=steps,
+            eval_every=min(self.eval_every, steps),
+            seeds=tuple(range(count)),
+        )
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "methods": list(self.methods),
+            "lrs": {m: list(v) for m, v in self.lrs.items()},
+            "steps": self.steps,
+            "eval_every": self.eval_every,
+            "seeds": list(self.seeds),
+            "eval_seeds": self.eval_seeds,
+            "periodic_prompt_stride": self.periodic_prompt_stride,
+        }
+
+
+_GRID = (3e-4, 1e-3)
+DEFAULT = Protocol(
+    name="default",
+    methods=METHODS,
+    lrs={m: _GRID for m in METHODS},
+    steps=240,
+    eval_every=80,
+    seeds=(0, 1),
+    eval_seeds=1,
+    periodic_prompt_stride=1,
+)
+FULL = Protocol(
+    name="full",
+    methods=(*METHODS, "esd_distill"),
+    lrs={m: (1e-4, 3e-4, 1e-3) for m in (*METHODS, "esd_distill")},
+    steps=400,
+    eval_every=50,
+    seeds=(0, 1, 2),
+    eval_seeds=2,
+    periodic_prompt_stride=2,
+)
+
+
+def split_prompts(concept: str = CONCEPT) -> dict[str, list[str]]:
+    """Forget prompts, training retain prompts and held-out retain prompts (every 4th)."""
+    forget, retain = world.forget_retain_prompts(concept)
+    held_out = retain[::4]
+    train_retain = [p for p in retain if p not in held_out]
+    return {"forget": forget, "retain": train_retain, "eval_retain": held_out}
+
+
+def base_config_path() -> Path:
+    """configs/base.py, shipped inside the package as `unlearn_jax.configs`."""
+    from importlib import resources
+
+    return Path(str(resources.files("unlearn_jax.configs").joinpath("base.py")))
+
+
+def demo_config(
+    method: str,
+    model_path: Path,
+    prompts: dict[str, list[str]],
+    *,
+    steps: int,
+    lr: float,
+    seed: int = 0,
+    eval_every: int = 0,
+    eval_seeds: int = 1,
+    periodic_prompt_stride: int = 1,
+) -> ml_collections.ConfigDict:
+    """The run config of one (method, learning rate, seed): base.py's preset, sized for a CPU.
+
+    Every evaluation point keeps its checkpoint (the headline point may be any of them).
+    """
+    from unlearn_jax.unlearn.config_file import load_config_file
+
+    config = load_config_file(f"{base_config_path()}:method={method}")
+    config.seed = seed
+    config.model.path = str(model_path)
+    config.forget.prompts = prompts["forget"]
+    config.forget.concept = CONCEPT
+    config.forget.anchor_concept = ANCHOR_CONCEPT
+    config.retain.prompts = prompts["retain"]
+    config.forget.images_per_prompt = 2
+    config.retain.images_per_prompt = 1
+    config.train.steps = steps
+    config.train.batch_size = 8
+    config.train.log_every = 10
+    config.train.progress = False
+    config.train.tensorboard = False  # the report is the demo's output; spares TF's import
+    config.optim.lr = lr
+    config.checkpoint.every = eval_every or steps
+    config.checkpoint.keep = 0  # all: the headline point may be any evaluated step
+    config.sample.steps = 20
+    config.sample.guidance = 4.0
+    config.sample.esd_steps = 20
+    config.sample.batch_size = 48
+    config.eval.every = eval_every
+    config.eval.prompts = prompts["eval_retain"]
+    config.eval.forget_prompts = prompts["forget"]
+    config.eval.seeds = eval_seeds
+    config.eval.steps = 20
+    config.eval.guidance = 4.0
+    config.eval.batch_size = 48
+    config.eval.classifier = "world_shape"
+    config.eval.retain_metrics = "world"
+    config.eval.periodic_prompt_stride = periodic_prompt_stride
+    return config
