@@ -107,6 +107,12 @@ def _first_update(micro, workdir: Path, lr: float) -> dict:
 
 def test_one_compiled_train_step_serves_two_learning_rates(micro, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "_COMPILED", collections.OrderedDict())
+    monkeypatch.setattr(train, "_JITTED", collections.OrderedDict())
+    traced = []
+    make_train_step = train.make_train_step
+    monkeypatch.setattr(
+        train, "make_train_step", lambda *a, **k: traced.append(1) or make_train_step(*a, **k)
+    )
     compiled = []
     original_compile = jax.stages.Lowered.compile
 
@@ -118,7 +124,8 @@ def test_one_compiled_train_step_serves_two_learning_rates(micro, tmp_path, monk
     monkeypatch.setattr(jax.stages.Lowered, "compile", counting_compile)
     slow = _first_update(micro, tmp_path / "slow", 1e-3)
     fast = _first_update(micro, tmp_path / "fast", 3e-3)
-    assert len(compiled) == 1  # the second learning rate reused the first's executable
+    # The second learning rate reused the first's traced step and its executable.
+    assert len(traced) == len(compiled) == 1
     assert float(fast["opt_state"]["hyperparams"]["learning_rate"]) == pytest.approx(3e-3)
 
     # Adam's first update is -lr * g / (|g| + eps), about -lr * sign(g): the same

