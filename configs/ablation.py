@@ -1,6 +1,8 @@
 r"""Concept Ablation (model-based): predict for c_f what the frozen θ0 predicts for c_a.
 
-Set forget.anchor to the anchor concept (e.g. 'a photo of a dog' for 'grumpy cat').
+Give each forget prompt its anchor (see configs/base.py, section forget): e.g.
+--config.forget.concept='grumpy cat' --config.forget.anchor_concept=dog, or
+--config.forget.anchor_prompts=prompts/anchors.txt (one per forget prompt).
 
   unlearn-jax unlearn --config configs/ablation.py --workdir runs/ablation \
       --config.model.path=/data/stable-diffusion-v1-5 \

@@ -59,7 +59,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Prompt sets: a list of prompts, or a text file with one prompt per line.
     config.forget = ml_collections.ConfigDict()
     config.forget.prompts = None
-    config.forget.anchor = ""  # c_a of remapping methods; "" = the empty prompt
+    # Anchors c_a of the remap family (ablation, distill, distill_project, salun,
+    # erasediff): the prompt whose prediction each forget prompt is remapped to. Best one
+    # per forget prompt, differing only in the concept (see unlearn_jax/data/anchors.py;
+    # a bare shared word keeps the forget image's colour, size and background).
+    # At most one of the three ways:
+    config.forget.anchor = ""  # one anchor for every forget prompt; "" = the empty prompt
+    # A list, or a text file with one anchor per line, paired with forget.prompts in
+    # order (same length); in a list "" is the empty prompt, in a file blank lines are
+    # skipped.
+    config.forget.anchor_prompts = None
+    # The concept as its words appear in the forget prompts (e.g. "circle"; also read
+    # by the forget-rate classifier), and with anchor_concept (e.g. "square") each
+    # anchor is its forget prompt with the concept's whole words replaced, case kept.
+    # concept alone does not change the anchors.
+    config.forget.concept = ""
+    config.forget.anchor_concept = ""
     # Optional forget images: a folder of image files, or a prepared TFDS dataset
     # "tfds:NAME[/CONFIG][:SPLIT]" (its first prompts x images_per_prompt records);
     # empty: θ0's own generations for the prompts.

@@ -13,8 +13,10 @@ Config args (after the colon, comma-separated):
   runlocal      CPU smoke test on a tiny model (native size, few steps, float32)
 
   # 1. Prompt sets (deterministic): 8 forget + 72 retain prompts (the 9 other
-  #    classes) + 100 COCO-style captions, held-out eval prompts, and the 10-class
-  #    label set for a CLIP zero-shot forget rate (labels.json).
+  #    classes) + 100 COCO-style captions, held-out eval prompts, one anchor per forget
+  #    prompt for the remap methods (forget_anchors.txt: "a photo of a tench" ->
+  #    "a photo of a fish"), and the 10-class label set for a CLIP zero-shot forget
+  #    rate (labels.json).
   python -m unlearn_jax.data.prompt_sets imagenette --concept tench --general 100 \
       --out prompts/imagenette_tench
 
@@ -82,6 +84,8 @@ def preset_config(arg, *, method: str, prompts: str):
     config = preset.get_config("runlocal" if args.runlocal else None)
     folder = args.prompts
     config.forget.prompts = os.path.join(folder, "forget.txt")
+    # The remap methods' anchors, one per forget prompt (ignored by ESD and neggrad).
+    config.forget.anchor_prompts = os.path.join(folder, "forget_anchors.txt")
     config.retain.prompts = os.path.join(folder, "retain.txt")
     config.eval.prompts = os.path.join(folder, "eval_retain.txt")  # held out: integrity
     config.eval.forget_prompts = os.path.join(folder, "eval_forget.txt")
@@ -107,7 +111,6 @@ def sd_scale(config, args, *, size: int):
 
 
 def get_config(arg=None):
+    # Remap methods map "a photo of a tench" to θ0's prediction for "a photo of a fish".
     config, args = preset_config(arg, method="distill_project", prompts="prompts/imagenette_tench")
-    # Remap methods map "a photo of a tench" to the empty prompt's prediction.
-    config.forget.anchor = ""
     return sd_scale(config, args, size=512)

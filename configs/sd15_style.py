@@ -3,8 +3,10 @@ r"""SD-1.5, artistic style: forget Van Gogh's style, keep neighbouring painters'
 The retain set is the hard one: Monet, Cézanne, Gauguin, Seurat,
 Toulouse-Lautrec, Munch, Picasso and Renoir over the same subjects as the
 forget prompts ("a vase of sunflowers in the style of Claude Monet"); integrity
-is measured on held-out subjects. Remap methods map the forget prompts to the
-anchor "a painting" (Concept Ablation's choice for styles).
+is measured on held-out subjects. Remap methods map each forget prompt to itself
+with the style phrase removed ("a painting of a village church by Vincent van
+Gogh" -> "a painting of a village church"; forget_anchors.txt of the prompt folder),
+Concept Ablation's pairing for styles.
 
 Model (`model.path`, required): a local diffusers folder of Stable Diffusion v1.5
 (hub id stable-diffusion-v1-5/stable-diffusion-v1-5, downloaded beforehand on a
@@ -13,8 +15,9 @@ machine that is online). Nothing is downloaded by this config.
 Config args: method=NAME (any preset; default distill_project), prompts=DIR
 (default prompts/van_gogh), runlocal (CPU smoke test on a tiny model).
 
-  # 1. Prompt sets: 24 forget, 96 retain (+100 COCO-style captions), 16 held-out
-  #    forget and 64 (+100) held-out retain prompts, the artists' label set.
+  # 1. Prompt sets: 24 forget prompts and their 24 anchors, 96 retain (+100
+  #    COCO-style captions), 16 held-out forget and 64 (+100) held-out retain
+  #    prompts, the artists' label set.
   python -m unlearn_jax.data.prompt_sets van_gogh --general 100 --out prompts/van_gogh
 
   # 2. Unlearn (one GPU; see configs/sd14_object.py for SLURM / TPU pod / multinode.sh):
@@ -52,5 +55,4 @@ def get_config(arg=None):
     config, args = sd14_object.preset_config(
         arg, method="distill_project", prompts="prompts/van_gogh"
     )
-    config.forget.anchor = "a painting"
     return sd14_object.sd_scale(config, args, size=512)

@@ -15,7 +15,7 @@ that is online). Nothing is downloaded by this config.
 Config args: method=NAME (any preset; default distill_project), prompts=DIR
 (default prompts/imagenette_tench), runlocal (CPU smoke test on a tiny model).
 
-  # 1. Prompt sets (the same as for SD-1.4):
+  # 1. Prompt sets (the same as for SD-1.4, forget_anchors.txt included):
   python -m unlearn_jax.data.prompt_sets imagenette --concept tench --general 100 \
       --out prompts/imagenette_tench
 
@@ -58,7 +58,6 @@ def get_config(arg=None):
     config, args = sd14_object.preset_config(
         arg, method="distill_project", prompts="prompts/imagenette_tench"
     )
-    config.forget.anchor = ""
     config = sd14_object.sd_scale(config, args, size=768)
     if not args.runlocal:
         config.train.remat = True

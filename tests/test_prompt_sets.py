@@ -15,6 +15,7 @@ import pytest
 from tiny_unlearn import REPO
 
 from unlearn_jax.data import captions, prompt_sets
+from unlearn_jax.data.anchors import replace_concept
 from unlearn_jax.data.prompts import load_prompts
 from unlearn_jax.metrics.forget_rate import forget_rate
 from unlearn_jax.unlearn import experiment
@@ -87,6 +88,44 @@ def test_style_set_holds_neighbouring_artists_over_the_same_subjects():
     assert "Claude Monet" not in monet.labels[1:] and "Vincent van Gogh" not in monet.labels
 
 
+@pytest.mark.parametrize("concept", prompt_sets.IMAGENETTE_CLASSES)
+def test_object_anchors_replace_the_class_by_its_parent(concept):
+    built = prompt_sets.imagenette_objects(concept, general_retain=5)
+    parent = prompt_sets.IMAGENETTE_ANCHORS[concept]
+    assert parent.lower() not in {c.lower() for c in prompt_sets.IMAGENETTE_CLASSES}
+    assert len(built.forget_anchors) == len(built.forget) == 8
+    assert len(set(built.forget_anchors)) == 8
+    for prompt, anchor in zip(built.forget, built.forget_anchors):
+        # The same prompt with the class (and its article) replaced: Concept Ablation's pair.
+        article, parent_article = (
+            prompt_sets.with_article(concept),
+            prompt_sets.with_article(parent),
+        )
+        assert anchor == replace_concept(prompt, article, parent_article)
+        assert concept.lower() not in anchor.lower()
+    tench = prompt_sets.imagenette_objects("tench")
+    assert (
+        tench.forget[1] == "a photo of a tench" and tench.forget_anchors[1] == "a photo of a fish"
+    )
+    springer = prompt_sets.imagenette_objects("English springer").forget_anchors
+    assert springer[0] == "an image of a dog"
+
+
+def test_style_anchors_drop_the_style_phrase():
+    built = prompt_sets.artist_style()
+    assert len(built.forget_anchors) == len(built.forget) == 24
+    pairs = dict(zip(built.forget, built.forget_anchors))
+    assert pairs["a vase of sunflowers in the style of Vincent van Gogh"] == "a vase of sunflowers"
+    assert pairs["a painting of a village church by Vincent van Gogh"] == (
+        "a painting of a village church"
+    )
+    assert not any("Gogh" in a or "style of" in a for a in built.forget_anchors)
+    assert not set(built.forget_anchors) & set(built.retain)
+    assert prompt_sets.coco_captions(20, 5).forget_anchors == ()
+    with pytest.raises(ValueError, match="1 forget anchors for 2 forget prompts"):
+        prompt_sets.PromptSet("x", forget=("a", "b"), retain=("c",), forget_anchors=("d",))
+
+
 def test_general_captions_are_seeded_held_out_and_never_name_the_concept():
     a, b = captions.coco_style_split(100, 40, seed=0), captions.coco_style_split(100, 40)
     assert a == b and not set(a[0]) & set(a[1])
@@ -152,9 +191,12 @@ def test_cli_writes_files_the_trainer_loads(tmp_path):
     subprocess.run(command, check=True, capture_output=True, text=True)
     built = prompt_sets.imagenette_objects("golf ball", general_retain=10)
     names = {p.name for p in out.iterdir()}
-    assert names == {f"{p}.txt" for p in PARTS} | {"labels.txt", "labels.json", "prompt_set.json"}
-    for part in PARTS:
+    extra = {"forget_anchors.txt", "labels.txt", "labels.json", "prompt_set.json"}
+    assert names == {f"{p}.txt" for p in PARTS} | extra
+    for part in (*PARTS, "forget_anchors"):
         assert load_prompts(str(out / f"{part}.txt"), part) == list(getattr(built, part))
+    manifest = json.loads((out / "prompt_set.json").read_text())
+    assert manifest["counts"]["forget_anchors"] == manifest["counts"]["forget"] == 8
     labels = json.loads((out / "labels.json").read_text())
     assert labels["labels"][labels["concept_index"][0]] == "golf ball"
     assert labels["template"].format("golf ball") == "a photo of a golf ball"
@@ -192,6 +234,8 @@ def test_sd_configs_load_and_resolve_without_weights(name, prompt_dirs, tmp_path
         method = arg.partition("method=")[2] or "distill_project"
         assert config.unlearn.method == method
         assert config.forget.prompts.endswith("forget.txt")
+        assert config.forget.anchor_prompts.endswith("forget_anchors.txt")
+        assert config.forget.anchor == ""  # the anchors are per prompt
         assert config.eval.prompts.endswith("eval_retain.txt")  # held out, not the retain set
         if "runlocal" in arg:
             assert config.sample.height is None and config.train.dtype == "float32"
@@ -208,6 +252,9 @@ def test_sd_configs_load_and_resolve_without_weights(name, prompt_dirs, tmp_path
         config = load_config(f"{REPO / 'configs' / name}.py{arg}", [("model.path", str(tmp_path))])
         spec = experiment.resolve_run(config)
         assert spec.forget_prompts == load_prompts(folder / "forget.txt", "forget.prompts")
+        anchors = load_prompts(folder / "forget_anchors.txt", "forget.anchor_prompts")
+        assert spec.anchor_prompts == anchors and len(anchors) == len(spec.forget_prompts)
+        assert spec.fingerprint["forget.anchor_prompts"] == anchors
         assert spec.eval_prompts == load_prompts(folder / "eval_retain.txt", "eval.prompts")
         assert spec.eval_forget_prompts == load_prompts(folder / "eval_forget.txt", "f")
         assert not set(spec.eval_prompts) & set(spec.retain_prompts)
@@ -217,7 +264,9 @@ def test_sd_configs_load_and_resolve_without_weights(name, prompt_dirs, tmp_path
         full = load_config(f"{REPO / 'configs' / name}.py:prompts={folder}")
         assert full.train.remat and full.train.batch_size % full.train.grad_accum == 0
     if name == "sd15_style":
-        assert config.forget.anchor == "a painting"
+        assert spec.anchor_prompts[3] == "a painting of a vase of sunflowers"
+    else:
+        assert spec.anchor_prompts[0] == "an image of a fish"
 
 
 @pytest.mark.slow

@@ -37,8 +37,12 @@ def micro(tmp_path_factory) -> Path:
     return save_micro_pipeline(tmp_path_factory.mktemp("micro_text") / "pipe")
 
 
+ANCHORS = ["a red square", "a photo of a dog"]  # one per tiny_unlearn.FORGET prompt
+
+
 def config(micro, **overrides):
     fields = {"unlearn__params": "none", "unlearn__text_encoder": "full", **overrides}
+    fields.setdefault("forget__anchor_prompts", repr(ANCHORS))
     return make_config(micro, "distill", **fields)
 
 
@@ -100,8 +104,14 @@ def test_forget_term_decreases_on_a_fixed_batch(text_run):
     spec = experiment.resolve_run(cfg)
     data = experiment.build_data(cfg, spec, model.pipe, workdir / "cache")  # cached x0
     batch = data.batch(0, batch_size=4, micro_steps=1, seed=0)["forget"]
-    batch = {k: v if k == "anchor_context" else v[0] for k, v in batch.items()}
+    batch = {k: v[0] for k, v in batch.items()}  # one micro-step; the anchor is per example
     assert batch["context"].dtype == np.int32  # token ids: the model encodes them itself
+    # Each example carries the token ids of its own forget prompt's anchor.
+    epoch = data.batch(0, batch_size=data.forget_size, micro_steps=1, seed=0)["forget"]
+    forget_ids = [tuple(r) for r in model.pipe.tokenize(spec.forget_prompts)]
+    prompt = [forget_ids.index(tuple(r)) for r in epoch["context"][0]]
+    assert sorted(set(prompt)) == [0, 1]
+    np.testing.assert_array_equal(epoch["anchor_context"][0], model.pipe.tokenize(ANCHORS)[prompt])
     term = jax.jit(
         lambda p: FORGET_TERMS["remap"](
             model.diffusion, p, model.theta0, batch, jax.random.key(7), spec.hparams

@@ -209,6 +209,10 @@ def test_workdir_of_another_run_is_refused(full_run, micro):
         train_and_evaluate(config(micro, seed=1), workdir)
     with pytest.raises(FingerprintMismatchError, match="unlearn.method"):
         train_and_evaluate(make_config(micro, "distill", unlearn__params="xattn"), workdir)
+    # Per-prompt anchors are another run (the key appears only when they are in use).
+    anchors = config(micro, forget__anchor_prompts=repr(["a red square", "a photo of a dog"]))
+    with pytest.raises(FingerprintMismatchError, match=r'forget.anchor_prompts: "<absent>" ->'):
+        train_and_evaluate(anchors, workdir)
     # Evaluation and checkpoint settings are not part of the run; nothing left to train.
     result = train_and_evaluate(config(micro, checkpoint__keep=5, eval__seeds=2), workdir)
     assert result["step"] == 4

@@ -1,5 +1,9 @@
 """Data-parallel and FSDP training on 8 fake CPU devices equal one device (float32 tolerance).
 
+The runs remap each forget prompt to its own anchor (forget.concept 'circle' ->
+anchor_concept 'square'), so the per-example anchor contexts are sharded over
+the mesh like every per-example array.
+
 Runs in a subprocess (the device count is fixed when JAX starts) and compiles
 three train steps, so it is marked slow (~3-5 minutes on two CPU cores).
 SGD rather than Adam: Adam's first steps amplify rounding differences of
@@ -25,7 +29,7 @@ SCRIPT = textwrap.dedent(
     import jax
     import numpy as np
     from tiny_unlearn import make_config, save_micro_pipeline
-    from unlearn_jax.unlearn import sharding
+    from unlearn_jax.unlearn import experiment, sharding
     from unlearn_jax.unlearn.checkpoints import Checkpoints
     from unlearn_jax.unlearn.train import train_and_evaluate
     from pathlib import Path
@@ -34,12 +38,17 @@ SCRIPT = textwrap.dedent(
     sharding.MIN_FSDP_SIZE = 256  # shard the micro model's small kernels too
     root = Path({root!r})
     model = save_micro_pipeline(root / "pipe")
+    FORGET = ["a red circle", "a small green circle on a grey background"]
+    ANCHORS = ["a red square", "a small green square on a grey background"]
     out = {{}}
     for name, data, fsdp in [("single", 1, 1), ("data", 8, 1), ("fsdp", 2, 4)]:
         config = make_config(
             model, unlearn__params="xattn", train__steps=2, train__batch_size=8,
             optim__name="sgd", optim__lr=0.5, mesh__data=data, mesh__fsdp=fsdp,
+            forget__prompts=repr(FORGET), forget__concept="circle",
+            forget__anchor_concept="square",
         )
+        assert experiment.resolve_run(config).anchor_prompts == ANCHORS
         result = train_and_evaluate(config, root / name)
         manager = Checkpoints(root / name)
         step = manager.latest_step()

@@ -117,3 +117,84 @@ def test_tfds_latents_equal_the_same_images_as_files(pipe, tmp_path, file_format
         sources.folder_latents(pipe, f"tfds:{builder.data_dir}:validation", num_prompts=1)
     with pytest.raises(FileNotFoundError, match="not a prepared TFDS dataset"):
         sources.folder_latents(pipe, "tfds:no_such_dataset_here", num_prompts=1)
+
+
+# ---------------------------------------------------------------- anchors in batches
+
+
+def anchored_data(preset: str, anchor_context: np.ndarray, forget_context: np.ndarray):
+    """UnlearnData of 3 forget prompts x 4 examples whose x0 holds the example's number."""
+    from unlearn_jax.unlearn.batches import UnlearnData
+    from unlearn_jax.unlearn.registry import PRESETS
+
+    prompt_index = np.repeat(np.arange(3, dtype=np.int32), 4)
+    x0 = np.broadcast_to(np.arange(12.0)[:, None, None, None], (12, 2, 2, 1)).copy()
+    return UnlearnData(
+        preset=PRESETS[preset],
+        forget_context=forget_context,
+        anchor_context=anchor_context,
+        uncond_context=np.full_like(anchor_context[:1], 7),
+        anchor_index=np.array([1, 0, 1], np.int32),  # prompts 0 and 2 share anchor 1
+        forget_latents=sources.Latents(x0, prompt_index),
+        retain_context=forget_context[:2],
+        retain_latents=sources.Latents(x0[:5], np.array([0, 1, 0, 1, 0], np.int32)),
+    )
+
+
+@pytest.mark.parametrize("kind", ["embeddings", "token ids"])
+def test_batches_gather_each_examples_own_anchor(kind):
+    from unlearn_jax.unlearn.batches import SHARED_KEYS
+
+    rng = np.random.default_rng(0)
+    if kind == "embeddings":  # [A, L, D]
+        anchors, contexts = rng.normal(size=(2, 5, 6)), rng.normal(size=(3, 5, 6))
+    else:  # the text encoder trains: token ids [A, L]
+        anchors, contexts = rng.integers(0, 99, (2, 5)), rng.integers(0, 99, (3, 5))
+    data = anchored_data("distill", anchors, contexts)
+    assert "anchor_context" not in SHARED_KEYS  # per example: sharded like x0
+    for step in range(3):
+        batch = data.batch(step, batch_size=8, micro_steps=2, seed=1)["forget"]
+        assert batch["anchor_context"].shape == (2, 4, *anchors.shape[1:])
+        example = batch["x0"][..., 0, 0, 0].astype(int)  # [micro_steps, micro_batch]
+        prompt = example // 4
+        np.testing.assert_array_equal(batch["context"], contexts[prompt])
+        np.testing.assert_array_equal(batch["anchor_context"], anchors[[1, 0, 1]][prompt])
+    # Without anchor_index every prompt has anchor row 0 (one shared anchor).
+    data.anchor_index = None
+    batch = data.batch(0, batch_size=8, micro_steps=1, seed=1)["forget"]
+    np.testing.assert_array_equal(batch["anchor_context"][0], np.stack([anchors[0]] * 8))
+    # Methods without a remap term carry no anchors (ESD: test_train_configs); SalUn's
+    # saliency chunks neither.
+    for preset in ("neggrad", "graddiff"):
+        batch = anchored_data(preset, anchors, contexts).batch(0, 4, 1, 0)
+        assert "anchor_context" not in batch["forget"]
+    _, chunk = next(anchored_data("salun", anchors, contexts).saliency_chunks(4))
+    assert set(chunk) == {"x0", "context"}
+
+
+def test_build_data_encodes_each_distinct_anchor_once(pipe, tmp_path, monkeypatch):
+    from tiny_unlearn import make_config
+
+    from unlearn_jax.unlearn import experiment
+    from unlearn_jax.unlearn.batches import FORGET_DATA_STREAM, stream_indices
+
+    def fake_latents(config, pipe, prompts, section, seed, cache_dir, model_id):
+        return sources.Latents(np.zeros((len(prompts), 8, 8, 4), np.float32), np.arange(3))
+
+    monkeypatch.setattr(experiment, "_latents", fake_latents)
+    config = make_config(
+        tmp_path / "unused",
+        "distill",
+        forget__prompts=repr(["a red circle", "a Circle on grey", "a photo of a cat"]),
+        forget__anchor_prompts=repr(["a red square", "a red square", ""]),
+    )
+    spec = experiment.resolve_run(config)
+    data = experiment.build_data(config, spec, pipe, tmp_path)
+    np.testing.assert_array_equal(data.anchor_index, [0, 0, 1])
+    np.testing.assert_allclose(
+        data.anchor_context, sources.encode_prompt_set(pipe, ["a red square", ""]), rtol=1e-6
+    )
+    batch = data.batch(0, batch_size=3, micro_steps=1, seed=0)["forget"]
+    order = stream_indices(0, FORGET_DATA_STREAM, 0, 3, 3)  # the examples of step 0
+    want = sources.encode_prompt_set(pipe, ["a red square", "a red square", ""])[order]
+    np.testing.assert_allclose(batch["anchor_context"][0], want, rtol=1e-6, atol=1e-6)

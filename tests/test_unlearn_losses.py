@@ -143,6 +143,30 @@ def test_remap_frozen_and_current_targets():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got, want)
 
 
+def test_remap_per_example_anchors_match_a_numpy_loop_over_examples():
+    """Each example is remapped to its own anchor, gathered by prompt as the batches do."""
+    distinct = np.random.default_rng(3).normal(size=(2, L, D)).astype(np.float32)  # A = 2
+    rows = np.array([1, 0, 1])  # anchor of each example's forget prompt
+    batch = {**BATCH, "anchor_context": jnp.asarray(distinct[rows])}
+    _, t, _, x_t, _, _ = np_noised(batch, RNG)
+    prediction = np_apply(THETA, x_t, t, BATCH["context"])
+    for hp, teacher in ((HP, THETA0), (UnlearnHParams(target_model="current"), THETA)):
+        remap = jax.jit(lambda b, hp=hp: forget.remap_loss(MODEL, THETA, THETA0, b, RNG, hp)[0])
+        target = np.concatenate(
+            [
+                np_apply(teacher, x_t[i : i + 1], t[i : i + 1], distinct[rows[i]][None])
+                for i in range(B)
+            ]
+        )
+        close(remap(batch), np_mse(prediction, target))
+        # One anchor for all as [1, L, D] equals it repeated per example, and differs from
+        # the per-example anchors (so each example's row is what the loss used).
+        shared = {**batch, "anchor_context": jnp.asarray(distinct[:1])}
+        repeated = {**batch, "anchor_context": jnp.asarray(np.repeat(distinct[:1], B, 0))}
+        close(remap(shared), float(remap(repeated)))
+        assert abs(float(remap(shared)) - float(remap(batch))) > 1e-3
+
+
 def test_esd_target_formula_and_loss():
     e_c, e_u = np.random.default_rng(0).normal(size=(2, B, H, W, C))
     np.testing.assert_allclose(

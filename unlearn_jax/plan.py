@@ -477,7 +477,7 @@ def plan_train_step(
         "x_t": ((1, batch, *latent), jnp.float32),
         "t": ((1, batch), jnp.int32),
         "context": ((1, batch, *context), jnp.float32),
-        "anchor_context": ((1, *context), jnp.float32),
+        "anchor_context": ((1, batch, *context), jnp.float32),  # c_a per example
         "uncond_context": ((1, *context), jnp.float32),
     }
     parts = {"forget": BATCH_KEYS[preset.forget]}

@@ -7,8 +7,9 @@
 Both sides run one step of the preset `--method` (default `distill`: remap
 forget term + retain_distill retain term, conditional and unconditional
 branch, `sum` combiner) on the same model, the same batch (precomputed x0
-latents and text contexts, `--batch-size` examples per term) and the same
-optimizer (Adam with global-norm clipping 1.0, as `configs/base.py`):
+latents and text contexts, `--batch-size` examples per term; the remap
+anchors per example, as the trainer pairs one anchor with each forget prompt)
+and the same optimizer (Adam with global-norm clipping 1.0, as `configs/base.py`):
 
   ours   the trainer's own step: `experiment.load_model` (θ0, the split, the
          pure model), `state.init_state`, `train_step.make_train_step`,
@@ -175,7 +176,8 @@ def prepare_inputs(folder: Path, spec: dict, workdir: Path) -> None:
         with torch.no_grad():
             return encoder(ids.input_ids).last_hidden_state.float().numpy()
 
-    prompts = caption_prompts(2 * b)
+    # Forget, retain and anchor prompts: distinct captions, an anchor per forget example.
+    prompts = caption_prompts(3 * b)
     unet = UNet2DConditionModel.from_pretrained(str(folder / "unet")).float()
     cfg = unet.config
     scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
@@ -186,8 +188,9 @@ def prepare_inputs(folder: Path, spec: dict, workdir: Path) -> None:
         "forget_x0": rng.standard_normal(latent, dtype=np.float32),
         "forget_context": embed(prompts[:b]),
         "retain_x0": rng.standard_normal(latent, dtype=np.float32),
-        "retain_context": embed(prompts[b:]),
-        "empty_context": embed([""]),  # anchor c_a (forget.anchor's default) and ∅
+        "retain_context": embed(prompts[b : 2 * b]),
+        "anchor_context": embed(prompts[2 * b :]),  # c_a of each forget example
+        "empty_context": embed([""]),  # ∅
         # ESD's x_t and t come from θ0's trajectories in a real run; any values time the same.
         "esd_x_t": rng.standard_normal(latent, dtype=np.float32),
         "esd_t": rng.integers(0, num_timesteps, b).astype(np.int32),
@@ -268,7 +271,7 @@ def run_ours(spec: dict, workdir: Path) -> dict:
             "train": {"dtype": spec["dtype"], "remat": spec["remat"]},
         }
     )
-    run = experiment.RunSpec(preset, preset.params, preset.hparams, [], [], [], [], "", {})
+    run = experiment.RunSpec(preset, preset.params, preset.hparams, [], [], [], [], [], {})
     model = experiment.load_model(config, run)
     # θ: the perturbed UNet the parent wrote, in θ0's structure (float32 parameters).
     tensors, _ = weights.read_component_weights(workdir / "start_unet")
@@ -326,7 +329,10 @@ def run_ours(spec: dict, workdir: Path) -> dict:
 
 
 def _our_batch(preset, inputs) -> dict:
-    """The trainer's batch: per-example arrays [1 micro-step, B, ...] (NHWC), shared [1,L,D]."""
+    """The trainer's batch: per-example arrays [1 micro-step, B, ...] (NHWC), shared [1,L,D].
+
+    As in training, 'anchor_context' is per example and only ∅ is shared.
+    """
     from unlearn_jax.unlearn.batches import SHARED_KEYS
     from unlearn_jax.unlearn.registry import BATCH_KEYS
 
@@ -337,11 +343,12 @@ def _our_batch(preset, inputs) -> dict:
             "x_t": nhwc(inputs["esd_x_t"]),
             "t": inputs["esd_t"],
             "context": inputs["forget_context"],
+            "anchor_context": inputs["anchor_context"],
         },
         "retain": {"x0": nhwc(inputs["retain_x0"]), "context": inputs["retain_context"]},
     }
     for part in values.values():
-        part.update(anchor_context=inputs["empty_context"], uncond_context=inputs["empty_context"])
+        part.update(uncond_context=inputs["empty_context"])
     terms = {"forget": preset.forget, "retain": preset.retain}
     return {
         part: {
@@ -425,13 +432,14 @@ class TorchReference:
             return mse, {"mse": mse}
         x0, t, eps, x_t = self._draws("forget", draws)
         if term == "remap":
+            anchor = d["anchor_context"]  # [B, L, D]: each example's own c_a
             if self.hp["target_model"] == "current":
-                prediction, anchored = self._two_contexts(self.student, x_t, t, context, empty)
+                prediction, anchored = self._two_contexts(self.student, x_t, t, context, anchor)
                 anchored = anchored.detach()
             else:
                 prediction = self._apply(self.student, x_t, t, context)
                 with self.torch.no_grad():
-                    anchored = self._apply(self.frozen, x_t, t, empty.expand_as(context))
+                    anchored = self._apply(self.frozen, x_t, t, anchor)
             mse = self._mse(prediction, anchored)
             return mse, {"mse": mse}
         if term == "noise":

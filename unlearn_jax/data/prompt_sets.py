@@ -1,9 +1,11 @@
 """Prompt sets for Stable-Diffusion-scale experiments, generated from templates.
 
 Every set is a deterministic function of its arguments (no network; a file only
-when real COCO captions are given) and comes in four parts plus a label set:
+when real COCO captions are given) and comes in five parts plus a label set:
 
   forget       prompts of the concept to unlearn            -> forget.prompts
+  forget_anchors  one anchor per forget prompt, same order  -> forget.anchor_prompts
+               (the remap family's c_a: the prompt with the concept replaced or removed)
   retain       prompts to keep, e.g. neighbouring concepts  -> retain.prompts
   eval_forget  held-out phrasings of the concept            -> eval.forget_prompts
   eval_retain  held-out retain prompts, never trained on    -> eval.prompts (integrity)
@@ -15,21 +17,25 @@ Sets (`SETS`):
 
   imagenette  forget one of the 10 Imagenette classes ("an image of a tench"),
               retain the other 9 under the same templates; evaluation uses
-              templates that are not trained on.
+              templates that are not trained on. Anchors: the class replaced by
+              its parent class or a neighbour ("an image of a fish", IMAGENETTE_ANCHORS).
   van_gogh    forget an artist's style ("<subject> in the style of Vincent van
               Gogh"); retain = neighbouring artists over the same subjects (the
-              hard retain set); evaluation uses held-out subjects.
+              hard retain set); evaluation uses held-out subjects. Anchors: the
+              style phrase removed ("a painting of a village church by Vincent van
+              Gogh" -> "a painting of a village church").
   coco        COCO-style captions of everyday scenes, written from templates
               here (no COCO caption is copied), or sampled from a real
               `captions_*.json`; a seeded train/eval split, disjoint
-              (both made by `data.captions`).
+              (both made by `data.captions`). No forget part, so no anchors.
 
 `general_retain=N` (CLI `--general N`) adds N COCO-style captions to the retain
 set and N others to eval_retain, so integrity is also measured on prompts
 unrelated to the concept (captions naming the concept are left out).
 
-Command line (writes forget.txt, retain.txt, eval_forget.txt, eval_retain.txt,
-labels.txt, labels.json and prompt_set.json; files of an empty part are not written):
+Command line (writes forget.txt, forget_anchors.txt, retain.txt, eval_forget.txt,
+eval_retain.txt, labels.txt, labels.json and prompt_set.json; files of an empty part
+are not written):
 
   python -m unlearn_jax.data.prompt_sets imagenette --concept tench --general 100 \
       --out prompts/imagenette_tench
@@ -55,11 +61,13 @@ from typing import Any
 
 from unlearn_jax.data.captions import coco_style_split, read_coco_captions
 from unlearn_jax.data.prompt_vocab import (
+    IMAGENETTE_ANCHORS,
     IMAGENETTE_CLASSES,
     NEIGHBOUR_ARTISTS,
     OBJECT_EVAL_TEMPLATES,
     OBJECT_LABEL_TEMPLATE,
     OBJECT_TEMPLATES,
+    STYLE_ANCHOR_TEMPLATES,
     STYLE_ARTIST,
     STYLE_EVAL_SUBJECTS,
     STYLE_EVAL_TEMPLATES,
@@ -76,6 +84,8 @@ class PromptSet:
     Attributes:
       name: the set's name ('imagenette', 'van_gogh', 'coco').
       forget, retain, eval_forget, eval_retain: prompts, in a fixed order.
+      forget_anchors: the anchor of each forget prompt (same length and order), or ()
+        for a set without anchors.
       labels: class names of the forget classifier's label set (may be empty).
       concept_index: indices into `labels` that count as the concept.
       label_template: text prompt of each label, one '{}' for the label.
@@ -87,16 +97,25 @@ class PromptSet:
     retain: tuple[str, ...]
     eval_forget: tuple[str, ...] = ()
     eval_retain: tuple[str, ...] = ()
+    forget_anchors: tuple[str, ...] = ()
     labels: tuple[str, ...] = ()
     concept_index: tuple[int, ...] = ()
     label_template: str = OBJECT_LABEL_TEMPLATE
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.forget_anchors and len(self.forget_anchors) != len(self.forget):
+            raise ValueError(
+                f"{len(self.forget_anchors)} forget anchors for {len(self.forget)} forget "
+                "prompts; there must be one anchor per forget prompt"
+            )
 
     def files(self) -> dict[str, str]:
         """{file name: content} of every non-empty part (one prompt per line)."""
         lines = lambda items: "".join(f"{item}\n" for item in items)
         parts = {
             "forget.txt": self.forget,
+            "forget_anchors.txt": self.forget_anchors,
             "retain.txt": self.retain,
             "eval_forget.txt": self.eval_forget,
             "eval_retain.txt": self.eval_retain,
@@ -149,6 +168,7 @@ def with_article(noun: str) -> str:
 
 
 def _fill(templates: Sequence[str], noun: str) -> list[str]:
+    """Each template with `noun`: {a} with its article, {c} bare."""
     return [t.format(a=with_article(noun), c=noun) for t in templates]
 
 
@@ -199,6 +219,8 @@ def imagenette_objects(
     forget/retain use OBJECT_TEMPLATES (8 per class), eval_forget/eval_retain the
     held-out OBJECT_EVAL_TEMPLATES (6 per class): 8 forget, 72 retain, 6 eval_forget,
     54 eval_retain prompts, plus `general_retain` COCO-style captions in each retain part.
+    forget_anchors: the forget templates filled with the class's IMAGENETTE_ANCHORS
+    entry ("a photo of a tench" -> "a photo of a fish").
     Labels: the 10 classes, concept_index the forgotten one.
 
     Raises:
@@ -218,6 +240,7 @@ def imagenette_objects(
         retain=tuple(p for c in others for p in _fill(OBJECT_TEMPLATES, c)),
         eval_forget=tuple(_fill(OBJECT_EVAL_TEMPLATES, concept)),
         eval_retain=tuple(p for c in others for p in _fill(OBJECT_EVAL_TEMPLATES, c)),
+        forget_anchors=tuple(_fill(OBJECT_TEMPLATES, IMAGENETTE_ANCHORS[concept])),
         labels=IMAGENETTE_CLASSES,
         concept_index=(IMAGENETTE_CLASSES.index(concept),),
         label_template=OBJECT_LABEL_TEMPLATE,
@@ -239,7 +262,8 @@ def artist_style(
     forget: STYLE_SUBJECTS x STYLE_TEMPLATES (24). retain: each neighbour over
     STYLE_SUBJECTS, the template alternating (12 per artist). eval_forget: the
     held-out STYLE_EVAL_SUBJECTS x STYLE_EVAL_TEMPLATES (16); eval_retain: each
-    neighbour over the held-out subjects (8 per artist). Labels: the artist
+    neighbour over the held-out subjects (8 per artist). forget_anchors: each forget
+    prompt with the style phrase removed (STYLE_ANCHOR_TEMPLATES). Labels: the artist
     (index 0) and the neighbours.
     """
     neighbours = [n for n in neighbours if n.lower() != artist.lower()]
@@ -262,6 +286,7 @@ def artist_style(
         retain=tuple(rotated(STYLE_SUBJECTS, STYLE_TEMPLATES)),
         eval_forget=tuple(prompts(STYLE_EVAL_SUBJECTS, STYLE_EVAL_TEMPLATES, artist)),
         eval_retain=tuple(rotated(STYLE_EVAL_SUBJECTS, STYLE_EVAL_TEMPLATES)),
+        forget_anchors=tuple(prompts(STYLE_SUBJECTS, STYLE_ANCHOR_TEMPLATES, artist)),
         labels=(artist, *neighbours),
         concept_index=(0,),
         label_template=STYLE_LABEL_TEMPLATE,

@@ -43,6 +43,21 @@ OBJECT_EVAL_TEMPLATES = (
     "a photo of one {c}",
 )
 OBJECT_LABEL_TEMPLATE = "a photo of a {}"
+# The anchor of each class for the remap family: its parent class or a close
+# neighbour that is not one of the ten, so that "a photo of a tench" is remapped to
+# "a photo of a fish" (the same photo, the concept replaced; Concept Ablation's pairing).
+IMAGENETTE_ANCHORS = {
+    "tench": "fish",
+    "English springer": "dog",
+    "cassette player": "radio",
+    "chain saw": "hand saw",
+    "church": "building",
+    "French horn": "trumpet",
+    "garbage truck": "truck",
+    "gas pump": "vending machine",
+    "golf ball": "ball",
+    "parachute": "kite",
+}
 
 # ---------------------------------------------------------------------------
 # Artistic styles
@@ -85,6 +100,9 @@ STYLE_EVAL_SUBJECTS = (
     "a family having a picnic",
 )
 STYLE_TEMPLATES = ("{s} in the style of {artist}", "a painting of {s} by {artist}")
+# STYLE_TEMPLATES with the style phrase removed, one per template (same order): the
+# anchors of the forget prompts ("a painting of {s} by {artist}" -> "a painting of {s}").
+STYLE_ANCHOR_TEMPLATES = ("{s}", "a painting of {s}")
 STYLE_EVAL_TEMPLATES = ("{s} in the style of {artist}", "{s}, an oil painting by {artist}")
 STYLE_LABEL_TEMPLATE = "a painting by {}"
 

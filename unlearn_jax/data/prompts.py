@@ -25,7 +25,8 @@ class PromptOverlapWarning(UserWarning):
     """The same prompt is in the forget and the retain set."""
 
 
-def _looks_like_path(text: str) -> bool:
+def looks_like_path(text: str) -> bool:
+    """Whether a config string names a file: it ends in .txt, holds a separator or exists."""
     return text.endswith(".txt") or os.sep in text or Path(text).expanduser().exists()
 
 
@@ -59,8 +60,8 @@ def load_prompts(spec: PromptSpec, what: str) -> list[str]:
         )
     if isinstance(spec, (str, os.PathLike)):
         text = os.fspath(spec)
-        prompts = read_prompt_file(text) if _looks_like_path(text) else [text]
-        source = f"file {text}" if _looks_like_path(text) else "the config"
+        prompts = read_prompt_file(text) if looks_like_path(text) else [text]
+        source = f"file {text}" if looks_like_path(text) else "the config"
     else:
         prompts = [str(p).strip() for p in spec]
         source = "the config"

@@ -8,11 +8,14 @@ run sees exactly the batches an uninterrupted one would.
 
 A batch is {'forget': {...}, 'retain': {...}} holding the keys the preset's
 terms read (`registry.BATCH_KEYS`). Per-example arrays are laid out
-[micro_steps, micro_batch, ...] for gradient accumulation; the keys in
-`SHARED_KEYS` (the anchor and empty-prompt embeddings) are [1, L, D] and
-broadcast by the losses. When the text encoder trains, every context is the
-prompt's token ids ([P, L] int32) instead of its embedding (the model encodes
-them itself, see `text_encoder`).
+[micro_steps, micro_batch, ...] for gradient accumulation and sharded over the
+mesh; among them the remap family's 'anchor_context' [micro_steps, micro_batch,
+L, D]: each example's anchor c_a, gathered by its forget prompt (one anchor per
+forget prompt, see `unlearn_jax.data.anchors`). The keys in `SHARED_KEYS` (the
+empty-prompt embedding) are [1, L, D], replicated and broadcast by the losses.
+When the text encoder trains, every context is the prompt's token ids ([P, L]
+int32, in a batch [micro_steps, micro_batch, L]) instead of its embedding (the
+model encodes them itself, see `text_encoder`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import numpy as np
 from unlearn_jax.data.sources import Latents, Trajectories
 from unlearn_jax.unlearn.registry import BATCH_KEYS, Preset
 
-SHARED_KEYS = ("anchor_context", "uncond_context")
+SHARED_KEYS = ("uncond_context",)
 FORGET_DATA_STREAM = 0
 RETAIN_DATA_STREAM = 1
 
@@ -51,8 +54,10 @@ class UnlearnData:
     Attributes:
       preset: the method (which terms, hence which keys).
       forget_context: [Pf, L, D] embeddings of the forget prompts.
-      anchor_context: [1, L, D] embedding of forget.anchor (c_a).
+      anchor_context: [A, L, D] embeddings of the A distinct anchors c_a.
       uncond_context: [1, L, D] embedding of the empty prompt.
+      anchor_index: [Pf] int, the row of anchor_context paired with each forget
+        prompt; None: row 0 for every prompt (one shared anchor).
       forget_latents: x0 of the forget set (non-ESD forget terms), else None.
       forget_trajectories: ESD's x_t source, else None.
       retain_context: [Pr, L, D] embeddings of the retain prompts (None without retain term).
@@ -67,24 +72,31 @@ class UnlearnData:
     forget_trajectories: Trajectories | None = None
     retain_context: np.ndarray | None = None
     retain_latents: Latents | None = None
+    anchor_index: np.ndarray | None = None
+
+    def anchors_of(self, prompt_index: np.ndarray) -> np.ndarray:
+        """Anchor contexts [B, L, D] (token ids: [B, L]) of forget prompts `prompt_index` [B]."""
+        if self.anchor_index is None:
+            rows = np.zeros_like(prompt_index)
+        else:
+            rows = self.anchor_index[prompt_index]
+        return self.anchor_context[rows]
 
     def _forget(self, idx: np.ndarray) -> dict[str, np.ndarray]:
         if self.preset.forget == "esd":
             traj = self.forget_trajectories
             steps = traj.x_t.shape[1]
             run, step = idx // steps, idx % steps
-            values = {
-                "x_t": traj.x_t[run, step],
-                "t": traj.timesteps[step],
-                "context": self.forget_context[traj.prompt_index[run]],
-            }
+            prompt_index = traj.prompt_index[run]
+            values = {"x_t": traj.x_t[run, step], "t": traj.timesteps[step]}
         else:
-            values = {
-                "x0": self.forget_latents.x0[idx],
-                "context": self.forget_context[self.forget_latents.prompt_index[idx]],
-            }
-        values.update(anchor_context=self.anchor_context, uncond_context=self.uncond_context)
-        return {k: values[k] for k in BATCH_KEYS[self.preset.forget]}
+            prompt_index = self.forget_latents.prompt_index[idx]
+            values = {"x0": self.forget_latents.x0[idx]}
+        values.update(context=self.forget_context[prompt_index], uncond_context=self.uncond_context)
+        keys = BATCH_KEYS[self.preset.forget]
+        if "anchor_context" in keys:
+            values["anchor_context"] = self.anchors_of(prompt_index)
+        return {k: values[k] for k in keys}
 
     def _retain(self, idx: np.ndarray) -> dict[str, np.ndarray]:
         values = {

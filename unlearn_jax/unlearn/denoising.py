@@ -124,7 +124,8 @@ def apply_two_contexts(
 
     One call rather than two: the accelerator sees a bigger batch, and a student
     and teacher evaluated this way with equal parameters agree bit for bit.
-    context_b may be [1,L,D] (e.g. the empty prompt) and is broadcast to [B,L,D].
+    context_a is [B,L,D] (token ids: [B,L]); context_b is the same shape (e.g. each
+    example's own anchor) or [1,L,D] (e.g. the empty prompt), broadcast to [B,L,D].
     """
     context_b = jnp.broadcast_to(context_b, context_a.shape).astype(context_a.dtype)
     out = model.apply_fn(

@@ -24,6 +24,7 @@ from flax import nnx
 
 from unlearn_jax.data import prompts as prompt_sets
 from unlearn_jax.data import sources
+from unlearn_jax.data.anchors import resolve_anchor_prompts, uses_prompt_anchors
 from unlearn_jax.data.cache import model_key
 from unlearn_jax.diffusion.schedule import schedule_from_config
 from unlearn_jax.models.pipeline import StableDiffusion, load_pipeline
@@ -62,7 +63,9 @@ class RunSpec:
 
     Attributes:
       preset: the method; params_group: the trainable group/regex; hparams: merged
-      hyperparameters; *_prompts: the prompt sets; anchor: c_a;
+      hyperparameters; *_prompts: the prompt sets; anchor_prompts: [Pf] c_a of each
+      forget prompt, in its order (all equal to forget.anchor unless per-prompt
+      anchors are configured, see `unlearn_jax.data.anchors`);
       fingerprint: JSON-able dict of every setting that changes the result
       (compared on resume; train.steps, eval and checkpoint settings excluded).
       text_encoder: `unlearn.text_encoder` ('full' or a regex), or None when the
@@ -76,7 +79,7 @@ class RunSpec:
     retain_prompts: list[str]
     eval_prompts: list[str]
     eval_forget_prompts: list[str]
-    anchor: str
+    anchor_prompts: list[str]
     fingerprint: dict[str, Any]
     text_encoder: str | None = None
 
@@ -124,6 +127,13 @@ def resolve_run(config: ml_collections.ConfigDict) -> RunSpec:
             "folder with model_index.json) or a hub id."
         )
     forget = prompt_sets.load_prompts(config.forget.prompts, "forget.prompts")
+    anchor_fields = dict(
+        anchor=config.forget.anchor,
+        anchor_prompts=config.forget.get("anchor_prompts"),
+        concept=config.forget.get("concept", ""),
+        anchor_concept=config.forget.get("anchor_concept", ""),
+    )
+    anchors = resolve_anchor_prompts(forget, **anchor_fields)
     needs_retain = preset.retain is not None and bool(BATCH_KEYS[preset.retain])
     retain_spec = config.retain.get("prompts")
     if needs_retain or retain_spec:
@@ -178,6 +188,9 @@ def resolve_run(config: ml_collections.ConfigDict) -> RunSpec:
     if text_group is not None:
         # Only when on, so that workdirs of runs from before the option still resume.
         fingerprint["unlearn.text_encoder"] = text_group
+    if uses_prompt_anchors(anchor_fields["anchor_prompts"], anchor_fields["anchor_concept"]):
+        # Likewise only when in use: forget.anchor alone still says what the anchors are.
+        fingerprint["forget.anchor_prompts"] = _prompt_summary(anchors)
     return RunSpec(
         preset,
         group,
@@ -186,7 +199,7 @@ def resolve_run(config: ml_collections.ConfigDict) -> RunSpec:
         retain,
         eval_prompts,
         eval_forget,
-        config.forget.anchor,
+        anchors,
         fingerprint,
         text_group,
     )
@@ -324,11 +337,15 @@ def build_data(
         embed = lambda prompts: sources.encode_prompt_set(pipe, prompts)
     else:
         embed = pipe.tokenize
+    # Each distinct anchor is encoded once; batches gather it per example by prompt.
+    distinct = list(dict.fromkeys(spec.anchor_prompts))
+    row = {anchor: i for i, anchor in enumerate(distinct)}
     data = UnlearnData(
         preset=preset,
         forget_context=embed(spec.forget_prompts),
-        anchor_context=embed([spec.anchor]),
+        anchor_context=embed(distinct),
         uncond_context=embed([""]),
+        anchor_index=np.asarray([row[a] for a in spec.anchor_prompts], np.int32),
     )
     if preset.forget == "esd":
         data.forget_trajectories = sources.ddim_trajectories(

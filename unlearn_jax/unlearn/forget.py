@@ -6,7 +6,8 @@ Signature of every term (see `unlearn_jax.unlearn`):
 
 Forget batches (all arrays share the batch size B):
   neggrad, noise:  'x0' [B,h,w,C] latents of forget images, 'context' [B,L,D] c_f.
-  remap:           'x0', 'context' (c_f), 'anchor_context' [B,L,D] or [1,L,D] c_a.
+  remap:           'x0', 'context' (c_f), 'anchor_context' [B,L,D] c_a, each example's
+                   own anchor (one per forget prompt), or [1,L,D] one for all.
   esd:             'x_t' [B,h,w,C] from a partial θ0 trajectory for c_f, 't' [B] int32
                    its timesteps, 'context' (c_f), 'uncond_context' [B|1,L,D] (∅).
 
@@ -70,6 +71,11 @@ def remap_loss(
     model-based) and the current θ when it is 'current' (SalUn / EraseDiff
     pseudo prompt). The target is in the network's own output space (eps or
     v), so no conversion is needed for v-prediction models.
+
+    Args:
+      batch: 'x0' [B,h,w,C]; 'context' [B,L,D] c_f; 'anchor_context' [B,L,D], row b
+        the anchor paired with example b's forget prompt, or [1,L,D] broadcast to all
+        (token ids [B,L] / [1,L] when the text encoder trains).
     Returns (mse, {'mse': mse}).
     """
     x0 = batch["x0"]

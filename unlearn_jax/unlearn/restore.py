@@ -146,7 +146,7 @@ def export(workdir: str | Path, out: str | Path) -> Path:
     config.train.dtype = "float32"
     config.train.remat = False
     text_group = text_encoder_group(config)  # run.json of older runs has no such field
-    spec = experiment.RunSpec(preset, group, preset.hparams, [], [], [], [], "", {}, text_group)
+    spec = experiment.RunSpec(preset, group, preset.hparams, [], [], [], [], [], {}, text_group)
     model = experiment.load_model(config, spec)
     step, trainable = restore_latest(config, model, workdir, preset.saliency)
     params = model.split.merge(jax.device_get(trainable), model.theta0)
