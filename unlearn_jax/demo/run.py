@@ -159,7 +159,8 @@ def run_method(
     head = pareto.headline_point(curve)
     config, run_dir = runs[head["lr"]]
     record = _headline_evaluation(config, run_dir, head["step"], prompts)
-    _prune_checkpoints(run_dir, {head["step"], protocol.steps})
+    for lr, (_, path) in runs.items():  # the final checkpoints, and the headline point's
+        _prune_checkpoints(path, {protocol.steps} | ({head["step"]} if lr == head["lr"] else set()))
     original = {
         "forget_rate": float(record["forget_rate_original"]),
         "retain_accuracy": float(record["retain_accuracy_original"]),
