@@ -16,7 +16,6 @@ independent, so prompts are the resampling unit; with one prompt, over seeds).
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from unlearn_jax.atomic_files import write_json, write_npz
 from unlearn_jax.diffusion import text_to_image
 from unlearn_jax.metrics import image_quality, lpips
 from unlearn_jax.metrics.visualize import save_grid
@@ -215,9 +215,10 @@ def write_integrity_report(
     """Writes integrity.json, pairs.npz and grid.png (original vs unlearned per prompt)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "integrity.json").write_text(json.dumps(result.to_json(), indent=2))
-    np.savez_compressed(
+    write_json(out / "integrity.json", result.to_json())
+    write_npz(
         out / "pairs.npz",
+        compressed=True,
         original=result.original.astype(np.float32),
         unlearned=result.unlearned.astype(np.float32),
         lpips=result.per_pair.astype(np.float32),

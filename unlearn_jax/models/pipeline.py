@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from unlearn_jax.atomic_files import atomic_folder
 from unlearn_jax.models import convert, weights
 from unlearn_jax.models.abstract import abstract_module
 from unlearn_jax.models.clip import CLIPTextModel, is_clip_buffer, normalize_clip_keys
@@ -330,27 +331,34 @@ def save_pipeline(
     into an existing non-empty folder (nothing the user had is overwritten).
     """
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    check_new_folder(out)
+    # Written under a private temporary name next to `out`, renamed when complete:
+    # the folder appears whole or not at all, and a failure removes only what we wrote.
+    with atomic_folder(out) as tmp:
+        shutil.copytree(pipe.source, tmp, ignore=_weight_files_of(components), dirs_exist_ok=True)
+        for name in components:
+            module = getattr(pipe, name)
+            tensors = convert.to_torch_state(module, dtype=pipe.file_dtypes[name])
+            tensors.update(pipe.buffers[name])
+            prefix = pipe.strip_prefix.get(name, "")
+            if prefix:
+                tensors = {k.removeprefix(prefix): v for k, v in tensors.items()}
+            weights.write_component_weights(tmp / name, tensors, stem=_STEMS[name])
+    return out
+
+
+def check_new_folder(out: Path) -> None:
+    """Refuses an `out` that is a file or a non-empty folder (nothing the user had is touched)."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(
+            f"{out} is a file, not a folder; refusing to overwrite it. "
+            "Fix: choose a new --out folder."
+        )
+    if out.is_dir() and any(out.iterdir()):
         raise FileExistsError(
             f"{out} exists and is not empty; refusing to overwrite it. "
             "Fix: choose a new --out folder or remove this one yourself."
         )
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    shutil.copytree(pipe.source, tmp, ignore=_weight_files_of(components))
-    for name in components:
-        module = getattr(pipe, name)
-        tensors = convert.to_torch_state(module, dtype=pipe.file_dtypes[name])
-        tensors.update(pipe.buffers[name])
-        prefix = pipe.strip_prefix.get(name, "")
-        if prefix:
-            tensors = {k.removeprefix(prefix): v for k, v in tensors.items()}
-        weights.write_component_weights(tmp / name, tensors, stem=_STEMS[name])
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)  # the folder appears whole or not at all
-    return out
 
 
 def _weight_files_of(components: tuple[str, ...]):

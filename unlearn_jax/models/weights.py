@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from unlearn_jax.atomic_files import atomic_path
+
 # Stem of the weights file for each component kind; diffusers models use the
 # first, transformers models (text encoders) the second.
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
@@ -120,9 +122,10 @@ def write_component_weights(
 ) -> Path:
     """Writes tensors as one safetensors file that diffusers/transformers load."""
     path = Path(folder) / _with_variant(f"{stem}.safetensors", variant)
-    save_file(
-        {k: np.ascontiguousarray(v) for k, v in tensors.items()},
-        str(path),
-        metadata={"format": "pt"},
-    )
+    with atomic_path(path) as tmp:
+        save_file(
+            {k: np.ascontiguousarray(v) for k, v in tensors.items()},
+            str(tmp),
+            metadata={"format": "pt"},
+        )
     return path

@@ -31,6 +31,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from unlearn_jax import atomic_files
 from unlearn_jax.unlearn.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -48,10 +49,7 @@ class FingerprintMismatchError(ValueError):
 
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Writes JSON to a temporary file and renames it: readers see the old or the new file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    atomic_files.write_json(path, payload, sort_keys=True, default=str)
 
 
 def _short(value: Any, limit: int = 120) -> str:
