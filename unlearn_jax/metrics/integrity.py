@@ -16,6 +16,7 @@ independent, so prompts are the resampling unit; with one prompt, over seeds).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from unlearn_jax.diffusion import text_to_image
 from unlearn_jax.metrics import image_quality, lpips
 from unlearn_jax.metrics.visualize import save_grid
 from unlearn_jax.models.pipeline import StableDiffusion
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -55,12 +58,15 @@ class IntegrityResult:
     settings: dict
     original: np.ndarray
     unlearned: np.ndarray
+    ci95_note: str = ""
 
     def to_json(self) -> dict:
         """The JSON-serialisable summary (no images)."""
+        note = {"ci95_note": self.ci95_note} if self.ci95_note else {}
         return {
             "integrity_lpips": self.integrity_lpips,
             "ci95": list(self.ci95),
+            **note,
             "psnr": self.psnr if np.isfinite(self.psnr) else "inf",
             "ssim": self.ssim,
             "num_prompts": len(self.prompts),
@@ -185,7 +191,17 @@ def compute_integrity(
     per_pair = pair_metrics(original, unlearned, lpips_fn, batch_size=max(batch_size, 8))
     per_prompt = per_pair["lpips"].reshape(len(prompts), seeds).mean(axis=1)
     groups = per_prompt if len(prompts) > 1 else per_pair["lpips"]
+    note = ""
+    if len(prompts) < 2:
+        note = "the confidence interval needs >= 2 prompts (prompts are the resampling unit); " + (
+            "with one prompt and one seed it has zero width and means nothing"
+            if seeds < 2
+            else "with one prompt it is taken over seeds of that prompt, which are not "
+            "independent, and is too narrow"
+        )
+        log.warning("integrity: %s. Fix: pass more prompts.", note)
     return IntegrityResult(
+        ci95_note=note,
         integrity_lpips=float(per_pair["lpips"].mean()),
         ci95=bootstrap_ci(groups),
         per_prompt=[float(v) for v in per_prompt],

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +113,12 @@ class StableDiffusion:
         return _vae_scale_factor(self.vae)
 
     def tokenize(self, prompts: list[str]) -> np.ndarray:
-        """Token ids [N, model_max_length], padded and truncated as diffusers does."""
+        """Token ids [N, model_max_length], padded and truncated as diffusers does.
+
+        A prompt longer than the window is cut there, as in diffusers; a
+        `PromptTruncatedWarning` (once per prompt) says at which word.
+        """
+        warn_truncated(self.tokenizer, prompts)
         enc = self.tokenizer(
             list(prompts),
             padding="max_length",
@@ -124,6 +130,34 @@ class StableDiffusion:
     def encode_prompts(self, prompts: list[str]) -> jax.Array:
         """Text-encoder hidden states [N, L, D] that condition the UNet."""
         return _encode_ids(self.text_encoder, jnp.asarray(self.tokenize(prompts)))
+
+
+class PromptTruncatedWarning(UserWarning):
+    """A prompt is longer than the text encoder's window; its end is ignored."""
+
+
+def warn_truncated(tokenizer: Any, prompts: list[str]) -> list[str]:
+    """Warns once per prompt that exceeds the tokenizer's window; returns those prompts."""
+    window = tokenizer.model_max_length
+    long = []
+    for prompt in dict.fromkeys(prompts):
+        ids = tokenizer(prompt, truncation=False)["input_ids"]
+        if len(ids) <= window:
+            continue
+        long.append(prompt)
+        kept = tokenizer.decode(ids[1 : window - 1], skip_special_tokens=True)
+        words = prompt.split()
+        first_lost = words[min(len(kept.split()), len(words) - 1)]
+        # Raised from here (stacklevel 1) with the prompt in the text: Python's default
+        # filter shows each distinct message once per process, whoever tokenizes it.
+        warnings.warn(
+            f"prompt {prompt[:60]!r}{'...' if len(prompt) > 60 else ''} is {len(ids)} tokens, "
+            f"longer than the text encoder's {window}; it is truncated from about the word "
+            f"{first_lost!r} on (as diffusers does). Fix: shorten it.",
+            PromptTruncatedWarning,
+            stacklevel=1,
+        )
+    return long
 
 
 @nnx.jit

@@ -35,6 +35,22 @@ def _with_variant(name: str, variant: str | None) -> str:
     return f"{stem}.{variant}.{ext}"
 
 
+class CorruptWeightsError(ValueError):
+    """A weights file exists but cannot be read (truncated download, wrong format)."""
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    try:
+        return load_file(str(path))
+    except MemoryError:
+        raise
+    except Exception as e:  # safetensors raises its own SafetensorError, not an OSError
+        raise CorruptWeightsError(
+            f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); it is "
+            "probably truncated or corrupt. Fix: download or copy that file again."
+        ) from e
+
+
 def find_weight_files(folder: Path, variant: str | None = None) -> list[Path]:
     """Returns the safetensors files holding a component's weights (one, or all shards)."""
     for stem in WEIGHT_STEMS:
@@ -75,7 +91,7 @@ def read_component_weights(
     if files:
         tensors: dict[str, np.ndarray] = {}
         for f in files:
-            tensors.update(load_file(str(f)))
+            tensors.update(_read_safetensors(f))
         return tensors, ", ".join(str(f) for f in files)
 
     pickles = [folder / _with_variant(n, variant) for n in PICKLE_NAMES]
