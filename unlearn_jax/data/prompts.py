@@ -45,9 +45,9 @@ def read_prompt_file(path: str | os.PathLike) -> list[str]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise PromptSetError(
-            f"prompt file {path}: no such file; to give one prompt, pass a list. Fix: give a "
-            "text file with one prompt per line, or a list of prompts in the config (e.g. "
-            "--config.forget.prompts=\"['a cat']\")."
+            f"prompt file {path} does not exist: no such file; to give one prompt, pass a "
+            "list. Fix: give a text file with one prompt per line, or a list of prompts in "
+            "the config (e.g. --config.forget.prompts=\"['a cat']\")."
         )
     data = path.read_bytes()
     try:
