@@ -393,7 +393,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_library_noise() -> None:
+    """Silences two start-up lines every command printed that are not the user's problem.
+
+    JAX logs "Unable to initialize backend 'tpu' ... libtpu.so" at INFO while
+    probing platforms (the CLI's log level is INFO); transformers prints the
+    advisory "PyTorch was not found" on import (the tokenizer needs no torch).
+    """
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
 def main(argv: list[str] | None = None) -> None:
+    quiet_library_noise()
     parser = build_parser()
     # `unlearn`/`evaluate` take --config.a.b=value overrides, which argparse cannot list.
     args, extra = parser.parse_known_args(argv)

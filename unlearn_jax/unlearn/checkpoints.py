@@ -4,7 +4,8 @@ Layout of a workdir:
 
   run.json          what the run is (the fingerprint) and its full config
   checkpoints/<step>/  orbax checkpoints of the `TrainState` (resume: the latest)
-  checkpoints.incomplete/  step folders that were found half-written (moved aside)
+  checkpoints.incomplete/  step folders that were found half-written (moved aside,
+                      deleted once a complete checkpoint of a later or equal step exists)
 
 Orbax writes a step into a temporary folder and renames it when complete, so
 a run killed while saving leaves either the previous steps only, or a
@@ -127,7 +128,8 @@ def set_aside_incomplete(checkpoint_dir: Path) -> list[str]:
 
     Both orbax's temporary folders and step folders without its metadata file
     go to `<workdir>/checkpoints.incomplete/`, so that neither a restore nor a
-    later save at the same step can trip over them. Nothing is deleted.
+    later save at the same step can trip over them. Nothing is deleted here;
+    `Checkpoints.save` deletes them once a complete checkpoint supersedes them.
     """
     if not checkpoint_dir.is_dir() or jax.process_index() != 0:
         return []
@@ -177,7 +179,27 @@ class Checkpoints:
             return step
         self.manager.save(step, args=ocp.args.StandardSave(state.to_checkpoint()))
         self.manager.wait_until_finished()
+        self._prune_incomplete(step)
         return step
+
+    def _prune_incomplete(self, step: int) -> None:
+        """Deletes set-aside half-written steps <= `step`: a complete checkpoint supersedes them.
+
+        Only folders `set_aside_incomplete` moved into checkpoints.incomplete/ are
+        touched (named '<step>...-<time>'); anything else there is left alone.
+        """
+        folder = self.directory.parent / INCOMPLETE_DIR
+        if jax.process_index() != 0 or not folder.is_dir():
+            return
+        for entry in folder.iterdir():
+            head = entry.name.split(".")[0].split("-")[0]
+            if entry.is_dir() and head.isdigit() and int(head) <= step:
+                shutil.rmtree(entry)
+                log.info(
+                    "deleted %s: superseded by the complete checkpoint of step %d", entry, step
+                )
+        if not any(folder.iterdir()):
+            folder.rmdir()
 
     def restore(self, target: TrainState, step: int | None = None) -> TrainState:
         """The state saved at `step` (default: latest), laid out like `target`.

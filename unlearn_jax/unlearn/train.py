@@ -298,6 +298,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             # The config's learning rate, also when force_resume let it change.
             state = state.replace(opt_state=set_learning_rate(state.opt_state, config.optim.lr))
             log.info("resuming %s from step %d", workdir, start)
+        writer.resume_at(start)  # steps after the checkpoint are logged again, not twice
         # 5-6. Loop, checkpoints, evaluation.
         evaluator = Evaluator(
             config,
