@@ -301,3 +301,29 @@ def test_cli_silences_library_start_up_noise(monkeypatch, tmp_path, capsys):
     probe.info("Unable to initialize backend 'tpu': libtpu.so not found")
     assert "libtpu" not in capsys.readouterr().err
     assert os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] == "1"
+
+
+def test_a_full_disk_while_checkpointing_is_one_clear_error(tmp_path, monkeypatch):
+    from unlearn_jax.unlearn.checkpoints import Checkpoints
+
+    class State:
+        step = np.int32(3)
+
+        def to_checkpoint(self):
+            return {"step": self.step}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    checkpoints = Checkpoints(tmp_path)
+    monkeypatch.setattr(checkpoints.manager, "save", full_disk)
+    try:
+        with pytest.raises(OSError, match=r"checkpoint of step 3 \(No space left.*none is kept"):
+            checkpoints.save(State())
+        with pytest.raises(OSError) as error:
+            checkpoints.save(State())
+    finally:
+        checkpoints.close()
+    assert cli._describe(error.value).count("Fix:") == 1
+    message = cli._describe(OSError(errno.ENOSPC, "No space left on device", "w/images.npz"))
+    assert "writing w/images.npz: the disk" in message and "Fix: free space" in message

@@ -439,6 +439,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def _describe(error: Exception) -> str:
     """The message of `error`; OS errors also say which file and what to do."""
+    if isinstance(error, OSError) and "Fix:" in str(error.strerror):
+        return f"{error.strerror} ({error.filename})" if error.filename else str(error.strerror)
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
         where = f" writing {error.filename}" if error.filename else ""
         return (

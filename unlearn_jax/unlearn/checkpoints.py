@@ -177,8 +177,22 @@ class Checkpoints:
         step = int(jax.device_get(state.step))
         if step in self.manager.all_steps():
             return step
-        self.manager.save(step, args=ocp.args.StandardSave(state.to_checkpoint()))
-        self.manager.wait_until_finished()
+        try:
+            self.manager.save(step, args=ocp.args.StandardSave(state.to_checkpoint()))
+            self.manager.wait_until_finished()
+        except OSError as e:
+            # A full disk surfaced as dozens of orbax/tensorstore tracebacks; one line instead.
+            # Orbax commits a step by renaming its temporary folder, so nothing half-written
+            # is ever taken for a checkpoint.
+            kept = self.latest_step()
+            kept = f"the checkpoint of step {kept} is kept" if kept is not None else "none is kept"
+            raise OSError(
+                e.errno,
+                f"could not write the checkpoint of step {step} ({e.strerror or e}); {kept}. "
+                "Fix: free space in the workdir's filesystem, then rerun the same command to "
+                "resume",
+                str(self.directory),
+            ) from e
         self._prune_incomplete(step)
         return step
 
