@@ -6,8 +6,11 @@ The command-line contract (DESIGN.md) is stable; other tools rely on it.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -24,6 +27,7 @@ from unlearn_jax.unlearn.commands import add_unlearn_commands
 COMPILATION_CACHE_ENV = "UNLEARN_JAX_COMPILATION_CACHE"
 # diffusion.solvers.SCHEDULERS, spelled out so that parsing arguments imports no JAX.
 SCHEDULERS = ("ddim", "dpmpp_2m", "euler")
+INTEGRITY_FILES = ("integrity.json", "pairs.npz", "grid.png")
 
 
 def enable_compilation_cache() -> str | None:
@@ -41,11 +45,51 @@ def enable_compilation_cache() -> str | None:
     return str(folder)
 
 
-def read_prompt_file(path: Path) -> list[str]:
-    """Prompts from a text file, one per line; blank lines are skipped."""
-    if not path.is_file():
-        raise SystemExit(f"error: prompt file {path} does not exist")
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def _number(kind: type, low: float | None = None, high: float | None = None, above: bool = False):
+    """An argparse `type=` that accepts finite numbers in [low, high] ((low, high] if `above`)."""
+    show = lambda x: str(int(x)) if float(x).is_integer() else f"{x:g}"
+    if low is None:
+        valid = f"<= {show(high)}"
+    else:
+        valid = f"{'>' if above else '>='} {show(low)}"
+        valid += f" and <= {show(high)}" if high is not None else ""
+    name = "an integer" if kind is int else "a finite number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {name} {valid}, got {text!r}") from None
+        ok = math.isfinite(value)
+        ok = ok and (low is None or (value > low if above else value >= low))
+        ok = ok and (high is None or value <= high)
+        if not ok:
+            raise argparse.ArgumentTypeError(f"expected {name} {valid}, got {text!r}")
+        return value
+
+    return parse
+
+
+POSITIVE_INT = _number(int, 1)
+SEED = _number(int, 0, 2**32 - 1)
+GUIDANCE = _number(float, 0.0)
+
+
+def _out_folder(out: Path) -> None:
+    """Refuses an --out that cannot be a folder we write into (before any model loads)."""
+    if out.exists() and not out.is_dir():
+        raise SystemExit(
+            f"error: --out {out} is a file, not a folder. Fix: pass a folder path for --out."
+        )
+    parent = next((p for p in [out, *out.parents] if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise SystemExit(
+            f"error: --out {out} lies under {parent}, which is a file. Fix: pass a folder path."
+        )
+    if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+        raise SystemExit(
+            f"error: --out {out}: {parent} is not writable. Fix: choose a folder you can write."
+        )
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -61,21 +105,21 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         choices=["float32", "bfloat16"],
         help="compute dtype of the UNet/VAE/text encoder",
     )
-    p.add_argument("--batch-size", type=int, default=8, help="images per compiled chunk")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=8, help="images per compiled chunk")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, steps: int = 50) -> None:
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts", type=Path, help="text file, one prompt per line")
-    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--steps", type=POSITIVE_INT, default=steps, help="denoising steps (>= 1)")
     p.add_argument(
         "--guidance",
-        type=float,
+        type=GUIDANCE,
         default=7.5,
-        help="classifier-free guidance weight; <= 1 disables guidance",
+        help="classifier-free guidance weight (finite, >= 0); <= 1 disables guidance",
     )
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--height", type=POSITIVE_INT, default=None)
+    p.add_argument("--width", type=POSITIVE_INT, default=None)
     p.add_argument(
         "--scheduler",
         default="ddim",
@@ -87,11 +131,22 @@ def _add_sampling_args(p: argparse.ArgumentParser, steps: int = 50) -> None:
 def _prompts(args: argparse.Namespace) -> list[str]:
     if args.prompt and args.prompts:
         raise SystemExit("error: give --prompt or --prompts, not both")
-    prompts = (
-        list(args.prompt)
-        if args.prompt
-        else (read_prompt_file(args.prompts) if args.prompts else [])
-    )
+    from unlearn_jax.data.prompts import PromptSetError, read_prompt_file
+
+    try:
+        prompts = (
+            list(args.prompt)
+            if args.prompt
+            else (read_prompt_file(args.prompts) if args.prompts else [])
+        )
+    except PromptSetError as e:
+        raise SystemExit(f"error: --prompts: {e}") from None
+    empty = [i for i, p in enumerate(prompts) if not p.strip()]
+    if empty:
+        raise SystemExit(
+            f"error: --prompt number {empty[0] + 1} is empty. Fix: give a non-empty prompt "
+            "(the empty prompt is what guidance uses as its unconditional branch)."
+        )
     if not prompts:
         raise SystemExit(
             "error: no prompts: pass --prompt TEXT or --prompts FILE (one prompt per line)"
@@ -168,34 +223,52 @@ def _devices_for(model_paths: list[str], args: argparse.Namespace) -> tuple[list
 
 
 def _fresh_output(out: Path, names: list[str]) -> None:
-    """Refuses to overwrite results a previous run left in `out`."""
+    """Refuses to overwrite any file in `out` this command would write (its own or the user's).
+
+    The folder itself is created only when the results are written, so an
+    error before then leaves nothing behind.
+    """
+    _out_folder(out)
     existing = [n for n in names if (out / n).exists()]
     if existing:
+        shown = ", ".join(existing[:6]) + (
+            f" and {len(existing) - 6} more" if len(existing) > 6 else ""
+        )
         raise SystemExit(
-            f"error: {out} already holds {', '.join(existing)}; refusing to "
+            f"error: {out} already holds {shown}; refusing to "
             "overwrite. Fix: choose another --out or remove those files."
         )
-    out.mkdir(parents=True, exist_ok=True)
+
+
+@contextlib.contextmanager
+def _all_or_nothing(out: Path):
+    """Collects the files a command writes into `out`; on failure removes them (and `out`
+    if this command created it), so that a retry starts clean. Each file is written
+    atomically; the files were checked not to exist before, so they are ours to delete."""
+    created = not out.exists()
+    written: list[Path] = []
+    try:
+        yield written
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
     """unlearn-jax sample: images from prompts, optionally from given initial noise."""
+    from unlearn_jax.atomic_files import write_npz
     from unlearn_jax.diffusion import text_to_image
     from unlearn_jax.metrics.visualize import save_png
 
     prompts = _prompts(args)
-    _fresh_output(args.out, ["images.npz"])
+    count = len(prompts) * args.num_images_per_prompt
+    _fresh_output(args.out, ["images.npz", *(f"{i:05d}.png" for i in range(count))])
+    latents = None if args.latents is None else _read_latents(args.latents)
     (folder,), mesh = _devices_for([args.model], args)
-    pipe = _load_while_compiling(folder, args, len(prompts) * args.num_images_per_prompt, mesh)
-    latents = None
-    if args.latents is not None:
-        latents = np.load(args.latents)
-        if latents.ndim != 4:
-            raise SystemExit(
-                f"error: {args.latents} holds shape {latents.shape}; expected "
-                "[N, C, H/8, W/8] (diffusers' latents layout)"
-            )
-        latents = latents.transpose(0, 2, 3, 1)  # diffusers NCHW -> our NHWC
+    pipe = _load_while_compiling(folder, args, count, mesh)
     images = text_to_image.generate(
         pipe,
         prompts,
@@ -204,14 +277,41 @@ def cmd_sample(args: argparse.Namespace) -> None:
         latents=latents,
         **_sampler_settings(args, mesh),
     )
-    np.savez(
-        args.out / "images.npz",
-        images=images.astype(np.float32),
-        prompts=np.asarray(np.repeat(prompts, args.num_images_per_prompt)),
-    )
-    for i, image in enumerate(images):
-        save_png(image, args.out / f"{i:05d}.png")
+    with _all_or_nothing(args.out) as written:
+        for i, image in enumerate(images):
+            written.append(args.out / f"{i:05d}.png")
+            save_png(image, written[-1])
+        written.append(args.out / "images.npz")
+        write_npz(
+            written[-1],
+            images=images.astype(np.float32),
+            prompts=np.asarray(np.repeat(prompts, args.num_images_per_prompt)),
+        )
     print(f"wrote {len(images)} images to {args.out}")
+
+
+def _read_latents(path: Path) -> np.ndarray:
+    """--latents: a finite [N, C, H/8, W/8] .npy array, as NHWC; checked before any model loads."""
+    try:
+        latents = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --latents {path} is not a readable .npy array ({e})") from None
+    if latents.ndim != 4:
+        raise SystemExit(
+            f"error: {path} holds shape {latents.shape}; expected "
+            "[N, C, H/8, W/8] (diffusers' latents layout)"
+        )
+    if not np.issubdtype(latents.dtype, np.floating) or not np.isfinite(latents).all():
+        bad = (
+            "not floating point"
+            if not np.issubdtype(latents.dtype, np.floating)
+            else (f"{int(np.size(latents) - np.isfinite(latents).sum())} NaN/inf values")
+        )
+        raise SystemExit(
+            f"error: --latents {path} holds {bad}; initial noise must be finite floats. "
+            "Fix: regenerate the noise (e.g. np.random.standard_normal)."
+        )
+    return latents.transpose(0, 2, 3, 1)  # diffusers NCHW -> our NHWC
 
 
 def cmd_integrity(args: argparse.Namespace) -> None:
@@ -221,7 +321,7 @@ def cmd_integrity(args: argparse.Namespace) -> None:
     from unlearn_jax.metrics.integrity import compute_integrity, write_integrity_report
 
     prompts = _prompts(args)
-    _fresh_output(args.out, ["integrity.json", "pairs.npz", "grid.png"])
+    _fresh_output(args.out, list(INTEGRITY_FILES))
     folders, mesh = _devices_for([args.original, args.unlearned], args)
     original = _load_while_compiling(folders[0], args, len(prompts) * args.seeds, mesh)
     unlearned = _load(folders[1], args)
@@ -241,7 +341,9 @@ def cmd_integrity(args: argparse.Namespace) -> None:
         unlearned_pipe=unlearned,
         **{k: v for k, v in _sampler_settings(args, mesh).items() if k != "eta"},
     )
-    write_integrity_report(result, args.out)
+    with _all_or_nothing(args.out) as written:
+        written.extend(args.out / name for name in INTEGRITY_FILES)
+        write_integrity_report(result, args.out)
     summary = {k: result.to_json()[k] for k in ("integrity_lpips", "ci95", "psnr", "ssim")}
     print(json.dumps(summary))
 
@@ -256,9 +358,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="generate images (DDIM by default, classifier-free guidance)")
     p.add_argument("--model", required=True, help="diffusers folder or hub id")
     _add_sampling_args(p)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-images-per-prompt", type=int, default=1)
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--num-images-per-prompt", type=POSITIVE_INT, default=1)
+    p.add_argument(
+        "--eta",
+        type=_number(float, 0.0, 1.0),
+        default=0.0,
+        help="DDIM eta in [0, 1] (0 = deterministic)",
+    )
     p.add_argument(
         "--latents",
         type=Path,
@@ -273,8 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--original", required=True, help="diffusers folder or hub id")
     p.add_argument("--unlearned", required=True, help="diffusers folder (e.g. from export)")
     _add_sampling_args(p)
-    p.add_argument("--seeds", type=int, default=4, help="images per prompt")
-    p.add_argument("--seed", type=int, default=0, help="root seed of the shared noise")
+    p.add_argument("--seeds", type=POSITIVE_INT, default=4, help="images per prompt")
+    p.add_argument("--seed", type=SEED, default=0, help="root seed of the shared noise")
     p.add_argument("--lpips-net", default="vgg", choices=["vgg", "alex"])
     p.add_argument("--out", type=Path, required=True)
     _add_model_args(p)
@@ -286,7 +393,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_library_noise() -> None:
+    """Silences two start-up lines every command printed that are not the user's problem.
+
+    JAX logs "Unable to initialize backend 'tpu' ... libtpu.so" at INFO while
+    probing platforms (the CLI's log level is INFO); transformers prints the
+    advisory "PyTorch was not found" on import (the tokenizer needs no torch).
+    """
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
 def main(argv: list[str] | None = None) -> None:
+    quiet_library_noise()
     parser = build_parser()
     # `unlearn`/`evaluate` take --config.a.b=value overrides, which argparse cannot list.
     args, extra = parser.parse_known_args(argv)
@@ -307,10 +426,31 @@ def main(argv: list[str] | None = None) -> None:
             args.func(args, extra)
         else:
             args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
-        # Bad input: one clear message, not a traceback.
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError, FloatingPointError) as e:
+        # Bad input, or a file that cannot be read or written (a full disk, a read-only
+        # folder): one clear message, not a traceback. Outputs are written atomically,
+        # so nothing half-written is left behind.
+        print(f"error: {_describe(e)}", file=sys.stderr)
         raise SystemExit(2) from e
+    except KeyboardInterrupt as e:
+        print(f"interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        raise SystemExit(130) from e
+
+
+def _describe(error: Exception) -> str:
+    """The message of `error`; OS errors also say which file and what to do."""
+    if isinstance(error, OSError) and "Fix:" in str(error.strerror):
+        return f"{error.strerror} ({error.filename})" if error.filename else str(error.strerror)
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        where = f" writing {error.filename}" if error.filename else ""
+        return (
+            f"{error.strerror or error}{where}: the disk (or a quota/file-size limit) is full. "
+            "Nothing half-written was kept. Fix: free space or choose another --out/--workdir, "
+            "then rerun."
+        )
+    if isinstance(error, PermissionError):
+        return f"{error}. Fix: choose a folder you can write, or fix its permissions."
+    return str(error)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
+from unlearn_jax.atomic_files import write_json
 from unlearn_jax.data import world
 from unlearn_jax.data.tokenizer import write_clip_tokenizer
 from unlearn_jax.metrics import world_classifier
@@ -82,7 +83,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, log: Log = _log)
         start = time.time()
         metrics[name] = fn()
         timings[name] = round(time.time() - start, 1)
-        metrics_path.write_text(json.dumps(metrics, indent=2))
+        write_json(metrics_path, metrics)
 
     clf_path = workdir / "classifier.safetensors"
     if not clf_path.is_file():

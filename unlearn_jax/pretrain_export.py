@@ -12,7 +12,6 @@ and `scheduler/` with fp16 safetensors (the shipped folder is a few MB).
 from __future__ import annotations
 
 import importlib.util
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from unlearn_jax.atomic_files import write_json
 from unlearn_jax.models import convert, weights
 from unlearn_jax.models.abstract import abstract_module
 
@@ -201,7 +201,7 @@ def model_index() -> dict[str, Any]:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    write_json(path, data, sort_keys=True)
 
 
 def save_component(

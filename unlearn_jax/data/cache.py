@@ -19,6 +19,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from unlearn_jax.atomic_files import write_npz
 from unlearn_jax.models.weights import find_weight_files
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,5 @@ def load_or_build(cache_dir: Path | None, name: str, key: str, build) -> dict[st
     arrays = build()
     if path is not None and jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
+        write_npz(path, **arrays)
     return arrays

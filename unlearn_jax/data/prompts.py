@@ -26,8 +26,18 @@ class PromptOverlapWarning(UserWarning):
 
 
 def looks_like_path(text: str) -> bool:
-    """Whether a config string names a file: it ends in .txt, holds a separator or exists."""
-    return text.endswith(".txt") or os.sep in text or Path(text).expanduser().exists()
+    """A file name rather than a prompt: it exists, has a '/', ends in .txt, or is one word.
+
+    A prompt is words; a single token with no whitespace (`forget_promts`) is far
+    more likely a mistyped file name, and taking it as the prompt would train on
+    the typo. One one-word prompt is still possible as a list: ['cat'].
+    """
+    return (
+        text.endswith(".txt")
+        or os.sep in text
+        or Path(text).expanduser().exists()
+        or len(text.split()) == 1
+    )
 
 
 def read_prompt_file(path: str | os.PathLike) -> list[str]:
@@ -35,10 +45,20 @@ def read_prompt_file(path: str | os.PathLike) -> list[str]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise PromptSetError(
-            f"prompt file {path} does not exist. Fix: give a text file with one prompt per "
-            "line, or a list of prompts in the config (e.g. --config.forget.prompts=\"['a cat']\")."
+            f"prompt file {path} does not exist: no such file; to give one prompt, pass a "
+            "list. Fix: give a text file with one prompt per line, or a list of prompts in "
+            "the config (e.g. --config.forget.prompts=\"['a cat']\")."
         )
-    lines = path.read_text(encoding="utf-8").splitlines()
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise PromptSetError(
+            f"prompt file {path}, line {line}: not UTF-8 text ({e.reason} at byte {e.start}). "
+            "Fix: save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)."
+        ) from None
+    lines = text.splitlines()
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
@@ -48,7 +68,8 @@ def load_prompts(spec: PromptSpec, what: str) -> list[str]:
     Args:
       spec: a list/tuple of prompts, or a path to a text file (one prompt per
         line). A single string that is not an existing file and does not look
-        like a path (no '/', no '.txt') is taken as one prompt.
+        like a path (several words, no '/', no '.txt') is taken as one prompt;
+        a single word that names no file is an error (pass ['word'] for that prompt).
       what: the config field, for messages (e.g. 'forget.prompts').
     Raises:
       PromptSetError: the file is missing, or the set is empty or holds an empty prompt.

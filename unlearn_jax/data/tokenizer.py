@@ -17,6 +17,8 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from unlearn_jax.atomic_files import write_text
+
 
 def _bytes_to_unicode() -> list[str]:
     """CLIP/GPT-2's reversible map from bytes to printable unicode symbols, in id order."""
@@ -69,10 +71,8 @@ def write_clip_tokenizer(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
-    with open(out / "merges.txt", "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n")
-        f.writelines(f"{a} {b}\n" for a, b in merges)
+    write_text(out / "vocab.json", json.dumps({tok: i for i, tok in enumerate(vocab)}))
+    write_text(out / "merges.txt", "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     config = {
         "tokenizer_class": "CLIPTokenizer",
         "model_max_length": model_max_length,
@@ -82,7 +82,7 @@ def write_clip_tokenizer(
         "pad_token": "<|endoftext|>",
         "do_lower_case": True,
     }
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    write_text(out / "tokenizer_config.json", json.dumps(config, indent=2))
     special = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
-    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    write_text(out / "special_tokens_map.json", json.dumps(special, indent=2))
     return out

@@ -7,12 +7,12 @@ hard-coded), so the words change when the numbers do.
 from __future__ import annotations
 
 import itertools
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from unlearn_jax import atomic_files
 from unlearn_jax.metrics import pareto
 
 # Forget-rate levels at which the two families are compared.
@@ -344,7 +344,8 @@ def write_plots(report: dict[str, Any], workdir: Path) -> None:
     )
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
-    fig.savefig(workdir / "forget_vs_integrity.png", dpi=120)
+    with atomic_files.atomic_path(workdir / "forget_vs_integrity.png") as path:
+        fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
@@ -358,7 +359,8 @@ def write_plots(report: dict[str, Any], workdir: Path) -> None:
     axes[1].legend(fontsize=7, loc="upper right")
     fig.suptitle("the same points, judged by FID and by prompt agreement", fontsize=10)
     fig.tight_layout()
-    fig.savefig(workdir / "forget_vs_fid_accuracy.png", dpi=120)
+    with atomic_files.atomic_path(workdir / "forget_vs_fid_accuracy.png") as path:
+        fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
 
 
@@ -370,8 +372,8 @@ def write_report(report: dict[str, Any], workdir: Path) -> None:
         "metric_agreement": metric_agreement(report),
     }
     report["conclusions"] = conclusions(report)
-    (workdir / "report.json").write_text(json.dumps(report, indent=2))
-    (workdir / "report.md").write_text(markdown(report))
+    atomic_files.write_json(workdir / "report.json", report, indent=2)
+    atomic_files.write_text(workdir / "report.md", markdown(report))
     write_plots(report, workdir)
 
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from unlearn_jax.atomic_files import write_npz
+
 
 @dataclass
 class FeatureStatistics:
@@ -140,7 +142,7 @@ def fid_from_features(features_a: np.ndarray, features_b: np.ndarray) -> float:
 
 def save_statistics(path: str | Path, mu: np.ndarray, sigma: np.ndarray) -> None:
     """Writes (mu [D], sigma [D, D]) as a pytorch-fid compatible `.npz` (`mu`, `sigma`)."""
-    np.savez(path, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
+    write_npz(path, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
 
 
 def load_statistics(path: str | Path) -> tuple[np.ndarray, np.ndarray]:

@@ -144,6 +144,8 @@ def convert_fid_inception(pth: str | Path, out_safetensors: str | Path) -> Path:
     """
     from safetensors.numpy import save_file
 
+    from unlearn_jax.atomic_files import atomic_path
+
     pth, out = Path(pth), Path(out_safetensors)
     tensors = _read_tensors(pth, allow_pickle=True)
     abstract = nnx.eval_shape(lambda: FIDInceptionV3(rngs=nnx.Rngs(0)))
@@ -157,7 +159,8 @@ def convert_fid_inception(pth: str | Path, out_safetensors: str | Path) -> Path:
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    save_file(arrays, str(out), metadata={"format": "pt"})
+    with atomic_path(out) as tmp:
+        save_file(arrays, str(tmp), metadata={"format": "pt"})
     return out
 
 

@@ -16,7 +16,7 @@ independent, so prompts are the resampling unit; with one prompt, over seeds).
 from __future__ import annotations
 
 import dataclasses
-import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,10 +24,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from unlearn_jax.atomic_files import write_json, write_npz
 from unlearn_jax.diffusion import text_to_image
 from unlearn_jax.metrics import image_quality, lpips
 from unlearn_jax.metrics.visualize import save_grid
 from unlearn_jax.models.pipeline import StableDiffusion
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -55,12 +58,15 @@ class IntegrityResult:
     settings: dict
     original: np.ndarray
     unlearned: np.ndarray
+    ci95_note: str = ""
 
     def to_json(self) -> dict:
         """The JSON-serialisable summary (no images)."""
+        note = {"ci95_note": self.ci95_note} if self.ci95_note else {}
         return {
             "integrity_lpips": self.integrity_lpips,
             "ci95": list(self.ci95),
+            **note,
             "psnr": self.psnr if np.isfinite(self.psnr) else "inf",
             "ssim": self.ssim,
             "num_prompts": len(self.prompts),
@@ -185,7 +191,17 @@ def compute_integrity(
     per_pair = pair_metrics(original, unlearned, lpips_fn, batch_size=max(batch_size, 8))
     per_prompt = per_pair["lpips"].reshape(len(prompts), seeds).mean(axis=1)
     groups = per_prompt if len(prompts) > 1 else per_pair["lpips"]
+    note = ""
+    if len(prompts) < 2:
+        note = "the confidence interval needs >= 2 prompts (prompts are the resampling unit); " + (
+            "with one prompt and one seed it has zero width and means nothing"
+            if seeds < 2
+            else "with one prompt it is taken over seeds of that prompt, which are not "
+            "independent, and is too narrow"
+        )
+        log.warning("integrity: %s. Fix: pass more prompts.", note)
     return IntegrityResult(
+        ci95_note=note,
         integrity_lpips=float(per_pair["lpips"].mean()),
         ci95=bootstrap_ci(groups),
         per_prompt=[float(v) for v in per_prompt],
@@ -215,9 +231,10 @@ def write_integrity_report(
     """Writes integrity.json, pairs.npz and grid.png (original vs unlearned per prompt)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "integrity.json").write_text(json.dumps(result.to_json(), indent=2))
-    np.savez_compressed(
+    write_json(out / "integrity.json", result.to_json())
+    write_npz(
         out / "pairs.npz",
+        compressed=True,
         original=result.original.astype(np.float32),
         unlearned=result.unlearned.astype(np.float32),
         lpips=result.per_pair.astype(np.float32),

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from unlearn_jax.atomic_files import write_png
+
 LABEL_HEIGHT = 14
 
 
@@ -17,8 +19,8 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 
 
 def save_png(image: np.ndarray, path: str | Path) -> None:
-    """Writes one [H,W,3] float image in [0,1]."""
-    Image.fromarray(to_uint8(image)).save(path)
+    """Writes one [H,W,3] float image in [0,1] (atomically: whole or not at all)."""
+    write_png(path, Image.fromarray(to_uint8(image)))
 
 
 def save_grid(
@@ -59,6 +61,4 @@ def save_grid(
         for j, image in enumerate(row):
             tile = Image.fromarray(to_uint8(image)).resize((cw, ch), Image.NEAREST)
             canvas.paste(tile, (gap + j * (cw + gap), y))
-    path = Path(path)
-    canvas.save(path)
-    return path
+    return write_png(path, canvas)

@@ -30,6 +30,7 @@ import optax
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+from unlearn_jax.atomic_files import atomic_path
 from unlearn_jax.data import world
 from unlearn_jax.models import convert
 from unlearn_jax.models.abstract import abstract_module
@@ -282,7 +283,8 @@ def save_world_classifier(model: WorldClassifier, path: str | Path) -> Path:
     """Writes the parameters as float32 safetensors (PyTorch-style key names)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(convert.to_torch_state(model, np.float32), str(path), metadata={"format": "pt"})
+    with atomic_path(path) as tmp:
+        save_file(convert.to_torch_state(model, np.float32), str(tmp), metadata={"format": "pt"})
     return path
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from unlearn_jax.atomic_files import atomic_folder
 from unlearn_jax.models import convert, weights
 from unlearn_jax.models.abstract import abstract_module
 from unlearn_jax.models.clip import CLIPTextModel, is_clip_buffer, normalize_clip_keys
@@ -111,7 +113,12 @@ class StableDiffusion:
         return _vae_scale_factor(self.vae)
 
     def tokenize(self, prompts: list[str]) -> np.ndarray:
-        """Token ids [N, model_max_length], padded and truncated as diffusers does."""
+        """Token ids [N, model_max_length], padded and truncated as diffusers does.
+
+        A prompt longer than the window is cut there, as in diffusers; a
+        `PromptTruncatedWarning` (once per prompt) says at which word.
+        """
+        warn_truncated(self.tokenizer, prompts)
         enc = self.tokenizer(
             list(prompts),
             padding="max_length",
@@ -123,6 +130,34 @@ class StableDiffusion:
     def encode_prompts(self, prompts: list[str]) -> jax.Array:
         """Text-encoder hidden states [N, L, D] that condition the UNet."""
         return _encode_ids(self.text_encoder, jnp.asarray(self.tokenize(prompts)))
+
+
+class PromptTruncatedWarning(UserWarning):
+    """A prompt is longer than the text encoder's window; its end is ignored."""
+
+
+def warn_truncated(tokenizer: Any, prompts: list[str]) -> list[str]:
+    """Warns once per prompt that exceeds the tokenizer's window; returns those prompts."""
+    window = tokenizer.model_max_length
+    long = []
+    for prompt in dict.fromkeys(prompts):
+        ids = tokenizer(prompt, truncation=False)["input_ids"]
+        if len(ids) <= window:
+            continue
+        long.append(prompt)
+        kept = tokenizer.decode(ids[1 : window - 1], skip_special_tokens=True)
+        words = prompt.split()
+        first_lost = words[min(len(kept.split()), len(words) - 1)]
+        # Raised from here (stacklevel 1) with the prompt in the text: Python's default
+        # filter shows each distinct message once per process, whoever tokenizes it.
+        warnings.warn(
+            f"prompt {prompt[:60]!r}{'...' if len(prompt) > 60 else ''} is {len(ids)} tokens, "
+            f"longer than the text encoder's {window}; it is truncated from about the word "
+            f"{first_lost!r} on (as diffusers does). Fix: shorten it.",
+            PromptTruncatedWarning,
+            stacklevel=1,
+        )
+    return long
 
 
 @nnx.jit
@@ -330,27 +365,34 @@ def save_pipeline(
     into an existing non-empty folder (nothing the user had is overwritten).
     """
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    check_new_folder(out)
+    # Written under a private temporary name next to `out`, renamed when complete:
+    # the folder appears whole or not at all, and a failure removes only what we wrote.
+    with atomic_folder(out) as tmp:
+        shutil.copytree(pipe.source, tmp, ignore=_weight_files_of(components), dirs_exist_ok=True)
+        for name in components:
+            module = getattr(pipe, name)
+            tensors = convert.to_torch_state(module, dtype=pipe.file_dtypes[name])
+            tensors.update(pipe.buffers[name])
+            prefix = pipe.strip_prefix.get(name, "")
+            if prefix:
+                tensors = {k.removeprefix(prefix): v for k, v in tensors.items()}
+            weights.write_component_weights(tmp / name, tensors, stem=_STEMS[name])
+    return out
+
+
+def check_new_folder(out: Path) -> None:
+    """Refuses an `out` that is a file or a non-empty folder (nothing the user had is touched)."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(
+            f"{out} is a file, not a folder; refusing to overwrite it. "
+            "Fix: choose a new --out folder."
+        )
+    if out.is_dir() and any(out.iterdir()):
         raise FileExistsError(
             f"{out} exists and is not empty; refusing to overwrite it. "
             "Fix: choose a new --out folder or remove this one yourself."
         )
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    shutil.copytree(pipe.source, tmp, ignore=_weight_files_of(components))
-    for name in components:
-        module = getattr(pipe, name)
-        tensors = convert.to_torch_state(module, dtype=pipe.file_dtypes[name])
-        tensors.update(pipe.buffers[name])
-        prefix = pipe.strip_prefix.get(name, "")
-        if prefix:
-            tensors = {k.removeprefix(prefix): v for k, v in tensors.items()}
-        weights.write_component_weights(tmp / name, tensors, stem=_STEMS[name])
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)  # the folder appears whole or not at all
-    return out
 
 
 def _weight_files_of(components: tuple[str, ...]):

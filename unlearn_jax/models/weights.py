@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from unlearn_jax.atomic_files import atomic_path
+
 # Stem of the weights file for each component kind; diffusers models use the
 # first, transformers models (text encoders) the second.
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
@@ -31,6 +33,22 @@ def _with_variant(name: str, variant: str | None) -> str:
         return name
     stem, ext = name.split(".", 1)
     return f"{stem}.{variant}.{ext}"
+
+
+class CorruptWeightsError(ValueError):
+    """A weights file exists but cannot be read (truncated download, wrong format)."""
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    try:
+        return load_file(str(path))
+    except MemoryError:
+        raise
+    except Exception as e:  # safetensors raises its own SafetensorError, not an OSError
+        raise CorruptWeightsError(
+            f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); it is "
+            "probably truncated or corrupt. Fix: download or copy that file again."
+        ) from e
 
 
 def find_weight_files(folder: Path, variant: str | None = None) -> list[Path]:
@@ -73,7 +91,7 @@ def read_component_weights(
     if files:
         tensors: dict[str, np.ndarray] = {}
         for f in files:
-            tensors.update(load_file(str(f)))
+            tensors.update(_read_safetensors(f))
         return tensors, ", ".join(str(f) for f in files)
 
     pickles = [folder / _with_variant(n, variant) for n in PICKLE_NAMES]
@@ -120,9 +138,10 @@ def write_component_weights(
 ) -> Path:
     """Writes tensors as one safetensors file that diffusers/transformers load."""
     path = Path(folder) / _with_variant(f"{stem}.safetensors", variant)
-    save_file(
-        {k: np.ascontiguousarray(v) for k, v in tensors.items()},
-        str(path),
-        metadata={"format": "pt"},
-    )
+    with atomic_path(path) as tmp:
+        save_file(
+            {k: np.ascontiguousarray(v) for k, v in tensors.items()},
+            str(tmp),
+            metadata={"format": "pt"},
+        )
     return path

@@ -4,7 +4,8 @@ Layout of a workdir:
 
   run.json          what the run is (the fingerprint) and its full config
   checkpoints/<step>/  orbax checkpoints of the `TrainState` (resume: the latest)
-  checkpoints.incomplete/  step folders that were found half-written (moved aside)
+  checkpoints.incomplete/  step folders that were found half-written (moved aside,
+                      deleted once a complete checkpoint of a later or equal step exists)
 
 Orbax writes a step into a temporary folder and renames it when complete, so
 a run killed while saving leaves either the previous steps only, or a
@@ -31,6 +32,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from unlearn_jax import atomic_files
 from unlearn_jax.unlearn.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -48,10 +50,7 @@ class FingerprintMismatchError(ValueError):
 
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Writes JSON to a temporary file and renames it: readers see the old or the new file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    atomic_files.write_json(path, payload, sort_keys=True, default=str)
 
 
 def _short(value: Any, limit: int = 120) -> str:
@@ -129,7 +128,8 @@ def set_aside_incomplete(checkpoint_dir: Path) -> list[str]:
 
     Both orbax's temporary folders and step folders without its metadata file
     go to `<workdir>/checkpoints.incomplete/`, so that neither a restore nor a
-    later save at the same step can trip over them. Nothing is deleted.
+    later save at the same step can trip over them. Nothing is deleted here;
+    `Checkpoints.save` deletes them once a complete checkpoint supersedes them.
     """
     if not checkpoint_dir.is_dir() or jax.process_index() != 0:
         return []
@@ -177,9 +177,43 @@ class Checkpoints:
         step = int(jax.device_get(state.step))
         if step in self.manager.all_steps():
             return step
-        self.manager.save(step, args=ocp.args.StandardSave(state.to_checkpoint()))
-        self.manager.wait_until_finished()
+        try:
+            self.manager.save(step, args=ocp.args.StandardSave(state.to_checkpoint()))
+            self.manager.wait_until_finished()
+        except OSError as e:
+            # A full disk surfaced as dozens of orbax/tensorstore tracebacks; one line instead.
+            # Orbax commits a step by renaming its temporary folder, so nothing half-written
+            # is ever taken for a checkpoint.
+            kept = self.latest_step()
+            kept = f"the checkpoint of step {kept} is kept" if kept is not None else "none is kept"
+            raise OSError(
+                e.errno,
+                f"could not write the checkpoint of step {step} ({e.strerror or e}); {kept}. "
+                "Fix: free space in the workdir's filesystem, then rerun the same command to "
+                "resume",
+                str(self.directory),
+            ) from e
+        self._prune_incomplete(step)
         return step
+
+    def _prune_incomplete(self, step: int) -> None:
+        """Deletes set-aside half-written steps <= `step`: a complete checkpoint supersedes them.
+
+        Only folders `set_aside_incomplete` moved into checkpoints.incomplete/ are
+        touched (named '<step>...-<time>'); anything else there is left alone.
+        """
+        folder = self.directory.parent / INCOMPLETE_DIR
+        if jax.process_index() != 0 or not folder.is_dir():
+            return
+        for entry in folder.iterdir():
+            head = entry.name.split(".")[0].split("-")[0]
+            if entry.is_dir() and head.isdigit() and int(head) <= step:
+                shutil.rmtree(entry)
+                log.info(
+                    "deleted %s: superseded by the complete checkpoint of step %d", entry, step
+                )
+        if not any(folder.iterdir()):
+            folder.rmdir()
 
     def restore(self, target: TrainState, step: int | None = None) -> TrainState:
         """The state saved at `step` (default: latest), laid out like `target`.

@@ -13,11 +13,12 @@ overrides, collected with `parse_known_args`).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
 
+from unlearn_jax.atomic_files import dumps
+from unlearn_jax.unlearn.config_checks import check_config_values
 from unlearn_jax.unlearn.config_file import load_config, split_overrides
 
 log = logging.getLogger(__name__)
@@ -28,14 +29,16 @@ def _config_from(args: argparse.Namespace, extra: Sequence[str]):
     overrides, rest = split_overrides(extra)
     if rest:
         raise SystemExit(f"unrecognized arguments: {' '.join(rest)}")
-    return load_config(args.config, overrides)
+    config = load_config(args.config, overrides)
+    check_config_values(config)
+    return config
 
 
 def _run_unlearn(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from unlearn_jax.unlearn.train import train_and_evaluate
 
     result = train_and_evaluate(_config_from(args, extra), args.workdir)
-    print(json.dumps(result, indent=2, default=str))
+    print(dumps(result, indent=2, default=str))
     return 0
 
 
@@ -43,7 +46,7 @@ def _run_evaluate(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from unlearn_jax.unlearn.train import evaluate
 
     result = evaluate(_config_from(args, extra), args.workdir)
-    print(json.dumps(result, indent=2, default=str))
+    print(dumps(result, indent=2, default=str))
     return 0
 
 

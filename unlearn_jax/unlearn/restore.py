@@ -17,14 +17,16 @@ import jax
 import ml_collections
 from flax import nnx
 
-from unlearn_jax.models.pipeline import save_pipeline
+from unlearn_jax.models.pipeline import check_new_folder, save_pipeline
 from unlearn_jax.unlearn import experiment
 from unlearn_jax.unlearn.checkpoints import (
+    CHECKPOINT_DIR,
     Checkpoints,
     FingerprintMismatchError,
     fingerprint_differences,
     read_run_record,
 )
+from unlearn_jax.unlearn.config_checks import check_config_values
 from unlearn_jax.unlearn.evaluation import EVAL_DIR, Evaluator
 from unlearn_jax.unlearn.sharding import make_mesh
 from unlearn_jax.unlearn.state import TrainState, abstract_state, make_optimizer
@@ -48,9 +50,14 @@ def restore_latest(
 ) -> tuple[int, dict[str, jax.Array]]:
     """(step, trainable params) of checkpoint `step` (default: the latest).
 
-    Without any checkpoint and no `step` asked for: θ0's own values at step 0.
-    Raises FileNotFoundError naming the saved steps when `step` was not saved.
+    Raises FileNotFoundError naming the saved steps when `step` was not saved. A
+    workdir without a checkpoint gives θ0's own values only when its run asked
+    for no training (train.steps=0 in run.json). Otherwise training stopped before
+    its first save (a NaN, a crash, Ctrl-C): exporting or evaluating θ0 as if it
+    were the result would be a silent wrong answer, so that is an error.
     """
+    if not (workdir / CHECKPOINT_DIR).is_dir():  # opening the manager would create it
+        return _without_checkpoint(model, workdir)
     checkpoints = Checkpoints(workdir, keep=0)
     try:
         if step is not None and step not in checkpoints.manager.all_steps():
@@ -62,8 +69,7 @@ def restore_latest(
             )
         step = checkpoints.latest_step() if step is None else step
         if step is None:
-            log.warning("no checkpoint in %s: using the original parameters (step 0)", workdir)
-            return 0, model.split.select(model.theta0)
+            return _without_checkpoint(model, workdir)
         optimizer = make_optimizer(config.optim)
         abstract = abstract_state(model.split, model.theta0, optimizer, with_saliency)
         device = jax.devices()[0]
@@ -75,6 +81,22 @@ def restore_latest(
         return step, state.params
     finally:
         checkpoints.close()
+
+
+def _without_checkpoint(model: experiment.Model, workdir: Path) -> tuple[int, dict[str, jax.Array]]:
+    """θ0's trainable values for a run of train.steps=0; an error for any other run."""
+    asked = int(read_run_record(workdir)["config"].get("train", {}).get("steps", 0))
+    if asked > 0:
+        raise FileNotFoundError(
+            f"{workdir} holds no checkpoint, although its run asked for "
+            f"train.steps={asked}: training stopped before its first save (see that "
+            "run's log, e.g. a non-finite loss). Fix: run `unlearn-jax unlearn` again "
+            "with this --workdir (after a NaN: with a lower --config.optim.lr and "
+            "--config.train.force_resume=true), or export the original model from a new "
+            "workdir run with --config.train.steps=0."
+        )
+    log.info("%s: train.steps=0, so the result is the original parameters", workdir)
+    return 0, model.split.select(model.theta0)
 
 
 def evaluate(
@@ -89,6 +111,7 @@ def evaluate(
     `eval` section may differ. Results go to `out_dir` (default workdir/eval/step_<N>/).
     """
     workdir = Path(workdir).absolute()
+    check_config_values(config)
     spec = experiment.resolve_run(config)
     stored = read_run_record(workdir)
     new = json.loads(json.dumps(spec.fingerprint, default=str))
@@ -135,11 +158,7 @@ def export(workdir: str | Path, out: str | Path) -> Path:
     # The absolute model path (the run may have been started from another directory).
     config.model.path = record["fingerprint"].get("model.path") or config.model.path
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(
-            f"{out} exists and is not empty; refusing to overwrite it. "
-            "Fix: choose a new --out folder or remove this one yourself."
-        )
+    check_new_folder(out)
     preset = experiment.get_preset(config.unlearn.method)
     group = config.unlearn.get("params") or preset.params
     # Export needs neither the prompts nor the compute dtype: a float32 UNet, split as trained.

@@ -46,6 +46,7 @@ from unlearn_jax.unlearn.checkpoints import (
     check_run_record,
     write_json_atomic,
 )
+from unlearn_jax.unlearn.config_checks import check_config_values
 from unlearn_jax.unlearn.evaluation import EVAL_DIR, Evaluator
 from unlearn_jax.unlearn.restore import evaluate, export
 from unlearn_jax.unlearn.sharding import (
@@ -76,6 +77,10 @@ CACHE_DIR = experiment.CACHE_DIR
 
 class NonFiniteLossError(FloatingPointError):
     """A train step produced NaN/inf losses, gradients or parameters."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; the message says which checkpoint is kept and how to resume."""
 
 
 def _json_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -141,6 +146,7 @@ def _compile_cached(jitted, mesh, *example_args):
     if key in _COMPILED:
         _COMPILED.move_to_end(key)
         return _COMPILED[key]
+    log.info("compiling the train step (first run of this program; cached afterwards)")
     compiled = lowered.compile()
     _COMPILED[key] = compiled
     while len(_COMPILED) > _COMPILED_MAX:
@@ -260,8 +266,9 @@ def _initial_state(run: _Run, data: UnlearnData) -> TrainState:
 class _StepMetrics:
     """Host-side bookkeeping: NaN guard, interval means for the writer, the progress bar."""
 
-    def __init__(self, writer, bar, log_every: int, lr: float):
+    def __init__(self, writer, bar, log_every: int, lr: float, grad_clip: float = 0.0):
         self.writer, self.bar, self.log_every, self.lr = writer, bar, log_every, lr
+        self.grad_clip = grad_clip
         self.interval: list[dict[str, float]] = []
         self.last: dict[str, float] = {}
         self.last_saved: int | None = None
@@ -275,12 +282,15 @@ class _StepMetrics:
             if self.last_saved is not None:
                 where = workdir / "checkpoints"
                 kept = f"the last good checkpoint (step {self.last_saved}) is kept in {where}"
+            # optim.lr is part of the run's fingerprint: resuming this workdir with
+            # another rate needs force_resume, so the advice says so.
+            clip = "" if self.grad_clip else " and --config.optim.grad_clip=1.0"
             raise NonFiniteLossError(
                 f"step {step}: non-finite values {bad} (losses, gradient norms or updated "
                 f"parameters); stopped without saving this state, {kept}. Fix: lower the "
-                f"learning rate (optim.lr={self.lr:g}, e.g. --config.optim.lr={self.lr / 10:g}) "
-                "or set optim.grad_clip, then rerun in a new workdir (or in this one to "
-                "resume from the kept checkpoint)."
+                f"learning rate (optim.lr={self.lr:g}): rerun in a new workdir with "
+                f"--config.optim.lr={self.lr / 10:g}{clip}, or in this one with those and "
+                "--config.train.force_resume=true to continue from the kept checkpoint."
             )
         self.last = values
         self.interval.append(values)
@@ -308,13 +318,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       NonFiniteLossError (training diverged; the last good checkpoint is kept).
     """
     workdir = Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
     # 1. What the run is; every config error is raised before the workdir is touched.
+    check_config_values(config)
     spec = experiment.resolve_run(config)
     model = experiment.load_model(config, spec)
     optimizer = make_optimizer(config.optim)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
     _check_batch_layout(config, mesh)
+    workdir.mkdir(parents=True, exist_ok=True)
     check_run_record(
         workdir, spec.fingerprint, _json_config(config), force_resume=config.train.force_resume
     )
@@ -337,6 +348,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             # The config's learning rate, also when force_resume let it change.
             state = state.replace(opt_state=set_learning_rate(state.opt_state, config.optim.lr))
             log.info("resuming %s from step %d", workdir, start)
+        writer.resume_at(start)  # steps after the checkpoint are logged again, not twice
         # 5-6. Loop, checkpoints, evaluation.
         evaluator = Evaluator(
             config,
@@ -357,6 +369,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             _write_eval(writer, final_step, scalars, workdir)
             result.update(scalars)
         return result
+    except KeyboardInterrupt as e:
+        step = checkpoints.latest_step()
+        kept = (
+            f"the checkpoint of step {step} is kept; rerun the same `unlearn-jax unlearn` "
+            "command with this --workdir to resume from it"
+            if step is not None
+            else "no checkpoint was saved yet; rerun the same `unlearn-jax unlearn` command "
+            "with this --workdir to start again"
+        )
+        raise TrainingInterrupted(f"training in {workdir} stopped by Ctrl-C; {kept}.") from e
     finally:
         writer.close()
         checkpoints.close()
@@ -391,7 +413,13 @@ def _train_loop(
     )
     show = bool(config.train.get("progress", True)) and jax.process_index() == 0
     bar = tqdm.tqdm(total=total_steps, initial=start, desc="unlearn", unit="step", disable=not show)
-    tracker = _StepMetrics(writer, bar, max(1, int(config.train.log_every)), config.optim.lr)
+    tracker = _StepMetrics(
+        writer,
+        bar,
+        max(1, int(config.train.log_every)),
+        config.optim.lr,
+        float(config.optim.get("grad_clip", 0.0) or 0.0),
+    )
     tracker.last_saved = run.checkpoints.latest_step()
     every, eval_every = int(config.checkpoint.every or 0), int(config.eval.every or 0)
     pending = None  # (step, metrics) of the last dispatched update, not yet read back

@@ -19,6 +19,8 @@ from typing import Any
 
 import jax
 
+from unlearn_jax import atomic_files
+
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
@@ -29,6 +31,21 @@ class JsonlWriter:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._file = self.path.open("a", encoding="utf-8")
+
+    def resume_at(self, step: int) -> None:
+        """Drops rows of steps after `step` (logged before a crash, recomputed on resume).
+
+        A resumed run repeats the steps after its checkpoint; without this the
+        file held those steps twice. The file is rewritten atomically.
+        """
+        self._file.flush()
+        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [line for line in lines if not line.strip() or json.loads(line)["step"] <= step]
+        if len(kept) == len(lines):
+            return
+        self._file.close()
+        atomic_files.write_text(self.path, "".join(kept))
         self._file = self.path.open("a", encoding="utf-8")
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
@@ -80,6 +97,12 @@ class MultiWriter:
         images = {k: v if v.ndim == 4 else v[None] for k, v in images.items()}
         for writer in self.writers:
             writer.write_images(step, images)
+
+    def resume_at(self, step: int) -> None:
+        """Forgets what was logged after `step` where a writer can (metrics.jsonl)."""
+        for writer in self.writers:
+            if hasattr(writer, "resume_at"):
+                writer.resume_at(step)
 
     def flush(self) -> None:
         for writer in self.writers:
