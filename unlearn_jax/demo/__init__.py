@@ -87,6 +87,13 @@ def add_demo_command(sub) -> None:
     p.add_argument("--no-grids", action="store_true", help="skip the image grids")
 
     def run(args) -> None:
+        from unlearn_jax.distributed import split_cpu_into_devices
+        from unlearn_jax.embedded import embedded_model_path
+
+        # On a CPU-only host each core becomes a JAX device: the demo's batches (8 per
+        # term, 48 evaluation images) split over them (UNLEARN_JAX_CPU_DEVICES overrides).
+        model = embedded_model_path()
+        split_cpu_into_devices(8, 2 * sum(f.stat().st_size for f in model.rglob("*.safetensors")))
         protocol = (FULL if args.full else DEFAULT).with_overrides(
             methods=tuple(m for m in args.methods.split(",") if m) if args.methods else None,
             lrs=args.lr,

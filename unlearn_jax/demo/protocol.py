@@ -105,13 +105,34 @@ class Protocol:
         }
 
 
-_GRID = (3e-4, 1e-3)
+# Learning-rate grids per method (Adam, constant), bracketing where each starts to forget:
+# gradient ascent diverges at rates the remapping methods need, and ESD-x trains only the
+# cross-attention, so it needs larger ones.
+DEFAULT_LRS = {
+    "neggrad": (3e-5, 1e-4),
+    "graddiff": (3e-5, 1e-4),
+    "salun": (1e-4, 3e-4),
+    "esd_x": (3e-4, 1e-3),
+    "ablation": (1e-4, 3e-4),
+    "distill": (1e-4, 3e-4),
+    "distill_project": (1e-4, 3e-4),
+}
+FULL_LRS = {
+    "neggrad": (1e-5, 3e-5, 1e-4),
+    "graddiff": (1e-5, 3e-5, 1e-4),
+    "salun": (1e-4, 3e-4, 1e-3),
+    "esd_x": (3e-4, 1e-3, 3e-3),
+    "ablation": (1e-4, 3e-4, 1e-3),
+    "distill": (1e-4, 3e-4, 1e-3),
+    "distill_project": (1e-4, 3e-4, 1e-3),
+    "esd_distill": (3e-4, 1e-3, 3e-3),
+}
 DEFAULT = Protocol(
     name="default",
     methods=METHODS,
-    lrs={m: _GRID for m in METHODS},
-    steps=240,
-    eval_every=80,
+    lrs=DEFAULT_LRS,
+    steps=120,
+    eval_every=40,
     seeds=(0, 1),
     eval_seeds=1,
     periodic_prompt_stride=1,
@@ -119,9 +140,9 @@ DEFAULT = Protocol(
 FULL = Protocol(
     name="full",
     methods=(*METHODS, "esd_distill"),
-    lrs={m: (1e-4, 3e-4, 1e-3) for m in (*METHODS, "esd_distill")},
-    steps=400,
-    eval_every=50,
+    lrs=FULL_LRS,
+    steps=240,
+    eval_every=40,
     seeds=(0, 1, 2),
     eval_seeds=2,
     periodic_prompt_stride=2,
