@@ -170,8 +170,13 @@ def _features(model: WorldClassifier, images: jax.Array) -> jax.Array:
 
 
 def _batched(fn: Callable, images: np.ndarray, batch_size: int):
-    """Runs `fn` over fixed-size chunks (the last padded), so jit compiles once."""
+    """Runs `fn` over fixed-size chunks (the last padded), so jit compiles once.
+
+    Fewer images than `batch_size` make one chunk of their own size: padding 18
+    evaluation images to 256 cost more than the classifier itself.
+    """
     images = np.asarray(images, np.float32)
+    batch_size = max(1, min(batch_size, len(images)))
     outs = []
     for start in range(0, len(images), batch_size):
         rows = images[start : start + batch_size]
