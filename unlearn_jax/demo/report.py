@@ -259,7 +259,14 @@ def markdown(report: dict[str, Any]) -> str:
         f'"{report["anchor_concept"]}". {report["prompts"]["forget"]} forget prompts, '
         f"{report['prompts']['retain']} training retain prompts, "
         f"{report['prompts']['eval_retain']} held-out retain prompts for integrity, FID and "
-        f"retain accuracy. Wall time {report.get('seconds', 0):.0f} s.",
+        f"retain accuracy"
+        + (
+            f" (intermediate points on every {protocol['periodic_prompt_stride']}-th of them, "
+            "final and headline points on all)"
+            if protocol.get("periodic_prompt_stride", 1) > 1
+            else ""
+        )
+        + f". Wall time {report.get('seconds', 0):.0f} s.",
         "",
         f"Headline point of each method: {report['headline_rule']}. The seed columns give "
         "the range of that (lr, step) over the training seeds.",
