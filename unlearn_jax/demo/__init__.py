@@ -80,7 +80,7 @@ def add_demo_command(sub) -> None:
     p.add_argument(
         "--full",
         action="store_true",
-        help="the complete protocol: every preset, 3 learning rates, 3 seeds (~30 min, 2 cores)",
+        help="the complete protocol: every preset, 3 learning rates, 3 seeds (est. 35-40 min)",
     )
     p.add_argument("--steps", type=int, help="unlearning steps of every run")
     p.add_argument("--lr", type=_floats, help="one learning-rate grid for every method: a,b,c")
