@@ -39,7 +39,7 @@ def config(micro, **overrides):
 
 @register_forget_classifier("test_curves_half")
 def _half_classifier(config, pipe):
-    """Calls every image with a positive mean of its first pixel's red channel the concept."""
+    """Calls an image the concept when its top-left pixel's red channel is above 0.5."""
 
     def classify(images):
         hit = (np.asarray(images)[:, 0, 0, 0] > 0.5).astype(np.float32)

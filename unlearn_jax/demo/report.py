@@ -293,7 +293,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def _scatter_fronts(ax, report: dict[str, Any], x_of, xlabel: str) -> None:
-    colours = dict(zip(report["methods"], plt_colours()))
+    colours = dict(zip(report["methods"], _colours()))
     for m, v in report["methods"].items():
         points = [{**p, "x": x_of(p)} for p in v["curve"]]
         colour = colours[m]
@@ -324,7 +324,7 @@ def _scatter_fronts(ax, report: dict[str, Any], x_of, xlabel: str) -> None:
     ax.grid(alpha=0.3)
 
 
-def plt_colours() -> list:
+def _colours() -> list:
     import matplotlib
 
     return list(matplotlib.colormaps["tab10"].colors)

@@ -35,6 +35,7 @@ from unlearn_jax.demo.protocol import (
     split_prompts,
 )
 from unlearn_jax.metrics import pareto
+from unlearn_jax.unlearn.evaluation import read_curve
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +82,6 @@ def _is_full(record: dict[str, Any], prompts: dict[str, list[str]]) -> bool:
 
 def _headline_evaluation(config, run_dir: Path, step: int, prompts) -> dict[str, Any]:
     """The full-prompt-set metrics of `run_dir` at `step` (an evaluation there, or a new one)."""
-    from unlearn_jax.unlearn.evaluation import read_curve
-
     for record in read_curve(run_dir):
         if record["step"] == step and _is_full(record, prompts):
             return record
@@ -145,8 +144,6 @@ def run_method(
         run_dir = workdir / method / _run_name(lr, first_seed, protocol.steps)
         run_started = time.time()
         _train(config, run_dir, shared_cache)
-        from unlearn_jax.unlearn.evaluation import read_curve
-
         points = [_point(r, lr, first_seed) for r in read_curve(run_dir)]
         curve.extend(points)
         runs[lr] = (config, run_dir)
