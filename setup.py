@@ -22,7 +22,7 @@ setup(
     packages=[*find_packages(include=["unlearn_jax", "unlearn_jax.*"]), "unlearn_jax.configs"],
     package_dir={"unlearn_jax.configs": "configs"},
     include_package_data=True,
-    package_data={"unlearn_jax": ["assets/**/*"]},
+    package_data={"unlearn_jax": ["world/assets/**/*"]},
     install_requires=[
         "jax>=0.7.0,<0.11",
         "flax>=0.12.0,<0.13",
@@ -46,7 +46,7 @@ setup(
     extras_require={
         # TensorBoard summaries through clu's writer (scalars and image grids).
         "tensorboard": TENSORBOARD,
-        # The embedded world as a TFDS dataset (unlearn_jax.data.world_tfds).
+        # The embedded world as a TFDS dataset (unlearn_jax.world.tfds_builder).
         "tfds": TFDS,
         "test": [
             *TENSORBOARD,

@@ -163,7 +163,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval.lpips_net = "vgg"
     config.eval.classifier = ""  # a registered forget classifier; "" = no forget rate
     # Metrics of the integrity image pairs, comma-separated registered names (see
-    # unlearn_jax.unlearn.evaluation), e.g. "world" (FID + retain accuracy on the embedded world).
+    # unlearn_jax.trainer.evaluation), e.g. "world" (FID + retain accuracy on the embedded world).
     config.eval.retain_metrics = ""
     # Periodic evaluations (eval.every) use every k-th prompt of eval.prompts and
     # eval.forget_prompts, so that a run's curve is cheap; the final evaluation uses all.

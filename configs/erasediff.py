@@ -10,7 +10,7 @@ CPU smoke test: `--config configs/erasediff.py:runlocal` with a tiny model. Runt
 expected results as in configs/base.py.
 """
 
-from unlearn_jax.unlearn.config_file import import_config_module
+from unlearn_jax.trainer.config_file import import_config_module
 
 base = import_config_module(__file__, "base.py")
 

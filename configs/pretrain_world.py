@@ -1,14 +1,14 @@
 """Pretraining the embedded default: world evaluator, tiny VAE, tiny UNet + CLIP text encoder.
 
 Command (writes the workdir; `--install` copies the results into
-`unlearn_jax/assets/`, which is how the shipped files were made):
+`unlearn_jax/world/assets/`, which is how the shipped files were made):
 
-    python -m unlearn_jax.pretrain --config configs/pretrain_world.py \
+    python -m unlearn_jax.world.pretrain --config configs/pretrain_world.py \
         --workdir /tmp/pretrain_world --install
 
 Smoke test (seconds, tiny steps; the model it writes is not useful):
 
-    python -m unlearn_jax.pretrain --config configs/pretrain_world.py:runlocal \
+    python -m unlearn_jax.world.pretrain --config configs/pretrain_world.py:runlocal \
         --workdir /tmp/pretrain_world_local
 
 Measured (the run that produced the shipped assets, on 2 CPU cores shared with

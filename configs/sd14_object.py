@@ -66,7 +66,7 @@ this project is developed on); the README's results table is the embedded model'
 
 import os
 
-from unlearn_jax.unlearn.config_file import import_config_module
+from unlearn_jax.trainer.config_file import import_config_module
 from unlearn_jax.unlearn.registry import PRESETS
 
 base = import_config_module(__file__, "base.py")

@@ -46,7 +46,7 @@ TFLOP per 512x512 UNet image-forward, H100 at ~40% of 989 TFLOP/s bf16):
 Expected results: not measured yet at this scale.
 """
 
-from unlearn_jax.unlearn.config_file import import_config_module
+from unlearn_jax.trainer.config_file import import_config_module
 
 sd14_object = import_config_module(__file__, "sd14_object.py")
 

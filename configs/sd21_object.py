@@ -49,7 +49,7 @@ x2.25, the ~15% in self-attention maps x5); H100 at ~40% of 989 TFLOP/s bf16.
 Expected results: not measured yet at this scale.
 """
 
-from unlearn_jax.unlearn.config_file import import_config_module
+from unlearn_jax.trainer.config_file import import_config_module
 
 sd14_object = import_config_module(__file__, "sd14_object.py")
 

@@ -13,8 +13,8 @@ from unlearn_jax.data.anchors import (
     replace_concept,
     resolve_anchor_prompts,
 )
-from unlearn_jax.unlearn import experiment
-from unlearn_jax.unlearn.config_file import load_config
+from unlearn_jax.trainer import experiment
+from unlearn_jax.trainer.config_file import load_config
 
 CIRCLES = ["a small red circle on a white background", "A Circle", "CIRCLE on grey"]
 

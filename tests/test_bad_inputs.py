@@ -20,8 +20,8 @@ import pytest
 from tiny_unlearn import REPO, config_fields, make_config, save_micro_pipeline
 
 from unlearn_jax import cli
-from unlearn_jax.unlearn import experiment
-from unlearn_jax.unlearn.checkpoints import check_run_record
+from unlearn_jax.trainer import experiment
+from unlearn_jax.trainer.checkpoints import check_run_record
 
 CONFIG = f"{REPO / 'configs' / 'distill_project.py'}:runlocal"
 

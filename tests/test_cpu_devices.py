@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from unlearn_jax.benchmarks.tiny_model import caption_prompts, save_tiny_model
+from unlearn_jax.testing.tiny_model import caption_prompts, save_tiny_model
 
 PROBE = """
 import json, sys, jax

@@ -18,11 +18,11 @@ import orbax.checkpoint as ocp
 import pytest
 from tiny_unlearn import make_config, save_micro_pipeline
 
-from unlearn_jax.data import world
-from unlearn_jax.unlearn import evaluation, train
-from unlearn_jax.unlearn.checkpoints import Checkpoints
-from unlearn_jax.unlearn.evaluation import read_curve, register_forget_classifier
-from unlearn_jax.unlearn.restore import evaluate
+from unlearn_jax.trainer import evaluation, train
+from unlearn_jax.trainer.checkpoints import Checkpoints
+from unlearn_jax.trainer.evaluation import read_curve, register_forget_classifier
+from unlearn_jax.trainer.restore import evaluate
+from unlearn_jax.world import generator as world
 
 EVAL_PROMPTS = ["a large blue circle on a grey background", "a small red square"]
 FORGET_EVAL = ["a red circle", "a photo of a cat", "a blue circle"]
@@ -168,7 +168,7 @@ def test_world_evaluators_are_built_in_for_any_config():
 
 
 def test_unknown_evaluator_names_are_refused_before_training(micro):
-    from unlearn_jax.unlearn.evaluation import Evaluator
+    from unlearn_jax.trainer.evaluation import Evaluator
 
     cfg = config(micro, eval__retain_metrics="world,nope")
     with pytest.raises(ValueError, match="eval.retain_metrics 'nope' is not registered"):

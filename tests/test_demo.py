@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from unlearn_jax import demo
-from unlearn_jax.demo import report as report_lib
+from unlearn_jax.world import demo
+from unlearn_jax.world.demo import report as report_lib
 
 
 def _method(family: str, curve: list[tuple], head: int = 0, ci: float = 0.01) -> dict:

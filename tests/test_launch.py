@@ -194,9 +194,9 @@ def test_unlearn_on_two_processes_equals_one_process(tmp_path):
     from safetensors.numpy import load_file
     from tiny_unlearn import make_config, save_micro_pipeline
 
-    from unlearn_jax.unlearn.checkpoints import Checkpoints
-    from unlearn_jax.unlearn.train import export, train_and_evaluate
-    from unlearn_jax.unlearn.writers import read_metrics
+    from unlearn_jax.trainer.checkpoints import Checkpoints
+    from unlearn_jax.trainer.train import export, train_and_evaluate
+    from unlearn_jax.trainer.writers import read_metrics
 
     model = save_micro_pipeline(tmp_path / "pipe")
     multi, single = tmp_path / "multi", tmp_path / "single"

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from unlearn_jax.benchmarks.tiny_model import save_tiny_model
 from unlearn_jax.models import attention
 from unlearn_jax.models.abstract import abstract_module
 from unlearn_jax.models.clip import CLIPTextModel
 from unlearn_jax.models.unet import UNet2DConditionModel
 from unlearn_jax.models.vae import AutoencoderKL
+from unlearn_jax.testing.tiny_model import save_tiny_model
 
 
 @pytest.mark.parametrize("block_bytes", [attention.BLOCK_BYTES, 4 * 3 * 77 * 16])

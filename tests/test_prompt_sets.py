@@ -18,8 +18,8 @@ from unlearn_jax.data import captions, prompt_sets
 from unlearn_jax.data.anchors import replace_concept
 from unlearn_jax.data.prompts import load_prompts
 from unlearn_jax.metrics.forget_rate import forget_rate
-from unlearn_jax.unlearn import experiment
-from unlearn_jax.unlearn.config_file import load_config
+from unlearn_jax.trainer import experiment
+from unlearn_jax.trainer.config_file import load_config
 from unlearn_jax.unlearn.registry import PRESETS
 
 PARTS = ("forget", "retain", "eval_forget", "eval_retain")
@@ -273,7 +273,7 @@ def test_sd_configs_load_and_resolve_without_weights(name, prompt_dirs, tmp_path
 def test_one_step_of_sd14_object_runlocal_on_the_micro_model(prompt_dirs, tmp_path):
     from tiny_unlearn import save_micro_pipeline
 
-    from unlearn_jax.unlearn.train import train_and_evaluate
+    from unlearn_jax.trainer.train import train_and_evaluate
 
     model = save_micro_pipeline(tmp_path / "pipe")
     folder = prompt_dirs["sd14_object"]

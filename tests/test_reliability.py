@@ -26,10 +26,10 @@ from unlearn_jax.data.prompts import PromptSetError, load_prompts
 from unlearn_jax.metrics import lpips
 from unlearn_jax.models import weights
 from unlearn_jax.models.pipeline import PromptTruncatedWarning, load_pipeline
-from unlearn_jax.unlearn import commands, experiment, train
-from unlearn_jax.unlearn.checkpoints import check_run_record
-from unlearn_jax.unlearn.train import NonFiniteLossError, export
-from unlearn_jax.unlearn.writers import read_metrics
+from unlearn_jax.trainer import commands, experiment, train
+from unlearn_jax.trainer.checkpoints import check_run_record
+from unlearn_jax.trainer.train import NonFiniteLossError, export
+from unlearn_jax.trainer.writers import read_metrics
 
 CONFIG = f"{REPO / 'configs' / 'distill_project.py'}:runlocal"
 
@@ -304,7 +304,7 @@ def test_cli_silences_library_start_up_noise(monkeypatch, tmp_path, capsys):
 
 
 def test_a_full_disk_while_checkpointing_is_one_clear_error(tmp_path, monkeypatch):
-    from unlearn_jax.unlearn.checkpoints import Checkpoints
+    from unlearn_jax.trainer.checkpoints import Checkpoints
 
     class State:
         step = np.int32(3)

@@ -21,13 +21,13 @@ from tiny_unlearn import make_config, save_micro_pipeline
 
 from unlearn_jax.models import convert
 from unlearn_jax.models.clip import normalize_clip_keys
-from unlearn_jax.unlearn import experiment
-from unlearn_jax.unlearn.checkpoints import FingerprintMismatchError
+from unlearn_jax.trainer import experiment
+from unlearn_jax.trainer.checkpoints import FingerprintMismatchError
+from unlearn_jax.trainer.restore import restore_latest
+from unlearn_jax.trainer.text_encoder import TEXT_ENCODER, UNET, unet_and_pipeline
+from unlearn_jax.trainer.train import export, train_and_evaluate
+from unlearn_jax.trainer.writers import read_metrics
 from unlearn_jax.unlearn.registry import FORGET_TERMS
-from unlearn_jax.unlearn.restore import restore_latest
-from unlearn_jax.unlearn.text_encoder import TEXT_ENCODER, UNET, unet_and_pipeline
-from unlearn_jax.unlearn.train import export, train_and_evaluate
-from unlearn_jax.unlearn.writers import read_metrics
 
 TEXT_FILE = "text_encoder/model.safetensors"
 

@@ -17,11 +17,11 @@ import pytest
 from safetensors.numpy import load_file
 from tiny_unlearn import make_config, save_micro_pipeline
 
-from unlearn_jax.unlearn import commands
-from unlearn_jax.unlearn.checkpoints import Checkpoints, FingerprintMismatchError
-from unlearn_jax.unlearn.evaluation import register_forget_classifier
-from unlearn_jax.unlearn.train import NonFiniteLossError, evaluate, export, train_and_evaluate
-from unlearn_jax.unlearn.writers import read_metrics
+from unlearn_jax.trainer import commands
+from unlearn_jax.trainer.checkpoints import Checkpoints, FingerprintMismatchError
+from unlearn_jax.trainer.evaluation import register_forget_classifier
+from unlearn_jax.trainer.train import NonFiniteLossError, evaluate, export, train_and_evaluate
+from unlearn_jax.trainer.writers import read_metrics
 
 UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
 
@@ -114,7 +114,7 @@ jax.config.update("jax_compilation_cache_dir", {cache!r})
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 from orbax.checkpoint._src.path import atomicity
 from tiny_unlearn import make_config
-from unlearn_jax.unlearn.train import train_and_evaluate
+from unlearn_jax.trainer.train import train_and_evaluate
 
 commit = atomicity.AtomicRenameTemporaryPath.finalize
 

@@ -11,9 +11,9 @@ import pytest
 from tiny_unlearn import FORGET, REPO, RETAIN, make_config, save_micro_pipeline
 
 from unlearn_jax.data.sources import Latents, Trajectories
-from unlearn_jax.unlearn import experiment
-from unlearn_jax.unlearn.batches import SHARED_KEYS, UnlearnData, stream_indices
-from unlearn_jax.unlearn.config_file import import_config_module, load_config
+from unlearn_jax.trainer import experiment
+from unlearn_jax.trainer.batches import SHARED_KEYS, UnlearnData, stream_indices
+from unlearn_jax.trainer.config_file import import_config_module, load_config
 from unlearn_jax.unlearn.registry import BATCH_KEYS, PRESETS
 
 PRESET_FILES = sorted(PRESETS)
@@ -120,6 +120,6 @@ def test_one_step_of_representative_presets(micro, tmp_path, name, overrides):
 
 
 def experiment_run(micro, workdir, name, overrides):
-    from unlearn_jax.unlearn.train import train_and_evaluate
+    from unlearn_jax.trainer.train import train_and_evaluate
 
     return train_and_evaluate(make_config(micro, name, train__steps=1, **overrides), workdir)

@@ -8,9 +8,9 @@ import pytest
 from tiny_unlearn import REPO, make_config, save_micro_pipeline
 
 from unlearn_jax.data.prompts import PromptOverlapWarning, PromptSetError
-from unlearn_jax.unlearn import experiment
-from unlearn_jax.unlearn.config_file import load_config
-from unlearn_jax.unlearn.train import train_and_evaluate
+from unlearn_jax.trainer import experiment
+from unlearn_jax.trainer.config_file import load_config
+from unlearn_jax.trainer.train import train_and_evaluate
 
 
 @pytest.fixture(scope="module")

@@ -30,8 +30,8 @@ SCRIPT = textwrap.dedent(
     import numpy as np
     from tiny_unlearn import make_config, save_micro_pipeline
     from unlearn_jax.unlearn import experiment, sharding
-    from unlearn_jax.unlearn.checkpoints import Checkpoints
-    from unlearn_jax.unlearn.train import train_and_evaluate
+    from unlearn_jax.trainer.checkpoints import Checkpoints
+    from unlearn_jax.trainer.train import train_and_evaluate
     from pathlib import Path
 
     assert jax.device_count() == 8, jax.devices()

@@ -9,7 +9,7 @@ from tiny_unlearn import REPO, save_micro_pipeline
 
 from unlearn_jax.data import prompts, sources
 from unlearn_jax.models.pipeline import load_pipeline
-from unlearn_jax.unlearn.config_file import load_config, split_overrides
+from unlearn_jax.trainer.config_file import load_config, split_overrides
 
 
 def test_prompt_sets_from_lists_and_files(tmp_path):
@@ -92,8 +92,8 @@ def test_image_folder_latents(pipe, tmp_path):
 
 @pytest.mark.parametrize("file_format", ["array_record", "tfrecord"])
 def test_tfds_latents_equal_the_same_images_as_files(pipe, tmp_path, file_format):
-    from unlearn_jax.data import world
-    from unlearn_jax.data.world_tfds import world_builder
+    from unlearn_jax.world import generator as world
+    from unlearn_jax.world.tfds_builder import world_builder
 
     builder = world_builder(
         str(tmp_path / "tfds"), num_train=8, num_test=2, seed=5, file_format=file_format
@@ -124,7 +124,7 @@ def test_tfds_latents_equal_the_same_images_as_files(pipe, tmp_path, file_format
 
 def anchored_data(preset: str, anchor_context: np.ndarray, forget_context: np.ndarray):
     """UnlearnData of 3 forget prompts x 4 examples whose x0 holds the example's number."""
-    from unlearn_jax.unlearn.batches import UnlearnData
+    from unlearn_jax.trainer.batches import UnlearnData
     from unlearn_jax.unlearn.registry import PRESETS
 
     prompt_index = np.repeat(np.arange(3, dtype=np.int32), 4)
@@ -143,7 +143,7 @@ def anchored_data(preset: str, anchor_context: np.ndarray, forget_context: np.nd
 
 @pytest.mark.parametrize("kind", ["embeddings", "token ids"])
 def test_batches_gather_each_examples_own_anchor(kind):
-    from unlearn_jax.unlearn.batches import SHARED_KEYS
+    from unlearn_jax.trainer.batches import SHARED_KEYS
 
     rng = np.random.default_rng(0)
     if kind == "embeddings":  # [A, L, D]
@@ -175,8 +175,8 @@ def test_batches_gather_each_examples_own_anchor(kind):
 def test_build_data_encodes_each_distinct_anchor_once(pipe, tmp_path, monkeypatch):
     from tiny_unlearn import make_config
 
-    from unlearn_jax.unlearn import experiment
-    from unlearn_jax.unlearn.batches import FORGET_DATA_STREAM, stream_indices
+    from unlearn_jax.trainer import experiment
+    from unlearn_jax.trainer.batches import FORGET_DATA_STREAM, stream_indices
 
     def fake_latents(config, pipe, prompts, section, seed, cache_dir, model_id):
         return sources.Latents(np.zeros((len(prompts), 8, 8, 4), np.float32), np.arange(3))

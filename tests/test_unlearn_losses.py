@@ -15,12 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unlearn_jax.unlearn import combine, forget, retain, step
-from unlearn_jax.unlearn.denoising import (
+from unlearn_jax.diffusion.forward import (
     TARGET_NOISE_STREAM,
     DiffusionModel,
     sample_timesteps_and_noise,
 )
+from unlearn_jax.unlearn import combine, forget, retain, step
 from unlearn_jax.unlearn.hparams import UnlearnHParams
 from unlearn_jax.unlearn.registry import (
     BATCH_KEYS,

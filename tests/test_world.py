@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from unlearn_jax.data import world
+from unlearn_jax.world import generator as world
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "pretrain_world.py")
 
@@ -88,13 +88,13 @@ def test_held_out_split_is_a_disjoint_stream_over_the_same_prompts():
 
 @pytest.fixture(scope="module")
 def classifier():
-    from unlearn_jax.metrics import world_classifier
+    from unlearn_jax.world import classifier as world_classifier
 
     return world_classifier.load_world_classifier()  # the shipped weights
 
 
 def test_shipped_classifier_is_accurate_on_fresh_world_images(classifier):
-    from unlearn_jax.metrics import world_classifier
+    from unlearn_jax.world import classifier as world_classifier
 
     # Seed 7 is used by no training stage: these images are new to the classifier.
     batch = world.sample_world(2000, seed=7, split="test")
@@ -105,9 +105,9 @@ def test_shipped_classifier_is_accurate_on_fresh_world_images(classifier):
 
 
 def test_classifier_plugs_into_forget_rate_and_fid(classifier):
-    from unlearn_jax.metrics import world_classifier
     from unlearn_jax.metrics.fid import fid_between_image_sets
     from unlearn_jax.metrics.forget_rate import forget_rate
+    from unlearn_jax.world import classifier as world_classifier
 
     batch = world.sample_world(256, seed=8, split="test")
     circle = world.attribute_index("shape", "circle")
@@ -130,8 +130,8 @@ def test_classifier_plugs_into_forget_rate_and_fid(classifier):
 
 
 def test_embedded_model_loads_with_load_pipeline_and_diffusers():
-    from unlearn_jax.embedded import embedded_model_path
     from unlearn_jax.models.pipeline import load_pipeline
+    from unlearn_jax.world.embedded import embedded_model_path
 
     path = embedded_model_path()
     index = json.loads((path / "model_index.json").read_text())
@@ -154,9 +154,9 @@ def test_embedded_model_loads_with_load_pipeline_and_diffusers():
 
 
 def test_embedded_model_draws_what_it_is_asked(classifier):
-    from unlearn_jax.embedded import embedded_model_path
-    from unlearn_jax.metrics.world_classifier import generation_accuracy
     from unlearn_jax.models.pipeline import load_pipeline
+    from unlearn_jax.world.classifier import generation_accuracy
+    from unlearn_jax.world.embedded import embedded_model_path
 
     prompts = [
         "a large red circle on a grey background",
@@ -181,7 +181,7 @@ def test_embedded_model_draws_what_it_is_asked(classifier):
 
 
 def test_tfds_builder_serves_the_world(tmp_path):
-    from unlearn_jax.data.world_tfds import world_builder
+    from unlearn_jax.world.tfds_builder import world_builder
 
     builder = world_builder(str(tmp_path), num_train=48, num_test=16, seed=5)
     builder.download_and_prepare()
@@ -201,7 +201,7 @@ def test_tfds_builder_serves_the_world(tmp_path):
 def test_world_tfds_imports_without_tensorflow_datasets():
     import importlib
 
-    module = importlib.import_module("unlearn_jax.data.world_tfds")
+    module = importlib.import_module("unlearn_jax.world.tfds_builder")
     assert callable(module.world_builder)  # importing never touched tfds
 
 
@@ -211,7 +211,12 @@ def test_world_tfds_imports_without_tensorflow_datasets():
 def test_exported_configs_are_the_ones_diffusers_writes():
     import diffusers
 
-    from unlearn_jax.pretrain_export import load_config, scheduler_config, unet_config, vae_config
+    from unlearn_jax.world.pretrain_export import (
+        load_config,
+        scheduler_config,
+        unet_config,
+        vae_config,
+    )
 
     config = load_config(CONFIG)
     for ours, cls in (
@@ -232,8 +237,8 @@ def test_min_snr_loss_reduces_to_the_plain_denoising_loss():
     import jax
     import jax.numpy as jnp
 
-    from unlearn_jax.pretrain_diffusion import min_snr_denoising_loss
-    from unlearn_jax.unlearn import denoising
+    from unlearn_jax.diffusion import forward as denoising
+    from unlearn_jax.world.pretrain_diffusion import min_snr_denoising_loss
 
     acp = jnp.cumprod(1.0 - jnp.linspace(1e-4, 0.02, 1000))
     model = denoising.DiffusionModel(lambda p, x, t, c: p * x + c.mean(), acp)
@@ -253,9 +258,9 @@ def test_min_snr_loss_reduces_to_the_plain_denoising_loss():
 
 @pytest.mark.slow
 def test_pretraining_runs_end_to_end(tmp_path):
-    from unlearn_jax import pretrain
     from unlearn_jax.models.pipeline import load_pipeline
-    from unlearn_jax.pretrain_export import load_config
+    from unlearn_jax.world import pretrain
+    from unlearn_jax.world.pretrain_export import load_config
 
     config = load_config(CONFIG + ":runlocal")
     metrics = pretrain.run(config, tmp_path, log=lambda _: None)

@@ -1,7 +1,7 @@
 """Tiny random Stable Diffusion pipelines saved by diffusers itself, for hermetic tests.
 
 The folders are written with diffusers' own `save_pretrained`
-(`unlearn_jax.benchmarks.tiny_model` builds and saves them), so they have
+(`unlearn_jax.testing.tiny_model` builds and saves them), so they have
 exactly the layout, file names and configs of a real SD 1.x / 2.x folder; only
 the sizes are tiny and the weights random. Every parameter is perturbed away
 from its initial value so that zero-initialised layers cannot hide a bug.
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
-from unlearn_jax.benchmarks.tiny_model import build_sd_pipeline, save_sd_folder, two_level_vae
+from unlearn_jax.testing.tiny_model import build_sd_pipeline, save_sd_folder, two_level_vae
 
 WORDS = [
     "a",

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from tiny_sd import MAX_LENGTH, WORDS, text_encoder_config
 
-from unlearn_jax.benchmarks.tiny_model import build_sd_pipeline, save_sd_folder, two_level_vae
-from unlearn_jax.unlearn.config_file import load_config
+from unlearn_jax.testing.tiny_model import build_sd_pipeline, save_sd_folder, two_level_vae
+from unlearn_jax.trainer.config_file import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 FORGET = ["a red circle", "a photo of a cat"]

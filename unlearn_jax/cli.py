@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from unlearn_jax.demo import add_demo_command
 from unlearn_jax.plan import add_plan_command
-from unlearn_jax.unlearn.commands import add_unlearn_commands
+from unlearn_jax.trainer.commands import add_unlearn_commands
+from unlearn_jax.world.demo import add_demo_command
 
 # Compiled programs are kept here across runs (a rerun of the same command on the
 # same model skips XLA compilation). UNLEARN_JAX_COMPILATION_CACHE=DIR moves it,

@@ -389,7 +389,7 @@ def train_config(
     overrides: Sequence[tuple[str, str]] = (),
 ):
     """The trainer's config (configs/base.py unless `config_file`), `overrides` applied."""
-    from unlearn_jax.unlearn.config_file import load_config
+    from unlearn_jax.trainer.config_file import load_config
 
     config = load_config(config_file or str(CONFIGS_DIR / "base.py"), overrides)
     if method is not None:
@@ -433,13 +433,13 @@ def plan_train_step(
     import jax.numpy as jnp
     from flax import nnx
 
+    from unlearn_jax.diffusion.forward import DiffusionModel
     from unlearn_jax.diffusion.schedule import schedule_from_config
-    from unlearn_jax.unlearn import experiment, sharding
-    from unlearn_jax.unlearn.batches import SHARED_KEYS
-    from unlearn_jax.unlearn.denoising import DiffusionModel
+    from unlearn_jax.trainer import experiment, sharding
+    from unlearn_jax.trainer.batches import SHARED_KEYS
+    from unlearn_jax.trainer.state import ParamSplit, abstract_state, make_optimizer
+    from unlearn_jax.trainer.train_step import make_train_step
     from unlearn_jax.unlearn.registry import BATCH_KEYS, get_preset
-    from unlearn_jax.unlearn.state import ParamSplit, abstract_state, make_optimizer
-    from unlearn_jax.unlearn.train_step import make_train_step
 
     config = train_config(method) if config is None else config
     preset = get_preset(method or config.unlearn.method)
@@ -575,7 +575,7 @@ def compile_sampler(
     from unlearn_jax.diffusion.sampler import ddim_sample, uses_guidance
     from unlearn_jax.diffusion.schedule import schedule_from_config
     from unlearn_jax.diffusion.text_to_image import unet_model_fn
-    from unlearn_jax.unlearn import sharding
+    from unlearn_jax.trainer import sharding
 
     if steps < 1 or batch_per_device < 1:
         raise ValueError(
@@ -877,7 +877,7 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_plan(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
     """Compiles what `args` asks for, prints the tables and writes --out; returns 0."""
-    from unlearn_jax.unlearn.config_file import split_overrides
+    from unlearn_jax.trainer.config_file import split_overrides
 
     overrides, rest = split_overrides(extra)
     if rest:

@@ -110,7 +110,7 @@ def run_diffusers(folder, prompts, latents_nchw, args) -> dict:
     import torch
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from unlearn_jax.benchmarks.tiny_model import quiet_hf_logging
+    from unlearn_jax.testing.tiny_model import quiet_hf_logging
 
     quiet_hf_logging()
     torch.set_num_threads(args.threads)
@@ -264,7 +264,7 @@ def _split_cpu_like_the_cli(folder, batch_size: int) -> int:
 
 def _inputs(folder, num_images: int, seed: int) -> tuple[list[str], np.ndarray]:
     """Prompts and NCHW initial latents for the model's native size."""
-    from unlearn_jax.benchmarks.tiny_model import caption_prompts
+    from unlearn_jax.testing.tiny_model import caption_prompts
 
     unet = json.loads((Path(folder) / "unet" / "config.json").read_text())
     shape = (num_images, unet["in_channels"], unet["sample_size"], unet["sample_size"])
@@ -339,7 +339,7 @@ def markdown_table(result: dict) -> str:
 
 def run_benchmark(args) -> dict:
     """Runs every measurement; returns the JSON-able results."""
-    from unlearn_jax.benchmarks.tiny_model import save_tiny_model
+    from unlearn_jax.testing.tiny_model import save_tiny_model
 
     with tempfile.TemporaryDirectory(prefix="unlearn_jax_bench_") as tmp:
         workdir = Path(tmp)
@@ -348,7 +348,7 @@ def run_benchmark(args) -> dict:
         cpu_devices = _split_cpu_like_the_cli(folder, args.batch_size)
         result = {
             "config": {
-                "model": args.model or "random tiny_model (unlearn_jax.benchmarks.tiny_model)",
+                "model": args.model or "random tiny_model (unlearn_jax.testing.tiny_model)",
                 "num_images": args.num_images,
                 "steps": args.steps,
                 "guidance": args.guidance,

@@ -164,7 +164,7 @@ def prepare_inputs(folder: Path, spec: dict, workdir: Path) -> None:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from unlearn_jax.benchmarks.tiny_model import caption_prompts, quiet_hf_logging
+    from unlearn_jax.testing.tiny_model import caption_prompts, quiet_hf_logging
 
     quiet_hf_logging()
     b = spec["batch_size"]
@@ -224,7 +224,7 @@ def _step_draws(train_key, step: int, batch: dict, model) -> dict[str, np.ndarra
     """The t and eps (NCHW) the terms of `step` draw, re-derived as train_step/step.py do."""
     import jax
 
-    from unlearn_jax.unlearn.denoising import (
+    from unlearn_jax.diffusion.forward import (
         TARGET_NOISE_STREAM,
         sample_timesteps_and_noise,
     )
@@ -254,9 +254,10 @@ def run_ours(spec: dict, workdir: Path) -> dict:
 
     from unlearn_jax.models import convert, weights
     from unlearn_jax.models.unet import UNet2DConditionModel
-    from unlearn_jax.unlearn import experiment, registry
-    from unlearn_jax.unlearn.state import init_state, make_optimizer
-    from unlearn_jax.unlearn.train_step import make_train_step
+    from unlearn_jax.trainer import experiment
+    from unlearn_jax.trainer.state import init_state, make_optimizer
+    from unlearn_jax.trainer.train_step import make_train_step
+    from unlearn_jax.unlearn import registry
 
     memory = PeakMemory()
     memory.mark()
@@ -333,7 +334,7 @@ def _our_batch(preset, inputs) -> dict:
 
     As in training, 'anchor_context' is per example and only ∅ is shared.
     """
-    from unlearn_jax.unlearn.batches import SHARED_KEYS
+    from unlearn_jax.trainer.batches import SHARED_KEYS
     from unlearn_jax.unlearn.registry import BATCH_KEYS
 
     nhwc = lambda x: x.transpose(0, 2, 3, 1)
@@ -531,7 +532,7 @@ def run_torch(spec: dict, workdir: Path) -> dict:
     import torch
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from unlearn_jax.benchmarks.tiny_model import quiet_hf_logging
+    from unlearn_jax.testing.tiny_model import quiet_hf_logging
 
     quiet_hf_logging()
     torch.set_num_threads(spec["threads"])
@@ -637,7 +638,7 @@ def run_benchmark(args) -> dict:
     """Prepares the inputs, runs both workers, cross-checks; returns the JSON-able results."""
     import dataclasses
 
-    from unlearn_jax.benchmarks.tiny_model import save_tiny_model
+    from unlearn_jax.testing.tiny_model import save_tiny_model
     from unlearn_jax.unlearn.registry import get_preset
 
     preset = get_preset(args.method)
@@ -671,7 +672,7 @@ def run_benchmark(args) -> dict:
     check = cross_check(ours.pop("step0"), theirs.pop("step0"), args.dtype)
     config = {
         **{k: v for k, v in spec.items() if k != "model"},
-        "model": args.model or "random tiny_model (unlearn_jax.benchmarks.tiny_model)",
+        "model": args.model or "random tiny_model (unlearn_jax.testing.tiny_model)",
         "cores": _cores(),
         "load_average": load_before,
         "load_average_after": [round(x, 2) for x in os.getloadavg()],

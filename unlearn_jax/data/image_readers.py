@@ -73,7 +73,7 @@ def tfds_images(spec: str, count: int, image_key: str = "image") -> tuple[list[n
     name, _, split = spec[len(TFDS_PREFIX) :].partition(":")
     split = split or "train"
     if name.startswith("unlearn_jax_world"):
-        from unlearn_jax.data.world_tfds import builder_class
+        from unlearn_jax.world.tfds_builder import builder_class
 
         builder_class()  # registers the embedded world's builder with TFDS
     try:

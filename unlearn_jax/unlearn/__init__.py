@@ -37,7 +37,7 @@ The trainer (imported on demand; it pulls in the model, data and orbax):
   commands    -- the `unlearn`, `evaluate` and `export` CLI subcommands.
 """
 
-from unlearn_jax.unlearn.denoising import DiffusionModel
+from unlearn_jax.diffusion.forward import DiffusionModel
 from unlearn_jax.unlearn.hparams import UnlearnHParams
 from unlearn_jax.unlearn.registry import Preset, get_preset, trainable_mask
 from unlearn_jax.unlearn.step import unlearn_step_grads

@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from unlearn_jax.unlearn.denoising import (
+from unlearn_jax.diffusion.forward import (
     TARGET_NOISE_STREAM,
     DiffusionModel,
     add_noise,

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from unlearn_jax.unlearn.denoising import (
+from unlearn_jax.diffusion.forward import (
     DiffusionModel,
     add_noise,
     apply_two_contexts,

@@ -18,8 +18,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from unlearn_jax.diffusion.forward import DiffusionModel, denoising_loss
 from unlearn_jax.unlearn import combine
-from unlearn_jax.unlearn.denoising import DiffusionModel, denoising_loss
 from unlearn_jax.unlearn.hparams import UnlearnHParams
 from unlearn_jax.unlearn.registry import (
     COMBINERS,

@@ -18,8 +18,8 @@ import sys
 from collections.abc import Sequence
 
 from unlearn_jax.atomic_files import dumps
-from unlearn_jax.unlearn.config_checks import check_config_values
-from unlearn_jax.unlearn.config_file import load_config, split_overrides
+from unlearn_jax.trainer.config_checks import check_config_values
+from unlearn_jax.trainer.config_file import load_config, split_overrides
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def _config_from(args: argparse.Namespace, extra: Sequence[str]):
 
 
 def _run_unlearn(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from unlearn_jax.unlearn.train import train_and_evaluate
+    from unlearn_jax.trainer.train import train_and_evaluate
 
     result = train_and_evaluate(_config_from(args, extra), args.workdir)
     print(dumps(result, indent=2, default=str))
@@ -43,7 +43,7 @@ def _run_unlearn(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 
 def _run_evaluate(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from unlearn_jax.unlearn.train import evaluate
+    from unlearn_jax.trainer.train import evaluate
 
     result = evaluate(_config_from(args, extra), args.workdir)
     print(dumps(result, indent=2, default=str))
@@ -51,7 +51,7 @@ def _run_evaluate(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 
 def _run_export(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from unlearn_jax.unlearn.train import export
+    from unlearn_jax.trainer.train import export
 
     if extra:
         raise SystemExit(f"unrecognized arguments: {' '.join(extra)}")
@@ -98,7 +98,7 @@ def add_unlearn_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry (`python -m unlearn_jax.unlearn.commands ...`), same as the CLI's."""
+    """Stand-alone entry (`python -m unlearn_jax.trainer.commands ...`), same as the CLI's."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     parser = argparse.ArgumentParser(prog="unlearn-jax")
     add_unlearn_commands(parser.add_subparsers(dest="command", required=True))

@@ -16,7 +16,7 @@ latents), a 3-level UNet with channels (32, 64, 64) and cross-attention width
 64, and a 2-layer CLIP text encoder of width 64 with SD's 77-token context.
 Needs torch, diffusers and transformers (the `test` extra).
 
-    from unlearn_jax.benchmarks.tiny_model import save_tiny_model
+    from unlearn_jax.testing.tiny_model import save_tiny_model
     save_tiny_model("/tmp/tiny_sd")  # then: --model /tmp/tiny_sd
 """
 

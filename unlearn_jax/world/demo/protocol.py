@@ -21,7 +21,7 @@ from pathlib import Path
 
 import ml_collections
 
-from unlearn_jax.data import world
+from unlearn_jax.world import generator as world
 
 CONCEPT = "circle"
 # The remapping methods' anchors: each forget prompt with the concept replaced by this
@@ -188,7 +188,7 @@ def demo_config(
 
     Every evaluation point keeps its checkpoint (the headline point may be any of them).
     """
-    from unlearn_jax.unlearn.config_file import load_config_file
+    from unlearn_jax.trainer.config_file import load_config_file
 
     config = load_config_file(f"{base_config_path()}:method={method}")
     config.seed = seed

@@ -392,11 +392,11 @@ def write_grids(report: dict[str, Any], workdir: Path, prompts, count: int = 6) 
     from unlearn_jax.diffusion.text_to_image import generate
     from unlearn_jax.metrics.visualize import save_grid
     from unlearn_jax.models.pipeline import load_pipeline
-    from unlearn_jax.unlearn import experiment
-    from unlearn_jax.unlearn.checkpoints import read_run_record
+    from unlearn_jax.trainer import experiment
+    from unlearn_jax.trainer.checkpoints import read_run_record
+    from unlearn_jax.trainer.restore import restore_latest
+    from unlearn_jax.trainer.state import ParamSplit
     from unlearn_jax.unlearn.registry import get_preset
-    from unlearn_jax.unlearn.restore import restore_latest
-    from unlearn_jax.unlearn.state import ParamSplit
 
     original = load_pipeline(report["model"])
     theta0 = nnx.state(original.unet).to_pure_dict()

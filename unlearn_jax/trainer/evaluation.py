@@ -40,8 +40,8 @@ import numpy as np
 from unlearn_jax.diffusion import text_to_image
 from unlearn_jax.metrics.forget_rate import Classifier, forget_rate
 from unlearn_jax.models.pipeline import StableDiffusion
-from unlearn_jax.unlearn.checkpoints import write_json_atomic
-from unlearn_jax.unlearn.text_encoder import unet_and_pipeline
+from unlearn_jax.trainer.checkpoints import write_json_atomic
+from unlearn_jax.trainer.text_encoder import unet_and_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,8 @@ def register_retain_metric(name: str) -> Callable[[RetainMetricFactory], RetainM
 @register_forget_classifier("world_shape")
 def _world_shape_classifier(config: ml_collections.ConfigDict, pipe: StableDiffusion):
     """The embedded world's shape head; the concept is `forget.concept` (e.g. 'circle')."""
-    from unlearn_jax.data import world
-    from unlearn_jax.metrics.world_classifier import world_classifier
+    from unlearn_jax.world import generator as world
+    from unlearn_jax.world.classifier import world_classifier
 
     concept = config.forget.get("concept") or ""
     shapes = world.ATTRIBUTES["shape"]
@@ -99,7 +99,7 @@ def _world_shape_classifier(config: ml_collections.ConfigDict, pipe: StableDiffu
 def _world_retain_metrics(config: ml_collections.ConfigDict, pipe: StableDiffusion):
     """FID between θ0's and θ's retain images (world features) and θ's retain accuracy."""
     from unlearn_jax.metrics.fid import fid_between_image_sets
-    from unlearn_jax.metrics.world_classifier import prompt_accuracy, world_feature_fn
+    from unlearn_jax.world.classifier import prompt_accuracy, world_feature_fn
 
     features = world_feature_fn()
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from unlearn_jax.demo.protocol import (
+from unlearn_jax.world.demo.protocol import (
     DEFAULT,
     FULL,
     INTEGRITY_PRESERVING,
@@ -38,7 +38,7 @@ from unlearn_jax.demo.protocol import (
     demo_config,
     split_prompts,
 )
-from unlearn_jax.demo.report import conclusions
+from unlearn_jax.world.demo.report import conclusions
 
 __all__ = [
     "DEFAULT",
@@ -56,7 +56,7 @@ __all__ = [
 
 def run_demo(workdir, protocol: Protocol = DEFAULT, **kwargs):
     """Runs `protocol` and writes the report into `workdir` (see `demo.run.run_demo`)."""
-    from unlearn_jax.demo.run import run_demo as run
+    from unlearn_jax.world.demo.run import run_demo as run
 
     return run(workdir, protocol, **kwargs)
 
@@ -90,7 +90,7 @@ def add_demo_command(sub) -> None:
 
     def run(args) -> None:
         from unlearn_jax.distributed import split_cpu_into_devices
-        from unlearn_jax.embedded import embedded_model_path
+        from unlearn_jax.world.embedded import embedded_model_path
 
         # On a CPU-only host each core becomes a JAX device: the demo's batches (8 per
         # term, 48 evaluation images) split over them (UNLEARN_JAX_CPU_DEVICES overrides).

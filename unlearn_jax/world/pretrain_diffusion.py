@@ -24,19 +24,19 @@ import numpy as np
 import optax
 from flax import nnx
 
-from unlearn_jax.data import world
-from unlearn_jax.diffusion.schedule import schedule_from_config
-from unlearn_jax.models.clip import CLIPTextModel
-from unlearn_jax.models.unet import UNet2DConditionModel
-from unlearn_jax.models.vae import AutoencoderKL
-from unlearn_jax.pretrain_export import save_component
-from unlearn_jax.pretrain_stages import Log, lr_schedule
-from unlearn_jax.unlearn.denoising import (
+from unlearn_jax.diffusion.forward import (
     DiffusionModel,
     add_noise,
     prediction_target,
     sample_timesteps_and_noise,
 )
+from unlearn_jax.diffusion.schedule import schedule_from_config
+from unlearn_jax.models.clip import CLIPTextModel
+from unlearn_jax.models.unet import UNet2DConditionModel
+from unlearn_jax.models.vae import AutoencoderKL
+from unlearn_jax.world import generator as world
+from unlearn_jax.world.pretrain_export import save_component
+from unlearn_jax.world.pretrain_stages import Log, lr_schedule
 
 
 def min_snr_denoising_loss(

@@ -27,11 +27,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from unlearn_jax.data import world
-from unlearn_jax.metrics import world_classifier
 from unlearn_jax.models.pipeline import StableDiffusion, load_pipeline
 from unlearn_jax.models.vae import AutoencoderKL
-from unlearn_jax.pretrain_export import save_component, vae_config
+from unlearn_jax.world import classifier as world_classifier
+from unlearn_jax.world import generator as world
+from unlearn_jax.world.pretrain_export import save_component, vae_config
 
 Log = Callable[[str], None]
 

@@ -26,20 +26,20 @@ from unlearn_jax.data import prompts as prompt_sets
 from unlearn_jax.data import sources
 from unlearn_jax.data.anchors import resolve_anchor_prompts, uses_prompt_anchors
 from unlearn_jax.data.cache import model_key
+from unlearn_jax.diffusion.forward import DiffusionModel
 from unlearn_jax.diffusion.schedule import schedule_from_config
 from unlearn_jax.models.pipeline import StableDiffusion, load_pipeline
 from unlearn_jax.models.unet import UNet2DConditionModel
-from unlearn_jax.unlearn.batches import UnlearnData
-from unlearn_jax.unlearn.denoising import DiffusionModel
-from unlearn_jax.unlearn.hparams import UnlearnHParams
-from unlearn_jax.unlearn.registry import BATCH_KEYS, Preset, get_preset
-from unlearn_jax.unlearn.state import ParamSplit
-from unlearn_jax.unlearn.text_encoder import (
+from unlearn_jax.trainer.batches import UnlearnData
+from unlearn_jax.trainer.state import ParamSplit
+from unlearn_jax.trainer.text_encoder import (
     joint_apply_fn,
     joint_mask,
     joint_params,
     text_encoder_group,
 )
+from unlearn_jax.unlearn.hparams import UnlearnHParams
+from unlearn_jax.unlearn.registry import BATCH_KEYS, Preset, get_preset
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class RunSpec:
       fingerprint: JSON-able dict of every setting that changes the result
       (compared on resume; train.steps, eval and checkpoint settings excluded).
       text_encoder: `unlearn.text_encoder` ('full' or a regex), or None when the
-      text encoder is frozen (see `unlearn_jax.unlearn.text_encoder`).
+      text encoder is frozen (see `unlearn_jax.trainer.text_encoder`).
     """
 
     preset: Preset

@@ -1,9 +1,9 @@
 """Where the embedded default lives: the shipped tiny world model and its evaluator.
 
-Both are package data under `unlearn_jax/assets/` (no `__init__.py` there;
+Both are package data under `unlearn_jax/world/assets/` (no `__init__.py` there;
 setup.py's `package_data` ships it), located through `importlib.resources` so
 they are found the same way in an editable checkout and in an installed wheel.
-They are produced by `python -m unlearn_jax.pretrain --config configs/pretrain_world.py`.
+They are produced by `python -m unlearn_jax.world.pretrain --config configs/pretrain_world.py`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ CLASSIFIER_WEIGHTS = "world_classifier.safetensors"
 
 
 def assets_path() -> Path:
-    """The package's `assets/` folder."""
-    return Path(str(resources.files("unlearn_jax").joinpath("assets")))
+    """The world package's `assets/` folder."""
+    return Path(str(resources.files("unlearn_jax.world").joinpath("assets")))
 
 
 def embedded_model_path() -> Path:
@@ -26,7 +26,7 @@ def embedded_model_path() -> Path:
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(
             f"the embedded model is missing from {path}. Fix: reinstall unlearn_jax (the "
-            "wheel ships it), or rebuild it with `python -m unlearn_jax.pretrain "
+            "wheel ships it), or rebuild it with `python -m unlearn_jax.world.pretrain "
             "--config configs/pretrain_world.py --workdir /tmp/pretrain_world --install`."
         )
     return path

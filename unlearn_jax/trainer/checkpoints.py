@@ -33,7 +33,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from unlearn_jax import atomic_files
-from unlearn_jax.unlearn.state import TrainState
+from unlearn_jax.trainer.state import TrainState
 
 log = logging.getLogger(__name__)
 

@@ -41,8 +41,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from unlearn_jax.diffusion.forward import ApplyFn
 from unlearn_jax.models.pipeline import StableDiffusion
-from unlearn_jax.unlearn.denoising import ApplyFn
 from unlearn_jax.unlearn.registry import ParamPath, trainable_mask
 from unlearn_jax.unlearn.step import param_paths
 

@@ -18,25 +18,25 @@ import ml_collections
 from flax import nnx
 
 from unlearn_jax.models.pipeline import check_new_folder, save_pipeline
-from unlearn_jax.unlearn import experiment
-from unlearn_jax.unlearn.checkpoints import (
+from unlearn_jax.trainer import experiment
+from unlearn_jax.trainer.checkpoints import (
     CHECKPOINT_DIR,
     Checkpoints,
     FingerprintMismatchError,
     fingerprint_differences,
     read_run_record,
 )
-from unlearn_jax.unlearn.config_checks import check_config_values
-from unlearn_jax.unlearn.evaluation import EVAL_DIR, Evaluator
-from unlearn_jax.unlearn.sharding import make_mesh
-from unlearn_jax.unlearn.state import TrainState, abstract_state, make_optimizer
-from unlearn_jax.unlearn.text_encoder import (
+from unlearn_jax.trainer.config_checks import check_config_values
+from unlearn_jax.trainer.evaluation import EVAL_DIR, Evaluator
+from unlearn_jax.trainer.sharding import make_mesh
+from unlearn_jax.trainer.state import TrainState, abstract_state, make_optimizer
+from unlearn_jax.trainer.text_encoder import (
     TEXT_ENCODER,
     UNET,
     text_encoder_group,
     trained_components,
 )
-from unlearn_jax.unlearn.train_step import merged_params
+from unlearn_jax.trainer.train_step import merged_params
 
 log = logging.getLogger(__name__)
 

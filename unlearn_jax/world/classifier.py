@@ -1,7 +1,7 @@
 """The embedded world's evaluator: a small CNN that reads shape, colour, size and background.
 
 One Flax NNX network with a shared trunk and one linear head per attribute of
-`unlearn_jax.data.world`. It serves two metrics on the world:
+`unlearn_jax.world.generator`. It serves two metrics on the world:
 
 - forget rates: `world_classifier(head)` is a `metrics.forget_rate.Classifier`
   (images [N,32,32,3] in [0,1] -> probabilities [N,K]);
@@ -12,7 +12,7 @@ It is trained on fresh world images with light augmentation (blur, noise,
 brightness) so that the slightly soft, slightly off-colour images a small
 latent diffusion model decodes are judged like real ones. Shipped weights:
 `embedded.classifier_weights_path()` (safetensors, PyTorch-style names via
-`models.convert`, ~0.6 MB), produced by `python -m unlearn_jax.pretrain`.
+`models.convert`, ~0.6 MB), produced by `python -m unlearn_jax.world.pretrain`.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from unlearn_jax.atomic_files import atomic_path
-from unlearn_jax.data import world
 from unlearn_jax.models import convert
 from unlearn_jax.models.abstract import abstract_module
+from unlearn_jax.world import generator as world
 
 HEADS: dict[str, int] = {name: len(values) for name, values in world.ATTRIBUTES.items()}
 FEATURE_DIM = 128
@@ -296,7 +296,7 @@ def save_world_classifier(model: WorldClassifier, path: str | Path) -> Path:
 def load_world_classifier(path: str | Path | None = None) -> WorldClassifier:
     """The evaluator with weights from `path` (default: the ones shipped with the package)."""
     if path is None:
-        from unlearn_jax.embedded import classifier_weights_path
+        from unlearn_jax.world.embedded import classifier_weights_path
 
         path = classifier_weights_path()
     return _load_cached(str(Path(path).resolve()))
@@ -307,7 +307,8 @@ def _load_cached(path: str) -> WorldClassifier:
     if not Path(path).is_file():
         raise FileNotFoundError(
             f"world classifier weights {path} are missing. Fix: reinstall unlearn_jax, or "
-            "train them with `python -m unlearn_jax.pretrain --config configs/pretrain_world.py`."
+            "train them with `python -m unlearn_jax.world.pretrain "
+            "--config configs/pretrain_world.py`."
         )
     model = abstract_module(lambda rngs: WorldClassifier(rngs=rngs))
     convert.load_torch_state(model, load_file(path), source=f"weights in {path}")

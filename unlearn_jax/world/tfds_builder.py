@@ -1,6 +1,6 @@
 """The embedded world (`data.world`) as a TensorFlow Datasets builder.
 
-    from unlearn_jax.data.world_tfds import world_builder
+    from unlearn_jax.world.tfds_builder import world_builder
     builder = world_builder(data_dir="/tmp/tfds", num_train=50_000, num_test=10_000)
     builder.download_and_prepare()
     source = builder.as_data_source()["train"]   # random access; or builder.as_dataset(...)
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from unlearn_jax.data import world
+from unlearn_jax.world import generator as world
 
 _CHUNK = 256  # examples rendered per vectorised `world.sample_world` call
 DEFAULT_SIZES = {"train": 50_000, "test": 10_000}
@@ -38,7 +38,7 @@ def _import_tfds():
         raise ImportError(
             "the world's TFDS builder needs tensorflow-datasets and tensorflow "
             "(pip install tensorflow-datasets tensorflow-cpu); the world itself "
-            "(unlearn_jax.data.world) needs neither."
+            "(unlearn_jax.world.generator) needs neither."
         ) from e
     return tfds
 
@@ -150,7 +150,7 @@ def world_builder(
 
 
 def __getattr__(name: str) -> Any:
-    # `from unlearn_jax.data.world_tfds import UnlearnJaxWorld` creates the class lazily.
+    # `from unlearn_jax.world.tfds_builder import UnlearnJaxWorld` creates the class lazily.
     if name == "UnlearnJaxWorld":
         return builder_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """Pretraining of the embedded default: world evaluator, VAE, then UNet + CLIP text encoder.
 
-    python -m unlearn_jax.pretrain --config configs/pretrain_world.py \
+    python -m unlearn_jax.world.pretrain --config configs/pretrain_world.py \
         --workdir /tmp/pretrain_world [--install]
 
 Stages (each writes its result into the workdir; a rerun skips stages whose
@@ -24,7 +24,7 @@ result is already there, so an interrupted run continues at its stage):
 Stages 1, 2 and 4 are in `pretrain_stages`, stage 3 in `pretrain_diffusion`;
 this module runs them in order (`run`) and is the command line.
 
-`--install` copies the classifier and `tiny_world/` into `unlearn_jax/assets/`.
+`--install` copies the classifier and `tiny_world/` into `unlearn_jax/world/assets/`.
 Everything is seeded from `config.seed`: the same config gives the same files.
 """
 
@@ -41,22 +41,22 @@ import ml_collections
 import numpy as np
 
 from unlearn_jax.atomic_files import write_json
-from unlearn_jax.data import world
 from unlearn_jax.data.tokenizer import write_clip_tokenizer
-from unlearn_jax.metrics import world_classifier
 from unlearn_jax.models.clip import CLIPTextModel
 from unlearn_jax.models.pipeline import StableDiffusion
 from unlearn_jax.models.unet import UNet2DConditionModel
 from unlearn_jax.models.vae import AutoencoderKL
-from unlearn_jax.pretrain_diffusion import train_unet_stage
-from unlearn_jax.pretrain_export import (
+from unlearn_jax.world import classifier as world_classifier
+from unlearn_jax.world import generator as world
+from unlearn_jax.world.pretrain_diffusion import train_unet_stage
+from unlearn_jax.world.pretrain_export import (
     load_component,
     scheduler_config,
     text_encoder_config,
     unet_config,
     write_pipeline,
 )
-from unlearn_jax.pretrain_stages import (
+from unlearn_jax.world.pretrain_stages import (
     Log,
     evaluate_pipeline_stage,
     judge_generation,
@@ -152,7 +152,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, log: Log = _log)
 
 def install(workdir: str | Path) -> None:
     """Copies the trained classifier and pipeline into the package's assets folder."""
-    from unlearn_jax import embedded
+    from unlearn_jax.world import embedded
 
     assets = embedded.assets_path()
     assets.mkdir(exist_ok=True)
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--install", action="store_true", help="copy results into assets/")
     args = parser.parse_args(argv)
-    from unlearn_jax.pretrain_export import load_config
+    from unlearn_jax.world.pretrain_export import load_config
 
     config = load_config(args.config)
     start = time.time()

@@ -25,7 +25,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from unlearn_jax.demo.protocol import (
+from unlearn_jax.metrics import pareto
+from unlearn_jax.trainer.evaluation import read_curve
+from unlearn_jax.world.demo.protocol import (
     ANCHOR_CONCEPT,
     CONCEPT,
     DEFAULT,
@@ -34,8 +36,6 @@ from unlearn_jax.demo.protocol import (
     demo_config,
     split_prompts,
 )
-from unlearn_jax.metrics import pareto
-from unlearn_jax.unlearn.evaluation import read_curve
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def _run_name(lr: float, seed: int, steps: int) -> str:
 
 def _train(config, run_dir: Path, shared_cache: Path) -> dict[str, Any]:
     """`train_and_evaluate` in `run_dir`, with θ0's generations shared across runs."""
-    from unlearn_jax.unlearn.train import train_and_evaluate
+    from unlearn_jax.trainer.train import train_and_evaluate
 
     run_dir.mkdir(parents=True, exist_ok=True)
     cache = run_dir / "cache"
@@ -88,7 +88,7 @@ def _headline_evaluation(config, run_dir: Path, step: int, prompts) -> dict[str,
     out = run_dir / HEADLINE_DIR / f"step_{step:06d}"
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())
-    from unlearn_jax.unlearn.restore import evaluate
+    from unlearn_jax.trainer.restore import evaluate
 
     evaluate(config, run_dir, step=step, out_dir=out)
     return json.loads((out / "metrics.json").read_text())
@@ -96,7 +96,7 @@ def _headline_evaluation(config, run_dir: Path, step: int, prompts) -> dict[str,
 
 def _prune_checkpoints(run_dir: Path, keep: set[int]) -> None:
     """Deletes the run's checkpoints except `keep` (the final one and a headline point)."""
-    from unlearn_jax.unlearn.checkpoints import Checkpoints
+    from unlearn_jax.trainer.checkpoints import Checkpoints
 
     checkpoints = Checkpoints(run_dir, keep=0)
     try:
@@ -195,8 +195,8 @@ def run_demo(
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Runs the protocol and writes report.json, report.md, plots and grids into `workdir`."""
-    from unlearn_jax.demo import report as report_lib
-    from unlearn_jax.embedded import embedded_model_path
+    from unlearn_jax.world.demo import report as report_lib
+    from unlearn_jax.world.embedded import embedded_model_path
 
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)

@@ -39,17 +39,17 @@ import PIL.Image
 import tqdm
 from jax.sharding import Mesh
 
-from unlearn_jax.unlearn import combine, experiment
-from unlearn_jax.unlearn.batches import SHARED_KEYS, UnlearnData
-from unlearn_jax.unlearn.checkpoints import (
+from unlearn_jax.trainer import experiment
+from unlearn_jax.trainer.batches import SHARED_KEYS, UnlearnData
+from unlearn_jax.trainer.checkpoints import (
     Checkpoints,
     check_run_record,
     write_json_atomic,
 )
-from unlearn_jax.unlearn.config_checks import check_config_values
-from unlearn_jax.unlearn.evaluation import EVAL_DIR, Evaluator
-from unlearn_jax.unlearn.restore import evaluate, export
-from unlearn_jax.unlearn.sharding import (
+from unlearn_jax.trainer.config_checks import check_config_values
+from unlearn_jax.trainer.evaluation import EVAL_DIR, Evaluator
+from unlearn_jax.trainer.restore import evaluate, export
+from unlearn_jax.trainer.sharding import (
     batch_devices,
     batch_sharding,
     make_mesh,
@@ -57,15 +57,16 @@ from unlearn_jax.unlearn.sharding import (
     put_global,
     replicated,
 )
-from unlearn_jax.unlearn.state import (
+from unlearn_jax.trainer.state import (
     TrainState,
     abstract_state,
     init_state,
     make_optimizer,
     set_learning_rate,
 )
-from unlearn_jax.unlearn.train_step import make_saliency_grad_fn, make_train_step, merged_params
-from unlearn_jax.unlearn.writers import create_writer
+from unlearn_jax.trainer.train_step import make_saliency_grad_fn, make_train_step, merged_params
+from unlearn_jax.trainer.writers import create_writer
+from unlearn_jax.unlearn import combine
 
 log = logging.getLogger(__name__)
 
