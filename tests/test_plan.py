@@ -16,7 +16,7 @@ import sys
 import jax
 import pytest
 
-from unlearn_jax import plan
+from unlearn_jax import planning as plan
 
 TINY = plan.resolve_model("tiny")
 CHEAP = dict(method="neggrad", params="xattn")

@@ -21,7 +21,7 @@ from diffusers import UNet2DConditionModel as TorchUNet
 from diffusers.models.embeddings import get_timestep_embedding as torch_timestep_embedding
 from flax import nnx
 
-from unlearn_jax import plan
+from unlearn_jax import planning as plan
 from unlearn_jax.models.convert import (
     WeightMismatchError,
     load_torch_state,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from unlearn_jax.plan import add_plan_command
+from unlearn_jax.planning import add_plan_command
 from unlearn_jax.trainer.commands import add_unlearn_commands
 from unlearn_jax.world.demo import add_demo_command
 
@@ -316,9 +316,12 @@ def _read_latents(path: Path) -> np.ndarray:
 
 def cmd_integrity(args: argparse.Namespace) -> None:
     """unlearn-jax integrity: mean LPIPS between two models' images from identical noise."""
-    from flax import nnx
 
-    from unlearn_jax.metrics.integrity import compute_integrity, write_integrity_report
+    from unlearn_jax.metrics.integrity import (
+        IntegritySettings,
+        compute_integrity,
+        write_integrity_report,
+    )
 
     prompts = _prompts(args)
     _fresh_output(args.out, list(INTEGRITY_FILES))
@@ -330,16 +333,10 @@ def cmd_integrity(args: argparse.Namespace) -> None:
             "error: the two models have different UNet configs; integrity "
             "compares a model with an unlearned copy of itself."
         )
+    sampling = {k: v for k, v in _sampler_settings(args, mesh).items() if k not in ("eta", "mesh")}
+    settings = IntegritySettings(seeds=args.seeds, seed=args.seed, **sampling)
     result = compute_integrity(
-        original,
-        nnx.state(original.unet),
-        nnx.state(unlearned.unet),
-        prompts,
-        seeds=args.seeds,
-        seed=args.seed,
-        lpips_net=args.lpips_net,
-        unlearned_pipe=unlearned,
-        **{k: v for k, v in _sampler_settings(args, mesh).items() if k != "eta"},
+        original, unlearned, prompts, settings, lpips_net=args.lpips_net, mesh=mesh
     )
     with _all_or_nothing(args.out) as written:
         written.extend(args.out / name for name in INTEGRITY_FILES)

@@ -1,0 +1,431 @@
+"""The programs, compiled on abstract shapes and measured: the train step and the sampler."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from unlearn_jax.planning.models import CHIPS, COMPUTE_DTYPES, USABLE_HBM_FRACTION, Chip, ModelSpec
+
+CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+@dataclasses.dataclass
+class ProgramReport:
+    """One compiled program; every number is per device.
+
+    Attributes:
+      kind: 'train' or 'sample'.
+      settings: what was planned (mesh, batches, dtype, remat, method, steps, ...).
+      memory: bytes: argument, output, alias (donated), temp, generated_code, peak_estimate.
+      flops: 'per_step' (one train step; one denoising step), 'per_image' (train: per
+        example of each term; sample: one whole generation), and for the sampler 'total'
+        (steps x per_step) and 'xla_scan_program' (XLA's count of the scan program, whose
+        body it counts once).
+      compile_s: lowering + XLA compilation wall time of the memory-analysed program.
+      notes: caveats specific to this program.
+    """
+
+    kind: str
+    settings: dict[str, Any]
+    memory: dict[str, int]
+    flops: dict[str, float]
+    compile_s: float
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def chips(self, chips: Sequence[Chip] = CHIPS) -> dict[str, dict[str, Any]]:
+        """Per chip: the floor (FLOPs per step / peak, a lower bound) and whether it fits."""
+        out = {}
+        for chip in chips:
+            floor_ms = self.flops["per_step"] / (chip.peak_tflops * 1e12) * 1e3
+            out[chip.name] = {
+                "floor_ms_per_step": floor_ms,
+                "fits": self.memory["peak_estimate"] <= USABLE_HBM_FRACTION * chip.hbm_bytes,
+            }
+            if self.kind == "sample":
+                out[chip.name]["floor_s_per_chunk"] = floor_ms * self.settings["steps"] / 1e3
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "chips": self.chips()}
+
+
+def memory_of(compiled) -> dict[str, int]:
+    """Bytes per device from `compiled.memory_analysis()`, plus the peak estimate."""
+    stats = compiled.memory_analysis()
+    memory = {
+        "argument": int(stats.argument_size_in_bytes),
+        "output": int(stats.output_size_in_bytes),
+        "alias": int(stats.alias_size_in_bytes),
+        "temp": int(stats.temp_size_in_bytes),
+        "generated_code": int(stats.generated_code_size_in_bytes),
+    }
+    # A donated input that an output reuses is live once, not twice.
+    memory["peak_estimate"] = (
+        sum(memory[k] for k in ("argument", "output", "temp", "generated_code")) - memory["alias"]
+    )
+    return memory
+
+
+def flops_of(compiled) -> float:
+    """FLOPs per device of a compiled program, from XLA's cost analysis."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older JAX: one dict per executable
+        cost = cost[0]
+    return float(cost.get("flops", 0.0))
+
+
+# jax.random in an instruction's op_name metadata: XLA:CPU runs threefry's rounds as a
+# loop of integer hashing, negligible next to the UNet however often it is counted.
+_RNG_OP_NAMES = ("threefry", "jit(_uniform)", "jit(_randint)", "jit(_normal)")
+
+
+def loops_other_than_rng(compiled) -> int:
+    """While loops of the optimized program other than random-number generation."""
+    loops = [line for line in (compiled.as_text() or "").splitlines() if " while(" in line]
+    return sum(not any(m in line for m in _RNG_OP_NAMES) for line in loops)
+
+
+def _compile(jitted, *args) -> tuple[Any, float]:
+    from unlearn_jax.models.attention import accelerator_attention
+
+    start = time.perf_counter()
+    with accelerator_attention():  # the GPU/TPU program, even when planned on CPU
+        compiled = jitted.lower(*args).compile()
+    return compiled, time.perf_counter() - start
+
+
+def _abstract_unet(model: ModelSpec, dtype: str, remat: bool):
+    """(graphdef, abstract state) of the UNet: float32 parameters, `dtype` compute."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from unlearn_jax.models.unet import UNet2DConditionModel
+
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"dtype {dtype!r} is unknown; valid: {', '.join(COMPUTE_DTYPES)}")
+    unet = nnx.eval_shape(
+        lambda: UNet2DConditionModel(
+            dict(model.unet_config),
+            rngs=nnx.Rngs(0),
+            dtype=jnp.dtype(dtype),
+            param_dtype=jnp.float32,
+            remat=remat,
+        )
+    )
+    return nnx.split(unet)
+
+
+def _placed(tree, shardings):
+    """ShapeDtypeStructs of `tree` carrying `shardings`."""
+    import jax
+
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings
+    )
+
+
+def _check_global_batch(batch: int, data: int, fsdp: int) -> None:
+    devices = data * fsdp if data > 0 and fsdp > 0 else 1
+    if batch < 1 or batch % devices:
+        fixed = max(devices, batch // devices * devices)
+        raise ValueError(
+            f"the global train batch {batch} must be a positive multiple of the {devices} "
+            f"devices it is split over (mesh data={data} x fsdp={fsdp}). Fix: "
+            f"--global-batch {fixed}, or --batch B for B examples per device."
+        )
+
+
+def train_config(
+    method: str | None = None,
+    *,
+    config_file: str | None = None,
+    overrides: Sequence[tuple[str, str]] = (),
+):
+    """The trainer's config (configs/base.py unless `config_file`), `overrides` applied."""
+    from unlearn_jax.trainer.config_file import load_config
+
+    config = load_config(config_file or str(CONFIGS_DIR / "base.py"), overrides)
+    if method is not None:
+        config.unlearn.method = method
+    return config
+
+
+def plan_train_step(
+    model: ModelSpec,
+    *,
+    method: str | None = None,
+    batch_per_device: int = 1,
+    global_batch: int | None = None,
+    remat: bool = False,
+    dtype: str = "float32",
+    data: int = -1,
+    fsdp: int = 1,
+    params: str | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    config=None,
+) -> ProgramReport:
+    """Compiles the unlearning train step on abstract shapes and measures it.
+
+    Args:
+      model: the model's configs.
+      method: preset name (default: the config's; 'distill_project' in base.py).
+      batch_per_device: examples per term (forget, retain) per device; the global batch
+        (train.batch_size) is this times data x fsdp.
+      global_batch: train.batch_size instead; must divide by data x fsdp.
+      remat, dtype: train.remat and train.dtype.
+      data, fsdp: mesh.data and mesh.fsdp (-1: all remaining devices).
+      params: unlearn.params (trainable group or regex; default: the config's, else the
+        preset's).
+      height, width: image size of the training latents (default: the native size).
+      config: the trainer config to start from (default `train_config()`), for the
+        optimizer and hyperparameters. Planned with grad_accum = 1: with gradient
+        accumulation, plan the micro-batch.
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from unlearn_jax.diffusion.forward import DiffusionModel
+    from unlearn_jax.diffusion.schedule import schedule_from_config
+    from unlearn_jax.trainer import experiment, sharding
+    from unlearn_jax.trainer.batches import SHARED_KEYS
+    from unlearn_jax.trainer.state import ParamSplit, abstract_state, make_optimizer
+    from unlearn_jax.trainer.train_step import make_train_step
+    from unlearn_jax.unlearn.registry import BATCH_KEYS, get_preset
+
+    config = train_config(method) if config is None else config
+    preset = get_preset(method or config.unlearn.method)
+    if global_batch is not None:
+        _check_global_batch(global_batch, data, fsdp)  # before the mesh: the clearer error
+    elif batch_per_device < 1:
+        raise ValueError(f"--batch must be >= 1 (examples per device), got {batch_per_device}")
+    mesh = sharding.make_mesh(data, fsdp)
+    devices = sharding.batch_devices(mesh)
+    batch = batch_per_device * devices if global_batch is None else global_batch
+    _check_global_batch(batch, mesh.shape["data"], mesh.shape["fsdp"])
+    group = params or config.unlearn.get("params") or preset.params
+    hparams = experiment.resolve_hparams(preset, config.unlearn.get("hparams"))
+    optimizer = make_optimizer(config.optim)
+
+    # As experiment.load_model builds them: θ0 as a pure dict, a pure apply function.
+    graphdef, state = _abstract_unet(model, dtype, remat)
+    theta0 = state.to_pure_dict()
+    split = ParamSplit.from_params(theta0, group)
+    schedule = schedule_from_config(model.scheduler_config)
+    diffusion = DiffusionModel(
+        lambda p, x_t, t, context: nnx.merge(graphdef, p)(x_t, t, context),
+        jnp.asarray(schedule.alphas_cumprod, jnp.float32),
+        schedule.prediction_type,
+    )
+
+    # As trainer.train jits it: state donated, θ0 separate, batch [micro_steps, B, ...].
+    theta0_shardings = sharding.param_shardings(mesh, theta0)
+    abstract = abstract_state(split, theta0, optimizer, preset.saliency)
+    state_shardings = sharding.param_shardings(mesh, abstract)
+    latent = model.latent_shape(height, width)
+    context = (model.context_length, model.context_dim)
+    shapes = {
+        "x0": ((1, batch, *latent), jnp.float32),
+        "x_t": ((1, batch, *latent), jnp.float32),
+        "t": ((1, batch), jnp.int32),
+        "context": ((1, batch, *context), jnp.float32),
+        "anchor_context": ((1, batch, *context), jnp.float32),  # c_a per example
+        "uncond_context": ((1, *context), jnp.float32),
+    }
+    parts = {"forget": BATCH_KEYS[preset.forget]}
+    if preset.retain is not None:
+        parts["retain"] = BATCH_KEYS[preset.retain]
+    per_example = sharding.batch_sharding(mesh, leading_dims=2)
+    example_batch = {
+        part: {
+            k: jax.ShapeDtypeStruct(
+                *shapes[k],
+                sharding=sharding.replicated(mesh) if k in SHARED_KEYS else per_example,
+            )
+            for k in keys
+        }
+        for part, keys in parts.items()
+    }
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(mesh))
+    jitted = jax.jit(
+        make_train_step(diffusion, preset, hparams, optimizer, split),
+        in_shardings=(
+            state_shardings,
+            theta0_shardings,
+            jax.tree.map(lambda a: a.sharding, example_batch),
+            sharding.replicated(mesh),
+        ),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+    compiled, seconds = _compile(
+        jitted,
+        _placed(abstract, state_shardings),
+        _placed(theta0, theta0_shardings),
+        example_batch,
+        key,
+    )
+    per_step = flops_of(compiled)
+    trainable, total = split.sizes(theta0)
+    notes = []
+    if loops := loops_other_than_rng(compiled):
+        notes.append(f"{loops} while loop(s) in the train step: FLOPs count each body once")
+    return ProgramReport(
+        kind="train",
+        settings={
+            "model": model.name,
+            "method": preset.name,
+            "params": group,
+            "trainable_parameters": trainable,
+            "unet_parameters": total,
+            "optimizer": config.optim.name,
+            "mesh": {"data": mesh.shape["data"], "fsdp": mesh.shape["fsdp"]},
+            "global_batch": batch,
+            "batch_per_device": batch // devices,
+            "remat": remat,
+            "dtype": dtype,
+            "latent_shape": list(latent),
+        },
+        memory=memory_of(compiled),
+        flops={"per_step": per_step, "per_image": per_step / (batch // devices)},
+        compile_s=seconds,
+        notes=notes,
+    )
+
+
+def compile_sampler(
+    model: ModelSpec,
+    *,
+    steps: int,
+    guidance: float = 7.5,
+    batch_per_device: int = 1,
+    dtype: str = "float32",
+    data: int = -1,
+    fsdp: int = 1,
+    height: int | None = None,
+    width: int | None = None,
+    unrolled: bool = False,
+):
+    """The sampler for one chunk of prompts, compiled on abstract shapes.
+
+    The chunk (`batch_per_device` x mesh data) is split over the mesh's 'data' axis as
+    `sample_in_chunks` splits it; the UNet parameters are replicated, or sharded over
+    'fsdp' as the trainer's evaluator holds them (the batch is not split over 'fsdp').
+
+    Args:
+      unrolled: `ddim_sample`'s Python loop over the steps (debug mode, traced under
+        jit) instead of its `lax.scan`; with steps=1: one denoising step on its own.
+    Returns:
+      (compiled, lower + compile seconds, mesh).
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from unlearn_jax.diffusion.ddim import ddim_plan
+    from unlearn_jax.diffusion.sampler import ddim_sample, uses_guidance
+    from unlearn_jax.diffusion.schedule import schedule_from_config
+    from unlearn_jax.diffusion.text_to_image import unet_model_fn
+    from unlearn_jax.trainer import sharding
+
+    if steps < 1 or batch_per_device < 1:
+        raise ValueError(
+            f"--steps and --sample-batch must be >= 1; got {steps}, {batch_per_device}"
+        )
+    mesh = sharding.make_mesh(data, fsdp)
+    chunk = batch_per_device * mesh.shape["data"]
+    latent = model.latent_shape(height, width)
+    graphdef, params = _abstract_unet(model, dtype, remat=False)
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    whole = sharding.replicated(mesh)
+    context = (model.context_length, model.context_dim)
+    plan = ddim_plan(schedule_from_config(model.scheduler_config), steps)
+    run = functools.partial(
+        ddim_sample, unet_model_fn(graphdef), guidance_scale=guidance, debug=unrolled
+    )
+
+    def sample(params, plan, latents, cond, uncond, example_ids):
+        return run(params, plan, latents, cond, uncond, example_ids=example_ids)
+
+    uncond = jax.ShapeDtypeStruct(context, jnp.dtype(dtype), sharding=whole)
+    compiled, seconds = _compile(
+        jax.jit(sample, out_shardings=rows),
+        _placed(params, sharding.param_shardings(mesh, params)),
+        jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=whole), plan),
+        jax.ShapeDtypeStruct((chunk, *latent), jnp.float32, sharding=rows),
+        jax.ShapeDtypeStruct((chunk, *context), jnp.dtype(dtype), sharding=rows),
+        uncond if uses_guidance(guidance) else None,
+        jax.ShapeDtypeStruct((chunk,), jnp.int32, sharding=rows),
+    )
+    return compiled, seconds, mesh
+
+
+def plan_sampler(
+    model: ModelSpec,
+    *,
+    steps: int = 50,
+    guidance: float = 7.5,
+    batch_per_device: int = 1,
+    dtype: str = "float32",
+    data: int = -1,
+    fsdp: int = 1,
+    height: int | None = None,
+    width: int | None = None,
+) -> ProgramReport:
+    """Compiles the scan sampler (see `compile_sampler`) and measures it.
+
+    XLA counts the scan's body once, so one denoising step is compiled on its own as
+    well: its FLOPs times `steps` are the total.
+    """
+    from unlearn_jax.diffusion.sampler import uses_guidance
+
+    common = dict(
+        guidance=guidance,
+        batch_per_device=batch_per_device,
+        dtype=dtype,
+        data=data,
+        fsdp=fsdp,
+        height=height,
+        width=width,
+    )
+    compiled, seconds, mesh = compile_sampler(model, steps=steps, **common)
+    one_step, _, _ = compile_sampler(model, steps=1, unrolled=True, **common)
+    per_step = flops_of(one_step)
+    notes = [
+        "sampler FLOPs: one denoising step compiled on its own, times the steps (XLA's "
+        "cost analysis counts the scan body once)",
+        "sampler: the denoising loop only; the text encoder and the VAE decoder are "
+        "separate programs, not included",
+    ]
+    if mesh.shape["fsdp"] > 1:
+        notes.append("sampler with fsdp > 1: the devices of an fsdp group sample the same rows")
+    return ProgramReport(
+        kind="sample",
+        settings={
+            "model": model.name,
+            "steps": steps,
+            "guidance": guidance,
+            "mesh": {"data": mesh.shape["data"], "fsdp": mesh.shape["fsdp"]},
+            "global_batch": batch_per_device * mesh.shape["data"],
+            "batch_per_device": batch_per_device,
+            "unet_batch_per_device": batch_per_device * (2 if uses_guidance(guidance) else 1),
+            "dtype": dtype,
+            "latent_shape": list(model.latent_shape(height, width)),
+        },
+        memory=memory_of(compiled),
+        flops={
+            "per_step": per_step,
+            "per_image": per_step * steps / batch_per_device,
+            "total": per_step * steps,
+            "xla_scan_program": flops_of(compiled),
+        },
+        compile_s=seconds,
+        notes=notes,
+    )
