@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -61,47 +60,15 @@ from pathlib import Path
 
 import numpy as np
 
+from unlearn_jax.benchmarks.common import (
+    children_cpu_s,
+    cores,
+    jax_compile_seconds,
+    markdown_rows,
+    subprocess_env,
+)
+
 SENSITIVITY_IMAGES, SENSITIVITY_NUDGE = 8, 1e-5
-COMPILE_EVENT_PREFIX = "/jax/core/compile/"  # trace, lower-to-MLIR and XLA compile durations
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
-def _subprocess_env(compilation_cache: Path | None = None) -> dict:
-    """The subprocesses' environment: cold compiles (as a new user sees them) by default."""
-    env = dict(os.environ)
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    # The CLI keeps a persistent cache (~/.cache/unlearn_jax/xla) that would make
-    # the "cold" process warm; off, or a given folder for the warm measurement.
-    env["UNLEARN_JAX_COMPILATION_CACHE"] = str(compilation_cache) if compilation_cache else "off"
-    env["TQDM_DISABLE"] = "1"
-    return env
-
-
-def _children_cpu_s() -> float:
-    """User + system CPU seconds of all waited-for child processes so far."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _jax_compile_seconds(fn) -> tuple[object, float]:
-    """(fn(), seconds JAX spent tracing, lowering and compiling while it ran)."""
-    import jax.monitoring
-
-    spent = [0.0]
-
-    def listener(event: str, duration: float, **_) -> None:
-        if event.startswith(COMPILE_EVENT_PREFIX):
-            spent[0] += duration
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        result = fn()
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-    return result, spent[0]
 
 
 def run_diffusers(folder, prompts, latents_nchw, args) -> dict:
@@ -184,7 +151,7 @@ def run_ours_in_process(folder, prompts, latents_nhwc, args) -> dict:
         )
 
     t0, c0 = time.perf_counter(), time.process_time()
-    images, jax_compile_s = _jax_compile_seconds(call)
+    images, jax_compile_s = jax_compile_seconds(call)
     t1, c1 = time.perf_counter(), time.process_time()
     images = call()
     t2, c2 = time.perf_counter(), time.process_time()
@@ -220,11 +187,11 @@ def run_ours_process(
         "--steps", str(args.steps), "--guidance", str(args.guidance),
         "--batch-size", str(args.batch_size), "--out", str(out),
     ]  # fmt: skip
-    start, cpu = time.perf_counter(), _children_cpu_s()
+    start, cpu = time.perf_counter(), children_cpu_s()
     proc = subprocess.run(
-        command, capture_output=True, text=True, env=_subprocess_env(compilation_cache)
+        command, capture_output=True, text=True, env=subprocess_env(compilation_cache)
     )
-    wall, cpu = time.perf_counter() - start, _children_cpu_s() - cpu
+    wall, cpu = time.perf_counter() - start, children_cpu_s() - cpu
     if proc.returncode:
         raise RuntimeError(f"{' '.join(command)} failed:\n{proc.stderr[-3000:]}")
     with np.load(out / "images.npz") as data:
@@ -239,7 +206,7 @@ def startup_seconds() -> float:
         "from unlearn_jax.models import pipeline; jnp.zeros(1).block_until_ready()"
     )
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], check=True, env=_subprocess_env())
+    subprocess.run([sys.executable, "-c", code], check=True, env=subprocess_env())
     return time.perf_counter() - start
 
 
@@ -248,7 +215,7 @@ def compile_probe(folder, steps: int, args) -> dict:
     command = [sys.executable, "-m", "unlearn_jax.benchmarks.sampling", "--compile-probe"]
     command += ["--model", str(folder), "--steps", str(steps), "--guidance", str(args.guidance)]
     command += ["--num-images", str(args.probe_images), "--batch-size", str(args.probe_images)]
-    proc = subprocess.run(command, capture_output=True, text=True, env=_subprocess_env())
+    proc = subprocess.run(command, capture_output=True, text=True, env=subprocess_env())
     if proc.returncode:
         raise RuntimeError(f"compile probe failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -270,13 +237,6 @@ def _inputs(folder, num_images: int, seed: int) -> tuple[list[str], np.ndarray]:
     shape = (num_images, unet["in_channels"], unet["sample_size"], unet["sample_size"])
     latents = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
     return caption_prompts(num_images), latents
-
-
-def _table(header: list[str], rows: list[list]) -> list[str]:
-    """Markdown table lines; floats with 2 decimals, None as an empty cell."""
-    cell = lambda x: "" if x is None else (f"{x:.2f}" if isinstance(x, float) else str(x))
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
 
 
 def markdown_table(result: dict) -> str:
@@ -308,7 +268,7 @@ def markdown_table(result: dict) -> str:
         f"{c['num_images']} images x {c['steps']} steps, guidance {c['guidance']}, batch "
         f"{c['batch_size']}, {c['cores']} cores, load average {c['load_average']}",
         "",
-        *_table(
+        *markdown_rows(
             ["method", "images/s", "wall s", "cpu s", "load s", "compile s", "vs diffusers"], rows
         ),
         "",
@@ -329,7 +289,7 @@ def markdown_table(result: dict) -> str:
         keys = ("first_call_s", "steady_s", "compile_s", "jax_compile_s")
         rows = [[steps] + [run[k] for k in keys] for steps, run in probes["runs"].items()]
         lines += ["", f"compile time vs steps ({probes['num_images']} images):", ""]
-        lines += _table(header, rows)
+        lines += markdown_rows(header, rows)
         lines.append(
             f"ratio {probes['steps'][-1]} / {probes['steps'][0]} steps: {probes['ratio']:.2f} "
             f"(JAX's own trace+lower+compile durations: {probes['jax_ratio']:.2f})"
@@ -354,7 +314,7 @@ def run_benchmark(args) -> dict:
                 "guidance": args.guidance,
                 "batch_size": args.batch_size,
                 "threads": args.threads,
-                "cores": _cores(),
+                "cores": cores(),
                 "jax_cpu_devices": cpu_devices or None,
                 "latent_shape_nchw": list(latents_nchw.shape[1:]),
                 "load_average": [round(x, 2) for x in os.getloadavg()],
@@ -410,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--batch-size", type=int, default=16, help="images per call / compiled chunk")
-    p.add_argument("--threads", type=int, default=_cores(), help="torch threads")
+    p.add_argument("--threads", type=int, default=cores(), help="torch threads")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial latents")
     p.add_argument("--skip-subprocess", action="store_true", help="in-process measurements only")
     p.add_argument(

@@ -1,0 +1,129 @@
+"""What the benchmarks share: cores and subprocess environments, compile time, peak memory,
+timed loops and Markdown tables."""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+COMPILE_EVENT_PREFIX = "/jax/core/compile/"  # trace, lower-to-MLIR and XLA compile durations
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def subprocess_env(compilation_cache: Path | None = None) -> dict:
+    """The subprocesses' environment: cold compiles (as a new user sees them) by default."""
+    env = dict(os.environ)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    # The CLI keeps a persistent cache (~/.cache/unlearn_jax/xla) that would make
+    # the "cold" process warm; off, or a given folder for the warm measurement.
+    env["UNLEARN_JAX_COMPILATION_CACHE"] = str(compilation_cache) if compilation_cache else "off"
+    env["TQDM_DISABLE"] = "1"
+    return env
+
+
+def children_cpu_s() -> float:
+    """User + system CPU seconds of all waited-for child processes so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def jax_compile_seconds(fn) -> tuple[object, float]:
+    """(fn(), seconds JAX spent tracing, lowering and compiling while it ran)."""
+    import jax.monitoring
+
+    spent = [0.0]
+
+    def listener(event: str, duration: float, **_) -> None:
+        if event.startswith(COMPILE_EVENT_PREFIX):
+            spent[0] += duration
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        result = fn()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    return result, spent[0]
+
+
+def proc_status_mb(field: str) -> float | None:
+    """A memory line of /proc/self/status ('VmRSS', 'VmHWM') in MiB; None where there is none."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+class PeakMemory:
+    """This process's peak RSS, in total and since `mark()` (e.g. after the imports).
+
+    Linux: VmHWM, reset at `mark()` through /proc/self/clear_refs. Not
+    `getrusage`'s ru_maxrss: across fork + exec it keeps the parent's high-water
+    mark, so a child of a large parent reports the parent's peak. Elsewhere
+    ru_maxrss is the fallback (growth is then a getrusage delta, 0 when the
+    peak came before `mark()`).
+    """
+
+    def __init__(self):
+        self.before_mark = self.base = 0.0
+
+    @staticmethod
+    def _peak() -> float:
+        peak = proc_status_mb("VmHWM")
+        if peak is not None:
+            return peak
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return kib / 1024 if sys.platform != "darwin" else kib / 2**20  # macOS: bytes
+
+    def mark(self) -> None:
+        self.before_mark = self._peak()
+        self.base = proc_status_mb("VmRSS") or self.before_mark
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # VmHWM := VmRSS
+        except OSError:
+            pass
+
+    def report(self) -> dict[str, float]:
+        """{'peak_rss_mb', 'rss_after_imports_mb', 'rss_growth_mb' (peak since mark - base)}."""
+        since = self._peak()
+        return {
+            "peak_rss_mb": max(self.before_mark, since),
+            "rss_after_imports_mb": self.base,
+            "rss_growth_mb": max(since - self.base, 0.0),
+        }
+
+
+def pin_threads(threads: int) -> None:
+    """Restricts this process to `threads` cores; call before JAX or torch start threads."""
+    if threads and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:threads])
+
+
+def timed_loop(step, warmup: int, steps: int, sync) -> dict:
+    """Runs `step()` warmup + steps times; wall and CPU seconds of the last `steps`."""
+    for _ in range(warmup):
+        step()
+    sync()
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        step()
+    sync()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"wall_s": wall, "cpu_s": cpu, "steps_per_s": steps / wall}
+
+
+def markdown_rows(header: list[str], rows: list[list]) -> list[str]:
+    """Markdown table lines; floats with 2 decimals, None as an empty cell."""
+    cell = lambda x: "" if x is None else (f"{x:.2f}" if isinstance(x, float) else str(x))
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
