@@ -7,7 +7,6 @@ train step.
 
 from __future__ import annotations
 
-import collections
 import json
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 from tiny_unlearn import make_config, save_micro_pipeline
 
+from unlearn_jax.program_cache import ProgramCache
 from unlearn_jax.trainer import evaluation, train
 from unlearn_jax.trainer.checkpoints import Checkpoints
 from unlearn_jax.trainer.evaluation import read_curve, register_forget_classifier
@@ -106,8 +106,8 @@ def _first_update(micro, workdir: Path, lr: float) -> dict:
 
 
 def test_one_compiled_train_step_serves_two_learning_rates(micro, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "_COMPILED", collections.OrderedDict())
-    monkeypatch.setattr(train, "_JITTED", collections.OrderedDict())
+    monkeypatch.setattr(train, "COMPILED_TRAIN_STEPS", ProgramCache("test", 4))
+    monkeypatch.setattr(train, "TRAIN_STEPS", ProgramCache("test", 4))
     traced = []
     make_train_step = train.make_train_step
     monkeypatch.setattr(

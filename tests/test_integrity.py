@@ -3,6 +3,7 @@ and the CLI files that other tools read."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -18,8 +19,8 @@ PROMPTS = ["a red circle", "a blue square on a grey background", "a photo of a c
 
 
 @pytest.fixture(scope="module")
-def lpips_fn():
-    return lpips.make_lpips_fn(lpips.load_lpips("vgg"))
+def distance():
+    return lpips.lpips_distance("vgg")
 
 
 def _perturbed(state: nnx.State, scale: float, seed: int = 0) -> nnx.State:
@@ -29,33 +30,38 @@ def _perturbed(state: nnx.State, scale: float, seed: int = 0) -> nnx.State:
     return jax.tree.unflatten(treedef, noisy)
 
 
-def test_identical_models_give_exactly_zero(sd1_folder, lpips_fn):
+def _compare(pipe, state, perturbed_state, distance) -> integrity.IntegrityResult:
+    """The production path of the trainer's evaluator: two image sets, then the metric."""
+    settings = integrity.IntegritySettings(seeds=2, steps=4)
+    images = [
+        integrity.integrity_images(with_unet(pipe, s), PROMPTS, settings, progress=False)
+        for s in (state, perturbed_state)
+    ]
+    return integrity.compare_images(*images, PROMPTS, 2, distance, {"steps": 4})
+
+
+def with_unet(pipe, state):
+    copy = nnx.clone(pipe.unet)
+    nnx.update(copy, state)
+    return dataclasses.replace(pipe, unet=copy)
+
+
+def test_identical_models_give_exactly_zero(sd1_folder, distance):
     pipe = load_pipeline(sd1_folder)
     state = nnx.state(pipe.unet)
-    result = integrity.compute_integrity(
-        pipe, state, state, PROMPTS, seeds=2, steps=4, lpips_fn=lpips_fn, progress=False
-    )
+    result = _compare(pipe, state, state, distance)
     assert result.integrity_lpips == 0.0
     assert result.ci95 == (0.0, 0.0)
     assert np.array_equal(result.original, result.unlearned)
     assert result.ssim == pytest.approx(1.0, abs=1e-6)
 
 
-def test_integrity_grows_with_weight_perturbation(sd1_folder, lpips_fn):
+def test_integrity_grows_with_weight_perturbation(sd1_folder, distance):
     pipe = load_pipeline(sd1_folder)
     state = nnx.state(pipe.unet)
     values = []
     for scale in (0.003, 0.03, 0.3):
-        result = integrity.compute_integrity(
-            pipe,
-            state,
-            _perturbed(state, scale),
-            PROMPTS,
-            seeds=2,
-            steps=4,
-            lpips_fn=lpips_fn,
-            progress=False,
-        )
+        result = _compare(pipe, state, _perturbed(state, scale), distance)
         lo, hi = result.ci95
         assert lo <= result.integrity_lpips <= hi
         assert len(result.per_prompt) == len(PROMPTS)

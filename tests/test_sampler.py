@@ -129,6 +129,48 @@ def test_matches_diffusers_ddim_loop(prediction_type, eta, steps, guidance):
     np.testing.assert_allclose(ours, reference, rtol=2e-6, atol=2e-6)
 
 
+def test_trajectory_is_every_steps_model_input_as_in_diffusers_loop():
+    """trajectory=True (ESD's x_t source) records what diffusers' loop feeds the UNet."""
+    import diffusers
+    import torch
+
+    model_fn = make_model()
+    params, latents, cond, uncond = make_inputs()
+    plan, guidance, steps = make_plan(5), 4.0, 5
+    ours = ddim_sample(
+        model_fn, params, plan, latents, cond, uncond, guidance_scale=guidance, trajectory=True
+    )
+    chunked = sample_in_chunks(
+        model_fn,
+        params,
+        plan,
+        latents,
+        cond,
+        uncond,
+        batch_size=2,
+        guidance_scale=guidance,
+        progress=False,
+        trajectory=True,
+    )
+    scheduler = diffusers.DDIMScheduler.from_config(SD_CONFIG)
+    scheduler.set_timesteps(steps)
+    to_nchw = lambda x: torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
+    sample = to_nchw(latents) * scheduler.init_noise_sigma
+    context = jnp.concatenate([jnp.broadcast_to(uncond, cond.shape), cond])
+    inputs = []
+    for t in scheduler.timesteps:
+        inputs.append(sample.numpy().transpose(0, 2, 3, 1))
+        model_input = jnp.asarray(torch.cat([sample] * 2).numpy().transpose(0, 2, 3, 1))
+        t_batch = jnp.full((model_input.shape[0],), int(t), jnp.int32)
+        uncond_out, cond_out = to_nchw(model_fn(params, model_input, t_batch, context)).chunk(2)
+        output = uncond_out + guidance * (cond_out - uncond_out)
+        sample = scheduler.step(output, t, sample).prev_sample
+    reference = np.stack(inputs, axis=1)
+    assert ours.shape == (BATCH, steps, HEIGHT, WIDTH, CHANNELS)
+    np.testing.assert_allclose(ours, reference, rtol=2e-6, atol=2e-6)
+    np.testing.assert_allclose(chunked, ours, rtol=2e-6, atol=2e-6)
+
+
 def test_guidance_one_skips_unconditional_half():
     calls: list[int] = []
     model_fn = make_model(calls=calls)

@@ -1,8 +1,9 @@
 """Forget/retain training data: text embeddings, x0 latents and ESD's partial trajectories.
 
 Where no images are given, x0 comes from θ0's own generations for the prompts
-(DDIM with guidance, `text_to_image.generate(..., return_latents=True)`); ESD
-trains on x_t taken from partial θ0 trajectories for the forget prompts. Both
+(DDIM with guidance, `text_to_image.denoise`: the sampler without the decoder); ESD
+trains on x_t taken from θ0's trajectories for the forget prompts (the same sampler
+with `trajectory=True`). Both
 are generated once and cached in `<workdir>/cache/` (see `cache`), so a
 resumed or repeated run reuses them and a changed setting can never pick up
 stale data. An image folder or a prepared TFDS split (read by
@@ -32,10 +33,10 @@ from unlearn_jax.data.image_readers import (
     load_image,
     tfds_images,
 )
-from unlearn_jax.diffusion.ddim import DDIMPlan, ddim_plan, ddim_step
-from unlearn_jax.diffusion.sampler import ModelFn, guided_model_output, uses_guidance
+from unlearn_jax.diffusion.chunks import map_in_chunks
+from unlearn_jax.diffusion.ddim import ddim_plan
 from unlearn_jax.diffusion.schedule import schedule_from_config
-from unlearn_jax.diffusion.text_to_image import generate, initial_noise, latent_shape, unet_model_fn
+from unlearn_jax.diffusion.text_to_image import denoise, latent_shape
 from unlearn_jax.models.pipeline import StableDiffusion
 
 
@@ -69,14 +70,8 @@ class Trajectories:
 
 def encode_prompt_set(pipe: StableDiffusion, prompts: Sequence[str], chunk: int = 64) -> np.ndarray:
     """Text embeddings [P, L, D] float32, encoded in fixed-size chunks (one compile)."""
-    prompts = list(prompts)
-    size = max(1, min(chunk, len(prompts)))
-    out = []
-    for start in range(0, len(prompts), size):
-        rows = prompts[start : start + size]
-        padded = rows + [rows[-1]] * (size - len(rows))
-        out.append(np.asarray(pipe.encode_prompts(padded), np.float32)[: len(rows)])
-    return np.concatenate(out)
+    encode = lambda rows: np.asarray(pipe.encode_prompts(rows), np.float32)
+    return map_in_chunks(encode, list(prompts), size=chunk)
 
 
 def generated_latents(
@@ -111,7 +106,7 @@ def generated_latents(
     )
 
     def build():
-        _, final = generate(
+        final = denoise(
             pipe,
             prompts,
             num_images_per_prompt=per_prompt,
@@ -122,48 +117,12 @@ def generated_latents(
             seed=seed,
             batch_size=batch_size,
             progress=progress,
-            return_latents=True,
         )
         return {"x0": np.asarray(final, np.float32)}
 
     arrays = load_or_build(cache_dir, "x0", key, build)
     index = np.repeat(np.arange(len(prompts), dtype=np.int32), per_prompt)
     return Latents(arrays["x0"], index)
-
-
-def _trajectory_loop(
-    model_fn: ModelFn,
-    params,
-    plan: DDIMPlan,
-    latents: jax.Array,
-    cond: jax.Array,
-    uncond: jax.Array | None,
-    guidance: jax.Array,
-    use_guidance: bool,
-) -> jax.Array:
-    """Deterministic guided DDIM from `latents` [B,h,w,C]; the input of each step, [B,S,h,w,C]."""
-
-    def step(x, i):
-        t = plan.timesteps[i]
-        out = guided_model_output(model_fn, params, x, t, cond, uncond, guidance, use_guidance)
-        x_next = ddim_step(
-            out,
-            t,
-            plan.prev_timesteps[i],
-            x,
-            plan.alphas_cumprod,
-            plan.final_alpha_cumprod,
-            prediction_type=plan.prediction_type,
-            clip_sample=plan.clip_sample,
-            clip_sample_range=plan.clip_sample_range,
-        )
-        return x_next, x
-
-    _, inputs = jax.lax.scan(step, latents, jnp.arange(plan.num_steps))
-    return jnp.swapaxes(inputs, 0, 1)
-
-
-_trajectory_jit = jax.jit(_trajectory_loop, static_argnames=("model_fn", "use_guidance"))
 
 
 def ddim_trajectories(
@@ -200,34 +159,20 @@ def ddim_trajectories(
     plan = ddim_plan(schedule_from_config(pipe.scheduler_config), steps)
 
     def build():
-        shape = latent_shape(pipe, height, width)
-        noise = initial_noise(seed, len(prompts), per_prompt, shape)
-        cond = np.repeat(encode_prompt_set(pipe, prompts), per_prompt, axis=0)
-        use_guidance = uses_guidance(guidance)
-        uncond = jnp.asarray(encode_prompt_set(pipe, [""])[0]) if use_guidance else None
-        graphdef, params = nnx.split(pipe.unet)
-        n = noise.shape[0]
-        chunk = max(1, min(batch_size, n))
-        out = []
-        for start in range(0, n, chunk):
-            rows = slice(start, start + chunk)
-            x, c = noise[rows], cond[rows]
-            pad = chunk - x.shape[0]  # one compiled shape for every chunk
-            if pad:
-                x = np.concatenate([x, np.repeat(x[-1:], pad, 0)])
-                c = np.concatenate([c, np.repeat(c[-1:], pad, 0)])
-            result = _trajectory_jit(
-                unet_model_fn(graphdef),
-                params,
-                plan,
-                jnp.asarray(x),
-                jnp.asarray(c),
-                uncond,
-                jnp.float32(guidance),
-                use_guidance,
-            )
-            out.append(np.asarray(result, np.float32)[: chunk - pad])
-        return {"x_t": np.concatenate(out)}
+        x_t = denoise(
+            pipe,
+            prompts,
+            num_images_per_prompt=per_prompt,
+            steps=steps,
+            guidance=guidance,
+            height=height,
+            width=width,
+            seed=seed,
+            batch_size=batch_size,
+            progress=False,
+            trajectory=True,
+        )
+        return {"x_t": np.asarray(x_t, np.float32)}
 
     arrays = load_or_build(cache_dir, "trajectories", key, build)
     index = np.repeat(np.arange(len(prompts), dtype=np.int32), per_prompt)
@@ -281,15 +226,11 @@ def folder_latents(
     key = cache_key(kind="images", model=model_id or str(pipe.source), files=identity, size=size)
 
     def build():
-        out = []
-        chunk = max(1, min(batch_size, count))
-        for start in range(0, count, chunk):
-            images = np.stack([load(k) for k in range(start, min(start + chunk, count))])
-            pad = chunk - images.shape[0]
-            if pad:
-                images = np.concatenate([images, np.repeat(images[-1:], pad, 0)])
-            out.append(np.asarray(_encode_images(pipe.vae, jnp.asarray(images)))[: chunk - pad])
-        return {"x0": np.concatenate(out)}
+        def encode(indices: np.ndarray) -> jax.Array:
+            images = np.stack([load(int(k)) for k in indices])
+            return _encode_images(pipe.vae, jnp.asarray(images))
+
+        return {"x0": map_in_chunks(encode, np.arange(count), size=batch_size)}
 
     arrays = load_or_build(cache_dir, "images", key, build)
     index = (np.arange(count) % num_prompts).astype(np.int32)

@@ -2,7 +2,9 @@
 
 Every chunk has the same shape (the last one is padded by repeating its last
 row, and the padding dropped), so the sampler compiles once however many
-prompts there are. Each chunk's batch is sharded over the mesh axis 'data';
+prompts there are. `pad_rows`, `padded_chunks` and `map_in_chunks` are that
+padding for every fixed-shape program of the package (decoder, encoders,
+metrics, classifiers). Each chunk's batch is sharded over the mesh axis 'data';
 parameters, the solver plan and the empty-prompt embedding are placed on the
 mesh once, replicated (parameters the caller already laid out on the mesh,
 e.g. FSDP shards, stay as they are).
@@ -21,8 +23,8 @@ does; on a small model that hides most of the compile time).
 from __future__ import annotations
 
 import concurrent.futures
-import threading
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -34,14 +36,20 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from unlearn_jax.diffusion.sampler import ModelFn, Params, checked_options, sample_jit
 from unlearn_jax.diffusion.solvers import SolverPlan
+from unlearn_jax.program_cache import ProgramCache
 
 DATA_AXIS = "data"
 
-_programs: dict[Any, concurrent.futures.Future] = {}
-_programs_lock = threading.Lock()
-# Two: XLA compiles a program on one thread, and the sampler should not wait
-# behind a smaller program (e.g. the VAE decoder) queued with it.
-_worker = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="precompile")
+# Sampler programs by everything they are specialised to (see `_program_key_and_args`).
+CHUNK_PROGRAMS = ProgramCache("sampler chunk programs", max_size=16)
+
+
+@functools.cache
+def _worker() -> concurrent.futures.ThreadPoolExecutor:
+    """The precompile threads, started on first use. Two: XLA compiles a program on one
+    thread, and the sampler should not wait behind a smaller program (e.g. the VAE
+    decoder) queued with it."""
+    return concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="precompile")
 
 
 def data_mesh(devices: list[jax.Device] | None = None) -> Mesh:
@@ -76,7 +84,7 @@ def _spec(x: Any, sharding: NamedSharding) -> jax.ShapeDtypeStruct:
 
 
 def _program_key_and_args(
-    model_fn, params, plan, row_shapes, uncond, key, *, chunk, mesh, eta, use_guidance
+    model_fn, params, plan, row_shapes, uncond, key, *, chunk, mesh, eta, use_guidance, trajectory
 ):
     """(cache key, abstract arguments) of the chunk program; row_shapes: per-row (shape, dtype)."""
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -94,11 +102,18 @@ def _program_key_and_args(
         batch((), jnp.int32),
     )
     leaves, treedef = jax.tree.flatten(args)
-    return (model_fn, eta, use_guidance, treedef, tuple(leaves)), args
+    return (model_fn, eta, use_guidance, trajectory, treedef, tuple(leaves)), args
 
 
 def _program(
-    model_fn, args, eta: float, use_guidance: bool, key, *, background: bool = False
+    model_fn,
+    args,
+    eta: float,
+    use_guidance: bool,
+    key,
+    *,
+    trajectory: bool = False,
+    background: bool = False,
 ) -> concurrent.futures.Future:
     """The future executable for `key`; compiles it (here, or on the worker) if nobody has.
 
@@ -106,15 +121,12 @@ def _program(
     and finishing them before the caller goes on to Python-heavy work (loading
     weights) starts XLA's GIL-free compilation as early as possible.
     """
-    with _programs_lock:
-        future = _programs.get(key)
-        if future is not None:
-            return future
-        future = _programs[key] = concurrent.futures.Future()
+    future, created = CHUNK_PROGRAMS.get_or_create(key, concurrent.futures.Future)
+    if not created:
+        return future
 
     def fail(e: BaseException) -> None:  # raised to whoever waits for the future
-        with _programs_lock:
-            _programs.pop(key, None)
+        CHUNK_PROGRAMS.discard(key)
         future.set_exception(e)
 
     def compile_program(lowered) -> None:
@@ -124,12 +136,14 @@ def _program(
             fail(e)
 
     try:
-        lowered = sample_jit.lower(model_fn, *args, eta=eta, use_guidance=use_guidance)
+        lowered = sample_jit.lower(
+            model_fn, *args, eta=eta, use_guidance=use_guidance, trajectory=trajectory
+        )
     except BaseException as e:
         fail(e)
         raise
     if background:
-        _worker.submit(compile_program, lowered)
+        _worker().submit(compile_program, lowered)
     else:
         compile_program(lowered)
     return future
@@ -182,26 +196,63 @@ def precompile_chunks(
         mesh=mesh,
         eta=float(eta),
         use_guidance=use_guidance,
+        trajectory=False,
     )
     return _program(model_fn, args, float(eta), use_guidance, cache_key, background=True)
 
 
 def in_background(fn: Callable[[], Any]) -> concurrent.futures.Future:
     """Runs `fn` on a precompile worker thread."""
-    return _worker.submit(fn)
+    return _worker().submit(fn)
 
 
-def _padded_rows(x: Any, start: int, size: int) -> np.ndarray:
-    """Rows [start, start+size) of x on the host, padded by repeating the last row.
+def pad_rows(rows: Any, size: int) -> Any:
+    """`rows` (an array or a list) with its last row repeated up to `size` rows along axis 0.
 
     Repeating a real example (rather than zeros) keeps padded rows well inside
     the model's input distribution, so they cannot produce NaNs or warnings.
     """
-    rows = np.asarray(x[start : start + size])
-    missing = size - rows.shape[0]
-    if missing:
-        rows = np.concatenate([rows, np.repeat(rows[-1:], missing, axis=0)], axis=0)
-    return rows
+    missing = size - len(rows)
+    if missing <= 0:
+        return rows
+    if isinstance(rows, list):
+        return rows + [rows[-1]] * missing
+    rows = np.asarray(rows)
+    return np.concatenate([rows, np.repeat(rows[-1:], missing, axis=0)], axis=0)
+
+
+def padded_chunks(*inputs: Any, size: int) -> Iterator[tuple[tuple[Any, ...], int]]:
+    """(the inputs' rows of one chunk, each padded to the chunk size; the real row count).
+
+    Every chunk has min(size, N) rows, so a jitted function of a chunk compiles
+    once; the inputs (arrays or lists, N rows each) are read a chunk at a time.
+    """
+    total = len(inputs[0])
+    if any(len(x) != total for x in inputs):
+        raise ValueError(f"inputs of different lengths: {[len(x) for x in inputs]}")
+    size = max(1, min(size, total))
+    for start in range(0, total, size):
+        rows = [x[start : start + size] for x in inputs]
+        yield tuple(pad_rows(r, size) for r in rows), len(rows[0])
+
+
+def map_in_chunks(fn: Callable[..., Any], *inputs: Any, size: int) -> Any:
+    """fn over fixed-size chunks of `inputs` (see `padded_chunks`), outputs concatenated.
+
+    Args:
+      fn: chunk rows of each input -> an array or a pytree of arrays, rows first.
+      inputs: N rows each (NumPy/JAX arrays or lists).
+      size: rows per call (at most N).
+    Returns:
+      fn's output structure with N rows (the padding dropped), as NumPy arrays.
+    """
+    outs = [
+        jax.tree.map(lambda a, n=real: np.asarray(a)[:n], fn(*rows))
+        for rows, real in padded_chunks(*inputs, size=size)
+    ]
+    if not outs:
+        raise ValueError("no rows to process")
+    return jax.tree.map(lambda *parts: np.concatenate(parts), *outs)
 
 
 def _to_host(x: jax.Array) -> np.ndarray:
@@ -225,6 +276,7 @@ def sample_in_chunks(
     key: jax.Array | None = None,
     mesh: Mesh | None = None,
     progress: bool = True,
+    trajectory: bool = False,
 ) -> np.ndarray:
     """Samples a large prompt set in fixed-size chunks through one compiled program.
 
@@ -243,15 +295,17 @@ def sample_in_chunks(
       mesh: mesh with a 'data' axis (e.g. `data_mesh()` for all devices);
         default: this process's first device alone.
       progress: show a tqdm progress bar over examples.
+      trajectory: return every step's model input, [N,steps,h,w,C] (`sampler.sample`).
 
     Returns:
-      [N,h,w,C] float32 NumPy array of final latents.
+      [N,h,w,C] float32 NumPy array of final latents (or the trajectories).
     """
     total = latents.shape[0]
     if cond_context.shape[0] != total:
         raise ValueError(f"{total} latents but {cond_context.shape[0]} cond embeddings")
     if total == 0:
-        return np.zeros(latents.shape, np.float32)
+        steps = (plan.num_steps,) if trajectory else ()
+        return np.zeros((0, *steps, *latents.shape[1:]), np.float32)
     mesh = mesh if mesh is not None else data_mesh(jax.local_devices()[:1])
     use_guidance, key, uncond_context = checked_options(
         plan, guidance_scale, eta, key, uncond_context
@@ -276,15 +330,18 @@ def sample_in_chunks(
         mesh=mesh,
         eta=float(eta),
         use_guidance=use_guidance,
+        trajectory=trajectory,
     )
-    program = _program(model_fn, args, float(eta), use_guidance, cache_key).result()
+    program = _program(
+        model_fn, args, float(eta), use_guidance, cache_key, trajectory=trajectory
+    ).result()
     rows_sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
     def launch(start: int) -> jax.Array:
         chunk_latents, chunk_cond, chunk_ids = jax.device_put(
             (
-                _padded_rows(latents, start, chunk),
-                _padded_rows(cond_context, start, chunk),
+                pad_rows(np.asarray(latents[start : start + chunk]), chunk),
+                pad_rows(np.asarray(cond_context[start : start + chunk]), chunk),
                 np.arange(start, start + chunk, dtype=np.int32),
             ),
             rows_sharding,

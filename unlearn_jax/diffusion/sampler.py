@@ -151,8 +151,13 @@ def _sample_loop(
     eta: float,
     use_guidance: bool,
     debug: bool,
+    trajectory: bool = False,
 ) -> Array:
-    """The whole denoising loop; `debug` runs it step by step in Python, eagerly."""
+    """The whole denoising loop; `debug` runs it step by step in Python, eagerly.
+
+    `trajectory`: return the model's input latents of every step, [B, steps, h, w, C]
+    (what ESD trains on), instead of the final latents.
+    """
     step_fn = functools.partial(
         _denoise_step,
         model_fn,
@@ -166,14 +171,20 @@ def _sample_loop(
         eta,
         use_guidance,
     )
+
+    def scan_step(carry, step):
+        return step_fn(carry, step), (plan.model_input(carry, step) if trajectory else None)
+
     carry = plan.init(latents)
     if debug:
+        inputs = []
         for step in range(plan.num_steps):
-            carry = step_fn(carry, jnp.int32(step))
-        return plan.final(carry)
+            carry, x = scan_step(carry, jnp.int32(step))
+            inputs.append(x)
+        return jnp.stack(inputs, axis=1) if trajectory else plan.final(carry)
     steps = jnp.arange(plan.num_steps, dtype=jnp.int32)
-    carry, _ = jax.lax.scan(lambda c, i: (step_fn(c, i), None), carry, steps)
-    return plan.final(carry)
+    carry, inputs = jax.lax.scan(scan_step, carry, steps)
+    return jnp.swapaxes(inputs, 0, 1) if trajectory else plan.final(carry)
 
 
 # One trace per (model_fn, solver kind, eta, use_guidance, shapes/dtypes/shardings);
@@ -181,7 +192,7 @@ def _sample_loop(
 # key and example ids are all traced inputs.
 sample_jit = jax.jit(
     functools.partial(_sample_loop, debug=False),
-    static_argnames=("model_fn", "eta", "use_guidance"),
+    static_argnames=("model_fn", "eta", "use_guidance", "trajectory"),
 )
 
 
@@ -224,6 +235,7 @@ def sample(
     key: Array | None = None,
     example_ids: Array | None = None,
     debug: bool = False,
+    trajectory: bool = False,
 ) -> Array:
     """Run a solver with classifier-free guidance from given initial noise.
 
@@ -244,9 +256,11 @@ def sample(
         streams; defaults to arange(B).
       debug: run an eager Python loop over steps instead of the compiled scan
         (same step function; for stepping through with a debugger or prints).
+      trajectory: return every step's model input instead (static).
 
     Returns:
-      [B,h,w,C] float32 final latents x_0.
+      [B,h,w,C] float32 final latents x_0; with `trajectory`, [B,steps,h,w,C]: the
+      latents the model saw at each step (the first is the scaled initial noise).
     """
     batch = latents.shape[0]
     use_guidance, key, uncond_context = checked_options(
@@ -264,9 +278,10 @@ def sample(
         key,
         example_ids,
     )
+    options = dict(eta=float(eta), use_guidance=use_guidance, trajectory=trajectory)
     if debug:
-        return _sample_loop(model_fn, *args, eta=float(eta), use_guidance=use_guidance, debug=True)
-    return sample_jit(model_fn, *args, eta=float(eta), use_guidance=use_guidance)
+        return _sample_loop(model_fn, *args, debug=True, **options)
+    return sample_jit(model_fn, *args, **options)
 
 
 ddim_sample = sample  # the name callers used before other solvers existed; any plan works

@@ -22,7 +22,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from unlearn_jax.diffusion.chunks import in_background, precompile_chunks, sample_in_chunks
+from unlearn_jax.diffusion.chunks import (
+    in_background,
+    map_in_chunks,
+    precompile_chunks,
+    sample_in_chunks,
+)
 from unlearn_jax.diffusion.sampler import ModelFn, uses_guidance
 from unlearn_jax.diffusion.solvers import check_scheduler, make_plan
 from unlearn_jax.models.pipeline import PipelineStructure, StableDiffusion
@@ -95,15 +100,11 @@ def _decode_chunk(num_images: int, batch_size: int) -> int:
 def decode_latents(pipe: StableDiffusion, latents: np.ndarray, batch_size: int) -> np.ndarray:
     """Images [N,H,W,3] in [0,1] from final latents [N,h,w,C], in fixed-size chunks."""
     n = latents.shape[0]
-    chunk = _decode_chunk(n, batch_size)
+    if n == 0:
+        return np.zeros((0,), np.float32)
     graphdef, state = nnx.split(pipe.vae)
-    out = []
-    for start in range(0, n, chunk):
-        rows = latents[start : start + chunk]
-        pad = chunk - rows.shape[0]  # same shape every chunk: one compile
-        padded = np.concatenate([rows, np.repeat(rows[-1:], pad, 0)]) if pad else rows
-        out.append(np.asarray(_decode(graphdef, state, jnp.asarray(padded)))[: rows.shape[0]])
-    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+    decode = lambda rows: _decode(graphdef, state, jnp.asarray(rows))
+    return map_in_chunks(decode, latents, size=_decode_chunk(n, batch_size))
 
 
 def _abstract(tree):
@@ -185,7 +186,7 @@ def check_finite(images: np.ndarray, prompts: Sequence[str], per_prompt: int) ->
         )
 
 
-def generate(
+def denoise(
     pipe: StableDiffusion,
     prompts: Sequence[str],
     *,
@@ -201,28 +202,13 @@ def generate(
     eta: float = 0.0,
     mesh: Mesh | None = None,
     progress: bool = True,
-    return_latents: bool = False,
     scheduler: str = "ddim",
+    trajectory: bool = False,
 ) -> np.ndarray:
-    """Images [P*S, H, W, 3] float32 in [0,1], prompt-major, like diffusers' pipeline.
+    """`generate` without the VAE decoder: final latents [P*S, h, w, C], prompt-major.
 
-    Args:
-      pipe: the loaded pipeline.
-      prompts: P prompts; each is encoded once.
-      num_images_per_prompt: S.
-      steps, guidance, eta: denoising steps, CFG weight (<= 1: no guidance), DDIM eta.
-      height, width: image size; default the UNet's native size.
-      seed: seed of the initial noise (see module docstring) and of eta > 0 noise.
-      latents: optional initial noise [P*S, h, w, C] (NHWC), instead of the seed's.
-      unet_params: UNet state to use instead of `pipe.unet`'s (same structure),
-        e.g. an unlearned model; shares the compiled sampler.
-      batch_size: images per compiled chunk (rounded up to the mesh's data axis).
-      mesh: optional mesh with a 'data' axis to shard each chunk over.
-      progress: show progress bars.
-      return_latents: also return the final latents.
-      scheduler: the solver, one of `solvers.SCHEDULERS` ('ddim', 'dpmpp_2m',
-        'euler'), built from the folder's scheduler config as diffusers'
-        `<Scheduler>.from_config` builds it; eta applies to 'ddim' only.
+    Args: as `generate`; `trajectory` returns the latents the UNet saw at every
+    step instead, [P*S, steps, h, w, C] (ESD's x_t source).
     """
     prompts = list(prompts)
     check_scheduler(scheduler)
@@ -244,7 +230,7 @@ def generate(
     cond = np.repeat(encoded[: len(prompts)], num_images_per_prompt, axis=0)
     graphdef, state = nnx.split(pipe.unet)
     plan = make_plan(scheduler, pipe.scheduler_config, steps)
-    final = sample_in_chunks(
+    return sample_in_chunks(
         unet_model_fn(graphdef),
         state if unet_params is None else unet_params,
         plan,
@@ -257,7 +243,64 @@ def generate(
         key=jax.random.key(seed) if eta > 0 else None,
         mesh=mesh,
         progress=progress,
+        trajectory=trajectory,
+    )
+
+
+def generate(
+    pipe: StableDiffusion,
+    prompts: Sequence[str],
+    *,
+    num_images_per_prompt: int = 1,
+    steps: int = 50,
+    guidance: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
+    seed: int = 0,
+    latents: np.ndarray | None = None,
+    unet_params: nnx.State | None = None,
+    batch_size: int = 8,
+    eta: float = 0.0,
+    mesh: Mesh | None = None,
+    progress: bool = True,
+    scheduler: str = "ddim",
+) -> np.ndarray:
+    """Images [P*S, H, W, 3] float32 in [0,1], prompt-major, like diffusers' pipeline.
+
+    Args:
+      pipe: the loaded pipeline.
+      prompts: P prompts; each is encoded once.
+      num_images_per_prompt: S.
+      steps, guidance, eta: denoising steps, CFG weight (<= 1: no guidance), DDIM eta.
+      height, width: image size; default the UNet's native size.
+      seed: seed of the initial noise (see module docstring) and of eta > 0 noise.
+      latents: optional initial noise [P*S, h, w, C] (NHWC), instead of the seed's.
+      unet_params: UNet state to use instead of `pipe.unet`'s (same structure),
+        e.g. an unlearned model; shares the compiled sampler.
+      batch_size: images per compiled chunk (rounded up to the mesh's data axis).
+      mesh: optional mesh with a 'data' axis to shard each chunk over.
+      progress: show progress bars.
+      scheduler: the solver, one of `solvers.SCHEDULERS` ('ddim', 'dpmpp_2m',
+        'euler'), built from the folder's scheduler config as diffusers'
+        `<Scheduler>.from_config` builds it; eta applies to 'ddim' only.
+    """
+    final = denoise(
+        pipe,
+        prompts,
+        num_images_per_prompt=num_images_per_prompt,
+        steps=steps,
+        guidance=guidance,
+        height=height,
+        width=width,
+        seed=seed,
+        latents=latents,
+        unet_params=unet_params,
+        batch_size=batch_size,
+        eta=eta,
+        mesh=mesh,
+        progress=progress,
+        scheduler=scheduler,
     )
     images = decode_latents(pipe, final, batch_size)
-    check_finite(images, prompts, num_images_per_prompt)
-    return (images, final) if return_latents else images
+    check_finite(images, list(prompts), num_images_per_prompt)
+    return images

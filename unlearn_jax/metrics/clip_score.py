@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from unlearn_jax.diffusion.chunks import map_in_chunks
 from unlearn_jax.models.clip_vision import CLIPModel
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -180,18 +181,9 @@ def _text_embeds(model: CLIPModel, ids: jax.Array) -> jax.Array:
 
 def _chunked(fn, model: CLIPModel, inputs: np.ndarray, batch_size: int, **kw) -> np.ndarray:
     """fn over fixed-size chunks of `inputs` (last one edge-padded): one compile per shape."""
-    n = len(inputs)
-    if n == 0:
+    if len(inputs) == 0:
         raise ValueError("no inputs to embed")
-    size = min(batch_size, n)
-    outs = []
-    for start in range(0, n, size):
-        chunk = inputs[start : start + size]
-        pad = size - len(chunk)
-        if pad:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-        outs.append(np.asarray(fn(model, jnp.asarray(chunk), **kw))[: size - pad])
-    return np.concatenate(outs)
+    return map_in_chunks(lambda rows: fn(model, jnp.asarray(rows), **kw), inputs, size=batch_size)
 
 
 def tokenize(tokenizer: Any, texts: Sequence[str]) -> np.ndarray:

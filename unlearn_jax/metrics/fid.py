@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from unlearn_jax.atomic_files import write_npz
+from unlearn_jax.diffusion.chunks import padded_chunks
 
 
 @dataclass
@@ -159,8 +160,8 @@ def image_set_statistics(
 ) -> FeatureStatistics:
     """Streams images [N, H, W, C] through `feature_fn` in batches; returns their moments.
 
-    Every call of `feature_fn` sees exactly `batch_size` images (the last batch
-    is padded by repeating its final image and the padding's features are
+    Every call of `feature_fn` sees exactly min(batch_size, N) images (the last
+    batch is padded by repeating its final image and the padding's features are
     dropped), so a jitted extractor compiles once.
 
     Args:
@@ -173,13 +174,8 @@ def image_set_statistics(
     if n == 0:
         raise ValueError("no images")
     stats = None
-    for start in range(0, n, batch_size):
-        batch = np.asarray(images[start : start + batch_size])
-        real = len(batch)
-        if real < batch_size:
-            pad = np.repeat(batch[-1:], batch_size - real, axis=0)
-            batch = np.concatenate([batch, pad], axis=0)
-        features = np.asarray(feature_fn(batch))[:real]
+    for (batch,), real in padded_chunks(images, size=batch_size):
+        features = np.asarray(feature_fn(np.asarray(batch)))[:real]
         if stats is None:
             stats = FeatureStatistics(features.shape[-1])
         stats.update(features)

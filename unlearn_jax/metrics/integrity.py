@@ -21,11 +21,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh
 
 from unlearn_jax.atomic_files import write_json, write_npz
 from unlearn_jax.diffusion import text_to_image
+from unlearn_jax.diffusion.chunks import map_in_chunks
 from unlearn_jax.metrics import image_quality, lpips
 from unlearn_jax.metrics.visualize import save_grid
 from unlearn_jax.models.pipeline import StableDiffusion
@@ -96,99 +96,107 @@ def pair_metrics(
     original: np.ndarray, unlearned: np.ndarray, lpips_fn, batch_size: int = 32
 ) -> dict[str, np.ndarray]:
     """LPIPS, PSNR and SSIM per pair, [N] each, computed in fixed-size batches."""
-    n = original.shape[0]
-    chunk = max(1, min(batch_size, n))
-    out = {"lpips": [], "psnr": [], "ssim": []}
-    for start in range(0, n, chunk):
-        a, b = original[start : start + chunk], unlearned[start : start + chunk]
-        rows = a.shape[0]
-        if rows < chunk:  # one compiled shape for every batch
-            a = np.concatenate([a, np.repeat(a[-1:], chunk - rows, 0)])
-            b = np.concatenate([b, np.repeat(b[-1:], chunk - rows, 0)])
-        out["lpips"].append(np.asarray(lpips_fn(a, b))[:rows])
-        out["psnr"].append(np.asarray(image_quality.psnr(a, b))[:rows])
-        out["ssim"].append(np.asarray(image_quality.ssim(a, b))[:rows])
-    return {k: np.concatenate(v).astype(np.float64) for k, v in out.items()}
+
+    def metrics(a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
+        return {
+            "lpips": lpips_fn(a, b),
+            "psnr": image_quality.psnr(a, b),
+            "ssim": image_quality.ssim(a, b),
+        }
+
+    out = map_in_chunks(metrics, original, unlearned, size=batch_size)
+    return {k: v.astype(np.float64) for k, v in out.items()}
 
 
-def compute_integrity(
-    pipe: StableDiffusion,
-    original_params: nnx.State,
-    unlearned_params: nnx.State,
-    prompts: Sequence[str],
-    *,
-    seeds: int = 4,
-    steps: int = 50,
-    guidance: float = 7.5,
-    height: int | None = None,
-    width: int | None = None,
-    seed: int = 0,
-    batch_size: int = 8,
-    lpips_net: str = "vgg",
-    lpips_fn=None,
-    mesh: Mesh | None = None,
-    progress: bool = True,
-    unlearned_pipe: StableDiffusion | None = None,
-    original_images: np.ndarray | None = None,
-    scheduler: str = "ddim",
-) -> IntegrityResult:
-    """Integrity of `unlearned_params` against `original_params` (both UNet states of `pipe`).
+@dataclasses.dataclass(frozen=True)
+class IntegritySettings:
+    """How both models' images are made: identical for the two, by construction.
 
-    Args:
-      pipe: pipeline providing text encoder, VAE, scheduler and the UNet structure.
-      original_params, unlearned_params: UNet states (`nnx.state(unet)`), same structure.
-      prompts: the retain prompts p_1..p_P (held out from training).
+    Attributes:
       seeds: S images per prompt.
-      steps, guidance, height, width: sampler settings, identical for both models.
-      scheduler: the solver ('ddim', 'dpmpp_2m' or 'euler'; see `text_to_image.generate`).
+      steps, guidance, height, width: sampler settings (height/width None: native size).
       seed: root seed of the shared initial noise.
       batch_size: images per compiled sampler chunk and per LPIPS batch.
-      lpips_net: "vgg" (default) or "alex", real weights.
-      lpips_fn: optional prebuilt `(x, y) -> [B]`, to reuse across calls.
-      mesh: optional mesh with a 'data' axis for sampling.
-      unlearned_pipe: the unlearned model's own pipeline when more than its UNet
-        changed (e.g. a trained text encoder); default: `pipe` with `unlearned_params`.
-      original_images: θ0's images [P*S, H, W, 3] for exactly these prompts and
-        settings, when already generated (e.g. cached across runs); then
-        `original_params` is not sampled.
+      scheduler: the solver ('ddim', 'dpmpp_2m' or 'euler'; see `text_to_image.generate`).
     """
-    prompts = list(prompts)
+
+    seeds: int = 4
+    steps: int = 50
+    guidance: float = 7.5
+    height: int | None = None
+    width: int | None = None
+    seed: int = 0
+    batch_size: int = 8
+    scheduler: str = "ddim"
+
+
+def integrity_images(
+    pipe: StableDiffusion,
+    prompts: Sequence[str],
+    settings: IntegritySettings,
+    *,
+    mesh: Mesh | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """One model's side of the comparison: [P*S, H, W, 3] in [0,1], prompt-major.
+
+    The initial noise depends only on (settings.seed, prompt index, seed index), so
+    two pipelines of one architecture get the same noise.
+    """
+    _check_prompts(prompts, settings.seeds)
+    return text_to_image.generate(
+        pipe,
+        list(prompts),
+        num_images_per_prompt=settings.seeds,
+        steps=settings.steps,
+        guidance=settings.guidance,
+        height=settings.height,
+        width=settings.width,
+        seed=settings.seed,
+        batch_size=settings.batch_size,
+        mesh=mesh,
+        progress=progress,
+        scheduler=settings.scheduler,
+    )
+
+
+def _check_prompts(prompts: Sequence[str], seeds: int) -> None:
     if not prompts:
         raise ValueError("integrity needs at least one retain prompt; the prompt set is empty.")
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
-    noise = text_to_image.initial_noise(
-        seed, len(prompts), seeds, text_to_image.latent_shape(pipe, height, width)
-    )
-    common = dict(
-        num_images_per_prompt=seeds,
-        steps=steps,
-        guidance=guidance,
-        height=height,
-        width=width,
-        seed=seed,
-        latents=noise,
-        batch_size=batch_size,
-        mesh=mesh,
-        progress=progress,
-        scheduler=scheduler,
-    )
-    unlearned = text_to_image.generate(
-        unlearned_pipe or pipe, prompts, unet_params=unlearned_params, **common
-    )
-    if original_images is None:
-        original = text_to_image.generate(pipe, prompts, unet_params=original_params, **common)
-    else:
-        original = np.asarray(original_images, np.float32)
-        if original.shape != unlearned.shape:
-            raise ValueError(
-                f"original_images has shape {original.shape}, but these prompts and settings "
-                f"give {unlearned.shape}; pass the original's images for the same prompts, "
-                "seeds and size, or None to generate them."
-            )
-    if lpips_fn is None:
-        lpips_fn = lpips.make_lpips_fn(lpips.load_lpips(lpips_net))
-    per_pair = pair_metrics(original, unlearned, lpips_fn, batch_size=max(batch_size, 8))
+
+
+def compare_images(
+    original: np.ndarray,
+    unlearned: np.ndarray,
+    prompts: Sequence[str],
+    seeds: int,
+    distance: lpips.LpipsDistance,
+    settings: dict,
+    *,
+    batch_size: int = 8,
+) -> IntegrityResult:
+    """The integrity metric of two image sets made from the same prompts and noise.
+
+    Args:
+      original, unlearned: [P*S, H, W, 3] in [0,1], prompt-major (image i*S + j is
+        prompt i, seed j), from θ0 and θ.
+      prompts, seeds: the P prompts and S images per prompt they were made from.
+      distance: LPIPS (`lpips.lpips_distance`).
+      settings: how they were made (steps, guidance, seed, sampler: recorded in the
+        result with the image size and the LPIPS network).
+      batch_size: image pairs per LPIPS call (at least 8).
+    """
+    prompts = list(prompts)
+    _check_prompts(prompts, seeds)
+    original, unlearned = np.asarray(original, np.float32), np.asarray(unlearned, np.float32)
+    if original.shape != unlearned.shape or original.shape[0] != len(prompts) * seeds:
+        raise ValueError(
+            f"the image sets have shapes {original.shape} and {unlearned.shape}; both must be "
+            f"[{len(prompts)} prompts x {seeds} seeds, H, W, 3] from the same prompts and noise."
+        )
+    per_pair = pair_metrics(original, unlearned, distance, batch_size=max(batch_size, 8))
     per_prompt = per_pair["lpips"].reshape(len(prompts), seeds).mean(axis=1)
     groups = per_prompt if len(prompts) > 1 else per_pair["lpips"]
     note = ""
@@ -211,17 +219,53 @@ def compute_integrity(
         prompts=prompts,
         seeds=seeds,
         settings={
-            "steps": steps,
-            "guidance": guidance,
+            **settings,
             "height": original.shape[1],
             "width": original.shape[2],
-            "seed": seed,
-            "lpips_net": lpips_net,
-            "sampler": scheduler,
+            "lpips_net": distance.net,
             "eta": 0.0,
         },
         original=original,
         unlearned=unlearned,
+    )
+
+
+def compute_integrity(
+    original: StableDiffusion,
+    unlearned: StableDiffusion,
+    prompts: Sequence[str],
+    settings: IntegritySettings = IntegritySettings(),
+    *,
+    lpips_net: str = "vgg",
+    mesh: Mesh | None = None,
+    progress: bool = True,
+) -> IntegrityResult:
+    """Integrity of the `unlearned` pipeline against the `original` (same architecture).
+
+    Args:
+      original, unlearned: loaded pipelines (`load_pipeline`); every component may differ.
+      prompts: the retain prompts p_1..p_P (held out from training).
+      settings: how the images are made, identical for both.
+      lpips_net: "vgg" (default) or "alex", real weights.
+      mesh: optional mesh with a 'data' axis for sampling.
+    """
+    images = [
+        integrity_images(pipe, prompts, settings, mesh=mesh, progress=progress)
+        for pipe in (unlearned, original)
+    ]
+    return compare_images(
+        images[1],
+        images[0],
+        prompts,
+        settings.seeds,
+        lpips.lpips_distance(lpips_net),
+        {
+            "steps": settings.steps,
+            "guidance": settings.guidance,
+            "seed": settings.seed,
+            "sampler": settings.scheduler,
+        },
+        batch_size=settings.batch_size,
     )
 
 

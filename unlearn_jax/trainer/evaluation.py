@@ -166,7 +166,7 @@ class Evaluator:
         self.retain_prompts = list(retain_prompts)
         self.forget_prompts = list(forget_prompts)
         self.mesh = mesh
-        self._lpips_fn = None
+        self._lpips = None
         self._original_forget_rate: dict[int, float] = {}
         self._original_images: dict[tuple[str, int], np.ndarray] = {}
         cfg = config.eval
@@ -242,28 +242,17 @@ class Evaluator:
         from unlearn_jax.metrics import integrity, lpips
 
         cfg = self.config.eval
-        if self._lpips_fn is None:
-            self._lpips_fn = lpips.make_lpips_fn(lpips.load_lpips(cfg.lpips_net))
-        original_unet, _ = unet_and_pipeline(self.pipe, self.original_params)
-        unet, unlearned_pipe = unet_and_pipeline(self.pipe, params)
-        result = integrity.compute_integrity(
-            self.pipe,
-            original_unet,
-            unet,
-            self.prompts("retain", stride),
-            seeds=cfg.seeds,
-            steps=cfg.steps,
-            guidance=cfg.guidance,
-            height=self.config.sample.height,
-            width=self.config.sample.width,
-            seed=cfg.seed,
+        if self._lpips is None:
+            self._lpips = lpips.lpips_distance(cfg.lpips_net)
+        prompts = self.prompts("retain", stride)
+        result = integrity.compare_images(
+            self.original_images("retain", stride),
+            self._sample(params, prompts),
+            prompts,
+            cfg.seeds,
+            self._lpips,
+            {"steps": cfg.steps, "guidance": cfg.guidance, "seed": cfg.seed, "sampler": "ddim"},
             batch_size=cfg.batch_size,
-            lpips_net=cfg.lpips_net,
-            lpips_fn=self._lpips_fn,
-            mesh=self.mesh,
-            progress=False,
-            unlearned_pipe=unlearned_pipe,
-            original_images=self.original_images("retain", stride),
         )
         if jax.process_index() == 0:
             integrity.write_integrity_report(result, out_dir / "integrity")

@@ -20,7 +20,6 @@ resumed from step k equals the uninterrupted run bit for bit on one device.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import hashlib
 import json
@@ -39,6 +38,7 @@ import PIL.Image
 import tqdm
 from jax.sharding import Mesh
 
+from unlearn_jax.program_cache import ProgramCache
 from unlearn_jax.trainer import experiment
 from unlearn_jax.trainer.batches import SHARED_KEYS, UnlearnData
 from unlearn_jax.trainer.checkpoints import (
@@ -131,8 +131,7 @@ def _check_batch_layout(config: ml_collections.ConfigDict, mesh) -> None:
 # process that differ in nothing the program depends on (tests, sweeps over
 # the learning rate, a resume) skip XLA compilation, which dominates short
 # runs (about a minute for a tiny UNet's two-term step on two CPU cores).
-_COMPILED: collections.OrderedDict[str, Any] = collections.OrderedDict()
-_COMPILED_MAX = 4
+COMPILED_TRAIN_STEPS = ProgramCache("compiled train steps", max_size=4)
 
 
 def _compile_cached(jitted, mesh, *example_args):
@@ -144,22 +143,19 @@ def _compile_cached(jitted, mesh, *example_args):
     lowered = jitted.lower(*example_args)
     devices = ",".join(str(d.id) for d in mesh.devices.flat)
     key = hashlib.sha256((devices + lowered.as_text()).encode()).hexdigest()
-    if key in _COMPILED:
-        _COMPILED.move_to_end(key)
-        return _COMPILED[key]
-    log.info("compiling the train step (first run of this program; cached afterwards)")
-    compiled = lowered.compile()
-    _COMPILED[key] = compiled
-    while len(_COMPILED) > _COMPILED_MAX:
-        _COMPILED.popitem(last=False)
-    return compiled
+
+    def compile_step():
+        log.info("compiling the train step (first run of this program; cached afterwards)")
+        return lowered.compile()
+
+    return COMPILED_TRAIN_STEPS.get_or_create(key, compile_step)[0]
 
 
 # The jitted train steps themselves, by everything their closure computes with. A
 # repeated lower() of the same jitted function with the same shapes is free, so runs
 # that differ only in the learning rate or the data also skip tracing the step (several
 # seconds for a tiny UNet's two-term step on two CPU cores, per run of a sweep).
-_JITTED: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+TRAIN_STEPS = ProgramCache("jitted train steps", max_size=4)
 
 
 def _jitted_train_step(run: _Run, batch_shardings: dict) -> Any:
@@ -181,11 +177,12 @@ def _jitted_train_step(run: _Run, batch_shardings: dict) -> Any:
         str(jax.tree.leaves(run.state_shardings)),
         str(jax.tree.leaves(frozen_shardings)),
     )
-    if model.program_key is None or key not in _JITTED:
+
+    def jit_step():
         step_fn = make_train_step(
             model.diffusion, spec.preset, spec.hparams, run.optimizer, model.split
         )
-        jitted = jax.jit(
+        return jax.jit(
             step_fn,
             in_shardings=(
                 run.state_shardings,
@@ -196,13 +193,10 @@ def _jitted_train_step(run: _Run, batch_shardings: dict) -> Any:
             out_shardings=(run.state_shardings, replicated(mesh)),
             donate_argnums=(0,),
         )
-        if model.program_key is None:
-            return jitted
-        _JITTED[key] = jitted
-        while len(_JITTED) > _COMPILED_MAX:
-            _JITTED.popitem(last=False)
-    _JITTED.move_to_end(key)
-    return _JITTED[key]
+
+    if model.program_key is None:  # a model without a structural key: never shared
+        return jit_step()
+    return TRAIN_STEPS.get_or_create(key, jit_step)[0]
 
 
 # ---------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from unlearn_jax.atomic_files import atomic_path
+from unlearn_jax.diffusion.chunks import map_in_chunks
 from unlearn_jax.models import convert
 from unlearn_jax.models.abstract import abstract_module
 from unlearn_jax.world import generator as world
@@ -175,16 +176,7 @@ def _batched(fn: Callable, images: np.ndarray, batch_size: int):
     Fewer images than `batch_size` make one chunk of their own size: padding 18
     evaluation images to 256 cost more than the classifier itself.
     """
-    images = np.asarray(images, np.float32)
-    batch_size = max(1, min(batch_size, len(images)))
-    outs = []
-    for start in range(0, len(images), batch_size):
-        rows = images[start : start + batch_size]
-        pad = batch_size - len(rows)
-        if pad:
-            rows = np.concatenate([rows, np.repeat(rows[-1:], pad, axis=0)])
-        outs.append(jax.tree.map(lambda a, n=batch_size - pad: np.asarray(a)[:n], fn(rows)))
-    return jax.tree.map(lambda *parts: np.concatenate(parts), *outs)
+    return map_in_chunks(fn, np.asarray(images, np.float32), size=batch_size)
 
 
 def predict_probabilities(

@@ -33,5 +33,5 @@ def embedded_model_path() -> Path:
 
 
 def classifier_weights_path() -> Path:
-    """The shipped safetensors of the world classifier (`metrics.world_classifier`)."""
+    """The shipped safetensors of the world classifier (`world.classifier`)."""
     return assets_path() / CLASSIFIER_WEIGHTS

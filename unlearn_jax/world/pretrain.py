@@ -6,14 +6,14 @@
 Stages (each writes its result into the workdir; a rerun skips stages whose
 result is already there, so an interrupted run continues at its stage):
 
-1. `classifier.safetensors`: the world evaluator (`metrics.world_classifier`),
+1. `classifier.safetensors`: the world evaluator (`world.classifier`),
    validated on the held-out split.
 2. `vae/`: a KL-regularised autoencoder (`AutoencoderKL`, 32x32 -> 8x8x4),
    loss L1 + MSE + L1 of image gradients (edges) + a small KL weight; its
    `scaling_factor` is set to 1/std of the training latents, as Stable
    Diffusion's 0.18215 was.
 3. `unet/` + `text_encoder/`: the UNet and a 2-layer CLIP text encoder trained
-   jointly with the epsilon-prediction denoising loss (`unlearn.denoising`,
+   jointly with the epsilon-prediction denoising loss (`diffusion.forward`,
    Min-SNR-weighted) on SD's scaled-linear 1000-step schedule, on a bank of
    VAE posteriors of fresh world images, with 10% of captions dropped to the
    empty prompt so that classifier-free guidance works; EMA weights exported,

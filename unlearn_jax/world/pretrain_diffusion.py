@@ -1,7 +1,7 @@
 """Pretraining stage 3 of the embedded default: the UNet and CLIP text encoder, jointly.
 
 `train_unet_stage` trains a UNet and a 2-layer CLIP text encoder with the
-epsilon-prediction denoising loss (`unlearn.denoising`, Min-SNR-weighted:
+epsilon-prediction denoising loss (`diffusion.forward`, Min-SNR-weighted:
 `min_snr_denoising_loss`) on SD's scaled-linear 1000-step schedule, on a bank
 of VAE posteriors of fresh world images (`encode_latent_bank`), with a share
 of captions (`train.caption_dropout`) dropped to the empty prompt so that
@@ -46,7 +46,7 @@ def min_snr_denoising_loss(
     rng: jax.Array,
     min_snr_gamma: float,
 ) -> jax.Array:
-    """`unlearn.denoising.denoising_loss` with Min-SNR-gamma weights (Hang et al., 2023).
+    """`diffusion.forward.denoising_loss` with Min-SNR-gamma weights (Hang et al., 2023).
 
     Each example's squared error (mean over its elements) is weighted by
     min(SNR_t, gamma) / SNR_t for epsilon targets: the many nearly-clean

@@ -1,6 +1,6 @@
 """Pretraining stages 1, 2 and 4 of the embedded default: evaluator, VAE, judged pipeline.
 
-1. `train_classifier_stage`: the world evaluator (`metrics.world_classifier`),
+1. `train_classifier_stage`: the world evaluator (`world.classifier`),
    validated on the held-out split.
 2. `train_vae_stage`: a KL-regularised autoencoder (`AutoencoderKL`, 32x32 ->
    8x8x4), loss L1 + MSE + L1 of image gradients (edges) + a small KL weight;

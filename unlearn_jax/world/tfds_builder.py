@@ -1,4 +1,4 @@
-"""The embedded world (`data.world`) as a TensorFlow Datasets builder.
+"""The embedded world (`world.generator`) as a TensorFlow Datasets builder.
 
     from unlearn_jax.world.tfds_builder import world_builder
     builder = world_builder(data_dir="/tmp/tfds", num_train=50_000, num_test=10_000)
@@ -9,7 +9,7 @@ Each example: 'image' uint8 [32, 32, 3], 'caption' text, 'labels'
 {'shape', 'colour', 'size', 'background'} class labels, and the continuous
 geometry 'center' float32 [2] (x, y pixels) and 'radius' float32. Splits:
 'train' and 'test' are `world.sample_world(n, seed=seed, split=...)`, the
-held-out split coming from a disjoint random stream (see `data.world`).
+held-out split coming from a disjoint random stream (see `world.generator`).
 
 Nothing is downloaded. tensorflow-datasets (and TensorFlow, which TFDS uses
 to encode images) is imported only when a builder is made, so the rest of

@@ -1,0 +1,59 @@
+"""Compiled programs kept for reuse within a process, bounded and visible.
+
+XLA compilation dominates short runs (a minute for a tiny UNet's train step on
+two CPU cores), so the sampler's chunk programs and the trainer's train steps are
+kept and reused when a later call needs the same program. Each kind of program
+has one named `ProgramCache`, defined next to the code that fills it
+(`diffusion.chunks.CHUNK_PROGRAMS`, `trainer.train.TRAIN_STEPS`,
+`trainer.train.COMPILED_TRAIN_STEPS`); each holds at most `max_size` entries,
+dropping the least recently used, and `clear()` empties it (tests, or to free
+device memory between unrelated experiments in one process).
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from collections.abc import Callable, Hashable
+from typing import Any
+
+
+class ProgramCache:
+    """A thread-safe LRU map from a program's key to the program (or its future)."""
+
+    def __init__(self, name: str, max_size: int):
+        if max_size < 1:
+            raise ValueError(f"max_size must be >= 1, got {max_size}")
+        self.name, self.max_size = name, max_size
+        self._entries: collections.OrderedDict[Hashable, Any] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get_or_create(self, key: Hashable, make: Callable[[], Any]) -> tuple[Any, bool]:
+        """(the entry for `key`, whether `make()` created it now).
+
+        `make` runs under the cache's lock: it should only create a cheap handle
+        (e.g. a future whose compilation runs elsewhere) or be called by one thread.
+        """
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return self._entries[key], False
+            value = self._entries[key] = make()
+            while len(self._entries) > self.max_size:
+                self._entries.popitem(last=False)
+            return value, True
+
+    def discard(self, key: Hashable) -> None:
+        """Forgets `key` (e.g. a program whose compilation failed)."""
+        with self._lock:
+            self._entries.pop(key, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"ProgramCache({self.name!r}, {len(self)}/{self.max_size})"
