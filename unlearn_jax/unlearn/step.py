@@ -21,11 +21,11 @@ import jax.numpy as jnp
 from unlearn_jax.diffusion.forward import DiffusionModel, denoising_loss
 from unlearn_jax.unlearn import combine
 from unlearn_jax.unlearn.hparams import UnlearnHParams
+from unlearn_jax.unlearn.params import param_paths
 from unlearn_jax.unlearn.registry import (
     COMBINERS,
     FORGET_TERMS,
     RETAIN_TERMS,
-    ParamPath,
     Preset,
     trainable_mask,
 )
@@ -36,28 +36,6 @@ PyTree = Any
 # draw their own timesteps and noise.
 FORGET_STREAM = 0
 RETAIN_STREAM = 1
-
-
-def _key_name(entry: Any) -> str | int:
-    for attr in ("key", "idx", "name"):
-        if hasattr(entry, attr):
-            return getattr(entry, attr)
-    return str(entry)
-
-
-def param_paths(params: PyTree) -> list[ParamPath]:
-    """The path of each leaf as a tuple of str/int keys, in `jax.tree.leaves` order.
-
-    A trailing `.value` (an NNX Variable around the array) is dropped, so an
-    `nnx.State` and its pure dict give the same paths.
-    """
-    paths = []
-    for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
-        keys = tuple(_key_name(entry) for entry in path)
-        if isinstance(path[-1], jax.tree_util.GetAttrKey) and keys[-1] == "value":
-            keys = keys[:-1]
-        paths.append(keys)
-    return paths
 
 
 def partition_params(params: PyTree, group: str | Sequence[bool]) -> tuple[PyTree, PyTree]:
