@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent(
     import jax
     import numpy as np
     from tiny_unlearn import make_config, save_micro_pipeline
-    from unlearn_jax.unlearn import experiment, sharding
+    from unlearn_jax.trainer import experiment, sharding
     from unlearn_jax.trainer.checkpoints import Checkpoints
     from unlearn_jax.trainer.train import train_and_evaluate
     from pathlib import Path

@@ -1,4 +1,4 @@
-"""Forget/retain terms, presets, trainable groups and the step, against NumPy references.
+"""Forget/retain terms, presets, trainable groups and the train step, against references.
 
 The model is a tiny linear noise predictor,
     f(x_t, t, c) = x_t W + E[t] + mean_L(c) W_c,
@@ -9,19 +9,27 @@ so every loss can be recomputed in NumPy from the t and eps the loss draws
 from __future__ import annotations
 
 import dataclasses
+import types
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from unlearn_jax.diffusion.forward import (
     TARGET_NOISE_STREAM,
     DiffusionModel,
+    denoising_loss,
     sample_timesteps_and_noise,
 )
-from unlearn_jax.unlearn import combine, forget, retain, step
+from unlearn_jax.trainer import experiment, train
+from unlearn_jax.trainer.batches import SHARED_KEYS
+from unlearn_jax.trainer.state import init_state, make_optimizer
+from unlearn_jax.trainer.train_step import make_train_step
+from unlearn_jax.unlearn import forget, retain, step
 from unlearn_jax.unlearn.hparams import UnlearnHParams
+from unlearn_jax.unlearn.params import PAD_MULTIPLE, ParamSplit, param_paths
 from unlearn_jax.unlearn.registry import (
     BATCH_KEYS,
     COMBINERS,
@@ -300,65 +308,183 @@ def test_presets_are_consistent_and_unknown_names_list_valid_ones():
     assert set(BATCH_KEYS) == set(FORGET_TERMS) | set(RETAIN_TERMS)
 
 
-# ---------------------------------------------------------------- step
+# ---------------------------------------------------------------- the step, as the trainer runs it
 
 
 FULL_BATCH = {"forget": BATCH, "retain": make_batch(1)}
+ATTN2 = "block.attn2.to_k.kernel"  # the only cross-attention leaf of THETA
 
 
-def test_partition_merge_roundtrip_and_paths():
-    paths = step.param_paths(THETA)
-    assert ("block", "attn2", "to_k", "kernel") in paths
-    trainable, rest = step.partition_params(THETA, "xattn")
-    assert jax.tree.leaves(trainable)[0] is THETA["block"]["attn2"]["to_k"]["kernel"]
-    assert len(jax.tree.leaves(rest)) == 2
-    merged = step.merge_params(trainable, rest)
-    assert jax.tree.structure(merged) == jax.tree.structure(THETA)
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), merged, THETA)
-
-
-def test_step_graddiff_equals_sum_of_term_gradients():
-    preset = dataclasses.replace(get_preset("graddiff"), hparams=UnlearnHParams(retain_weight=0.3))
-    trainable, rest = step.partition_params(THETA, "full")
-    grads, metrics = jax.jit(
-        lambda tr, b, r: step.unlearn_step_grads(tr, rest, THETA0, b, r, preset, MODEL)
-    )(trainable, FULL_BATCH, RNG)
-    k_f = jax.random.fold_in(RNG, step.FORGET_STREAM)
-    k_r = jax.random.fold_in(RNG, step.RETAIN_STREAM)
-    g_f = jax.grad(lambda p: forget.neggrad_loss(MODEL, p, THETA0, BATCH, k_f, HP)[0])(THETA)
-    g_r = jax.grad(
-        lambda p: retain.retain_dm_loss(MODEL, p, THETA0, FULL_BATCH["retain"], k_r, HP)[0]
-    )(THETA)
-    want = jax.tree.map(lambda a, b: a + 0.3 * b, g_f, g_r)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads, want)
-    for key in ("forget/loss", "retain/loss", "grad/cos", "grad/norm"):
-        assert np.isfinite(float(metrics[key]))
-
-
-def test_step_differentiates_only_the_trainable_subtree_and_applies_saliency():
-    trainable, rest = step.partition_params(THETA, "noxattn")
-    preset = get_preset("salun")
-    with pytest.raises(ValueError, match="saliency"):
-        step.unlearn_step_grads(trainable, rest, THETA0, FULL_BATCH, RNG, preset, MODEL)
-    sal_grads = step.forget_saliency_grads(trainable, rest, BATCH, RNG, MODEL)
-    mask = combine.saliency_mask(sal_grads, preset.hparams.keep_fraction)
-    grads, metrics = step.unlearn_step_grads(
-        trainable, rest, THETA0, FULL_BATCH, RNG, preset, MODEL, saliency=mask
+def test_param_paths_and_split_roundtrip():
+    paths = param_paths(THETA)
+    assert paths == [("block", "attn2", "to_k", "kernel"), ("block", "proj", "kernel")] + [
+        ("time", "embedding")
+    ]
+    split = ParamSplit.from_params(THETA, "noxattn")
+    assert split.trainable_names == ("block.proj.kernel", "time.embedding")
+    assert split.size == C * C + T * C and split.padded_size == PAD_MULTIPLE
+    trainable = split.select(THETA)
+    assert trainable["block.proj.kernel"] is THETA["block"]["proj"]["kernel"]
+    flat = split.flatten(trainable)
+    assert flat.shape == (PAD_MULTIPLE,) and flat.dtype == jnp.float32
+    np.testing.assert_array_equal(
+        flat[: split.size],
+        np.concatenate(
+            [np.ravel(THETA["block"]["proj"]["kernel"]), np.ravel(THETA["time"]["embedding"])]
+        ),
     )
-    assert grads["block"]["attn2"]["to_k"]["kernel"] is None
-    assert jax.tree.structure(grads) == jax.tree.structure(trainable)
-    kept = sum(int(np.sum(m)) for m in jax.tree.leaves(mask))
-    nonzero = sum(int(np.count_nonzero(g)) for g in jax.tree.leaves(grads))
-    assert nonzero <= kept == round(0.5 * (C * C + T * C))
+    assert not np.any(np.asarray(flat[split.size :]))
+    back = split.unflatten(flat)
+    jax.tree.map(np.testing.assert_array_equal, back, trainable)
+    # The full tree: θ's trainable leaves, θ0's own frozen ones.
+    merged = split.merge(back, THETA0)
+    assert jax.tree.structure(merged) == jax.tree.structure(THETA)
+    assert merged["block"]["attn2"]["to_k"]["kernel"] is THETA0["block"]["attn2"]["to_k"]["kernel"]
+    np.testing.assert_array_equal(merged["time"]["embedding"], THETA["time"]["embedding"])
+    assert ParamSplit.from_params(THETA, "xattn").trainable_names == (ATTN2,)
+    with pytest.raises(ValueError, match="at least one parameter must train"):
+        ParamSplit.from_mask(THETA, [False, False, False])
+
+
+def trainable_part(split: ParamSplit, tree: dict) -> np.ndarray:
+    """The trainable leaves of a full-structure tree as one float64 vector, in the split's order."""
+    leaves = split.ordered(split.select(tree))
+    return np.concatenate([np.asarray(x, np.float64).ravel() for x in leaves])
+
+
+def micro_batches(*batches: dict) -> dict:
+    """`batches` as train_step takes them: per-example arrays stacked [micro_steps, B, ...],
+    the shared keys (`batches.SHARED_KEYS`) of the first, unstacked."""
+    return {
+        part: {
+            k: v if k in SHARED_KEYS else jnp.stack([b[part][k] for b in batches])
+            for k, v in values.items()
+        }
+        for part, values in batches[0].items()
+    }
+
+
+def optimizer(name: str = "sgd", **fields):
+    config = dict(name=name, lr=0.1, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, momentum=0.0)
+    return make_optimizer(ml_collections.ConfigDict({**config, **fields}))
+
+
+@pytest.mark.parametrize(("group", "micro_steps"), [("full", 1), ("noxattn", 2)])
+def test_train_step_gradient_of_graddiff_is_the_sum_of_term_gradients(group, micro_steps):
+    """One `train_step` with SGD at learning rate 1 moves θ by exactly −g: g must be the
+    micro-batch mean of g_f + λ g_r over the trainable leaves, each term on its own key."""
+    preset, hp = get_preset("graddiff"), UnlearnHParams(retain_weight=0.3)
+    split = ParamSplit.from_params(THETA, group)
+    opt = optimizer(lr=1.0)
+    state = init_state(split.select(THETA), split, opt)
+    batches = [FULL_BATCH, {"forget": make_batch(2), "retain": make_batch(3)}][:micro_steps]
+    train_step = jax.jit(make_train_step(MODEL, preset, hp, opt, split))
+    new_state, metrics = train_step(state, THETA0, micro_batches(*batches), RNG)
+    assert set(new_state.params) == set(split.trainable_names)  # nothing else is trained
+    moved = np.asarray(split.flatten(state.params) - split.flatten(new_state.params), np.float64)
+    assert not np.any(moved[split.size :])
+
+    # Reference: each term differentiated on the whole tree θ (THETA's trainable leaves,
+    # THETA0's frozen ones), micro-batch i on fold_in(fold_in(train_key, step 0), i).
+    theta = split.merge(split.select(THETA), THETA0)
+    forget_grad = jax.value_and_grad(forget.neggrad_loss, argnums=1, has_aux=True)
+    retain_grad = jax.grad(retain.retain_dm_loss, argnums=1, has_aux=True)
+    g_f, g_r, losses = np.zeros(split.size), np.zeros(split.size), []
+    for i, batch in enumerate(batches):
+        rng = jax.random.fold_in(jax.random.fold_in(RNG, 0), i)
+        k_f = jax.random.fold_in(rng, step.FORGET_STREAM)
+        k_r = jax.random.fold_in(rng, step.RETAIN_STREAM)
+        (loss_f, _), grads_f = forget_grad(MODEL, theta, THETA0, batch["forget"], k_f, hp)
+        grads_r, _ = retain_grad(MODEL, theta, THETA0, batch["retain"], k_r, hp)
+        g_f += trainable_part(split, grads_f) / micro_steps
+        g_r += trainable_part(split, grads_r) / micro_steps
+        losses.append(float(loss_f))
+    np.testing.assert_allclose(moved[: split.size], g_f + 0.3 * g_r, rtol=1e-5, atol=1e-6)
+    close(metrics["forget/loss"], np.mean(losses))
+    close(metrics["grad/cos"], float(g_f @ g_r / np.linalg.norm(g_f) / np.linalg.norm(g_r)))
+    close(metrics["grad/norm"], float(np.linalg.norm(g_f + 0.3 * g_r)))
 
 
 @pytest.mark.parametrize("name", ["distill_project", "erasediff", "esd_distill", "esd_u"])
-def test_step_runs_for_presets(name):
-    trainable, rest = step.partition_params(THETA, get_preset(name).params)
-    grads, metrics = step.unlearn_step_grads(
-        trainable, rest, THETA0, FULL_BATCH, RNG, get_preset(name), MODEL
-    )
-    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+def test_train_step_runs_for_presets(name):
+    preset = get_preset(name)
+    split = ParamSplit.from_params(THETA, preset.params)
+    opt = optimizer()
+    state = init_state(split.select(THETA), split, opt)
+    train_step = jax.jit(make_train_step(MODEL, preset, preset.hparams, opt, split))
+    new_state, metrics = train_step(state, THETA0, micro_batches(FULL_BATCH), RNG)
+    assert bool(metrics["finite"]) and int(new_state.step) == 1
+    assert set(new_state.params) == set(split.trainable_names)
+    assert all(np.all(np.isfinite(x)) for x in new_state.params.values())
     if name == "erasediff":
         lam = float(metrics["combine/lambda"])
         np.testing.assert_allclose(lam, max(1.0 - float(metrics["grad/cos"]), 0.0), rtol=1e-5)
+
+
+SALIENCY_SEED = 3
+# Two chunks of the forget set with far from equal weights: a mask that ignored
+# the weights would differ.
+SALIENCY_CHUNKS = [
+    (0.9, {"x0": BATCH["x0"][:2], "context": BATCH["context"][:2]}),
+    (0.1, {"x0": BATCH["x0"][2:], "context": BATCH["context"][2:]}),
+]
+
+
+def trainer_saliency_mask(split: ParamSplit, keep_fraction: float) -> np.ndarray:
+    """`train._saliency_mask` of a stand-in run and forget set (the fields it reads)."""
+    hparams = dataclasses.replace(get_preset("salun").hparams, keep_fraction=keep_fraction)
+    run = types.SimpleNamespace(
+        config=ml_collections.ConfigDict({"seed": SALIENCY_SEED, "train": {"batch_size": 2}}),
+        model=types.SimpleNamespace(split=split, diffusion=MODEL),
+        mesh=jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "fsdp")),
+        frozen=THETA0,
+        spec=types.SimpleNamespace(hparams=hparams),
+    )
+    data = types.SimpleNamespace(saliency_chunks=lambda batch_size: SALIENCY_CHUNKS)
+    return np.asarray(train._saliency_mask(run, data))
+
+
+def reference_saliency(split: ParamSplit) -> np.ndarray:
+    """Σ_i w_i ∇ denoising loss of chunk i at θ0, by whole-tree autodiff, float64 [size]."""
+    key = jax.random.fold_in(jax.random.key(SALIENCY_SEED), experiment.SALIENCY_STREAM)
+    total = np.zeros(split.size)
+    for i, (weight, chunk) in enumerate(SALIENCY_CHUNKS):
+        loss = lambda p, c=chunk, i=i: denoising_loss(MODEL, p, c, jax.random.fold_in(key, i))[0]
+        total += weight * trainable_part(split, jax.grad(loss)(THETA0))
+    return total
+
+
+@pytest.mark.parametrize("keep_fraction", [0.3, 0.5])
+def test_salun_mask_as_the_trainer_builds_it(keep_fraction):
+    split = ParamSplit.from_params(THETA0, "noxattn")
+    mask = trainer_saliency_mask(split, keep_fraction)
+    magnitudes = np.abs(reference_saliency(split))
+    keep = int(np.floor(keep_fraction * split.size + 0.5))
+    order = np.argsort(-magnitudes, kind="stable")
+    kth, next_one = magnitudes[order[keep - 1]], magnitudes[order[keep]]
+    # Either clearly apart, or tied at exactly zero (time-embedding rows of timesteps
+    # not drawn get no gradient): then the earliest entries win, as in a stable sort.
+    assert kth - next_one > 1e-4 * magnitudes.max() or kth == next_one == 0.0
+    want = np.zeros(split.padded_size, bool)
+    want[order[:keep]] = True
+    assert mask.shape == (split.padded_size,) and mask.dtype == bool
+    assert mask.sum() == keep and not mask[split.size :].any()
+    np.testing.assert_array_equal(mask, want)
+
+
+def test_salun_train_step_moves_nothing_outside_the_mask():
+    """Two `train_step`s of SalUn with its mask: bit for bit nothing moves outside it,
+    adamw's weight decay included; everything inside moves."""
+    split = ParamSplit.from_params(THETA0, "noxattn")
+    mask = trainer_saliency_mask(split, 0.3)
+    preset = get_preset("salun")
+    opt = optimizer("adamw", weight_decay=0.5)
+    train_step = jax.jit(make_train_step(MODEL, preset, preset.hparams, opt, split))
+    state = init_state(split.select(THETA0), split, opt, jnp.asarray(mask))
+    before = np.asarray(split.flatten(state.params))
+    for _ in range(2):
+        state, metrics = train_step(state, THETA0, micro_batches(FULL_BATCH), RNG)
+        assert bool(metrics["finite"])
+    after = np.asarray(split.flatten(state.params))
+    np.testing.assert_array_equal(after[~mask], before[~mask])
+    assert np.all(after[mask] != before[mask])

@@ -195,7 +195,8 @@ def plan_train_step(
     from unlearn_jax.diffusion.schedule import schedule_from_config
     from unlearn_jax.trainer import experiment, sharding
     from unlearn_jax.trainer.batches import SHARED_KEYS
-    from unlearn_jax.trainer.state import ParamSplit, abstract_state, make_optimizer
+    from unlearn_jax.trainer.state import abstract_state, make_optimizer
+    from unlearn_jax.unlearn.params import ParamSplit
     from unlearn_jax.trainer.train_step import make_train_step
     from unlearn_jax.unlearn.registry import BATCH_KEYS, get_preset
 

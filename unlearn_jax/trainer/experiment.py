@@ -31,7 +31,6 @@ from unlearn_jax.diffusion.schedule import schedule_from_config
 from unlearn_jax.models.pipeline import StableDiffusion, load_pipeline
 from unlearn_jax.models.unet import UNet2DConditionModel
 from unlearn_jax.trainer.batches import UnlearnData
-from unlearn_jax.trainer.state import ParamSplit
 from unlearn_jax.trainer.text_encoder import (
     joint_apply_fn,
     joint_mask,
@@ -39,6 +38,7 @@ from unlearn_jax.trainer.text_encoder import (
     text_encoder_group,
 )
 from unlearn_jax.unlearn.hparams import UnlearnHParams
+from unlearn_jax.unlearn.params import ParamSplit
 from unlearn_jax.unlearn.registry import BATCH_KEYS, Preset, get_preset
 
 log = logging.getLogger(__name__)

@@ -43,8 +43,8 @@ from flax import nnx
 
 from unlearn_jax.diffusion.forward import ApplyFn
 from unlearn_jax.models.pipeline import StableDiffusion
+from unlearn_jax.unlearn.params import param_paths
 from unlearn_jax.unlearn.registry import ParamPath, trainable_mask
-from unlearn_jax.unlearn.step import param_paths
 
 PyTree = Any
 UNET, TEXT_ENCODER = "unet", "text_encoder"

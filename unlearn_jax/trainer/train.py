@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -237,9 +236,9 @@ def _saliency_mask(run: _Run, data: UnlearnData) -> jax.Array:
         chunk = jax.device_put(chunk, replicated(run.mesh))
         grads = weight * grad_fn(run.frozen, chunk, jax.random.fold_in(key, i))
         total = grads if total is None else total + grads
-    mask = combine.saliency_mask(total[: split.size], run.spec.hparams.keep_fraction)
+    mask = combine.saliency_mask(total, run.spec.hparams.keep_fraction, split.size)
     log.info("SalUn saliency mask keeps %d of %d trainable entries", int(mask.sum()), split.size)
-    return jnp.concatenate([mask, jnp.zeros((split.padded_size - split.size,), bool)])
+    return mask
 
 
 def _initial_state(run: _Run, data: UnlearnData) -> TrainState:

@@ -27,8 +27,9 @@ import optax
 
 from unlearn_jax.diffusion.forward import DiffusionModel
 from unlearn_jax.trainer.batches import SHARED_KEYS
-from unlearn_jax.trainer.state import ParamSplit, TrainState
+from unlearn_jax.trainer.state import TrainState
 from unlearn_jax.unlearn.hparams import UnlearnHParams
+from unlearn_jax.unlearn.params import ParamSplit
 from unlearn_jax.unlearn.registry import Preset
 from unlearn_jax.unlearn.step import combine_term_grads, forget_saliency_grads, term_grads
 

@@ -5,48 +5,47 @@ Every loss has the signature
     loss(model, params, frozen, batch, rng, cfg) -> (loss scalar, aux dict of scalars)
 
 where `model` is a `DiffusionModel` (the pure `apply_fn`, the noise schedule and
-the prediction type), `params` the full current parameters θ, `frozen` the full
-original parameters θ0 (never differentiated), `batch` a dict of arrays,
-`rng` a PRNG key and `cfg` an `UnlearnHParams`. Binding the model first,
-`functools.partial(loss, model)`, gives the `loss(params, frozen, batch, rng,
-cfg)` form of DESIGN.md.
+the prediction type, from `unlearn_jax.diffusion.forward`, which also holds
+noising and the denoising loss), `params` the full current parameters θ,
+`frozen` the full original parameters θ0 (never differentiated), `batch` a
+dict of arrays, `rng` a PRNG key and `cfg` an `UnlearnHParams`. Binding the
+model first, `functools.partial(loss, model)`, gives the `loss(params, frozen,
+batch, rng, cfg)` form of DESIGN.md.
 
 Modules:
-  denoising  -- `DiffusionModel`, noising, prediction targets, the denoising loss.
-  hparams    -- `UnlearnHParams`, the hyperparameters every term reads from.
-  forget     -- forget terms: `neggrad`, `remap`, `esd`, `noise`.
-  retain     -- retain terms: `retain_dm`, `retain_distill`, `anchor`.
-  combine    -- gradient combiners over pytrees and the SalUn saliency mask.
-  registry   -- names -> terms/combiners, the named presets, `trainable_mask`.
-  step       -- `unlearn_step_grads`: forget/retain gradients on the trainable
-                subtree, combined.
+  hparams   -- `UnlearnHParams`, the hyperparameters every term reads from.
+  forget    -- forget terms: `neggrad`, `remap`, `esd`, `noise`.
+  retain    -- retain terms: `retain_dm`, `retain_distill`, `anchor`.
+  combine   -- the algebra of the combiners (Gram matrix, norms, cosine, the
+               projection coefficient, a g_f + b g_r) and SalUn's saliency mask
+               over the flat gradient vector.
+  registry  -- names -> terms and combiners (a combiner maps the Gram matrix of
+               (g_f, g_r) to the coefficients of g = a g_f + b g_r), the named
+               presets, `trainable_mask`.
+  params    -- `ParamSplit`: which parameters train, and the flat float32
+               vector (padded to `PAD_MULTIPLE`) their gradients and optimizer
+               state live in; `param_paths`.
+  step      -- `term_grads` (forget/retain gradients with respect to the
+               trainable parameters) and `combine_term_grads` (the preset's
+               combiner, then the saliency mask), as `trainer.train_step` calls them.
 
-The trainer (imported on demand; it pulls in the model, data and orbax):
-  experiment  -- config -> RunSpec (method, params, prompts, fingerprint), model, data.
-  batches     -- training batches as a pure function of (seed, step).
-  state       -- `ParamSplit` (trainable subset), `TrainState`, the optax optimizer.
-  text_encoder -- `unlearn.text_encoder`: text encoder ∘ UNet as the trained network
-                (joint parameters, trainable mask, apply_fn on token ids).
-  sharding    -- the ('data', 'fsdp') mesh and the shardings of batch and state.
-  train_step  -- the jitted step (θ0 an argument, state donated) and SalUn's saliency.
-  checkpoints -- orbax checkpoints, incomplete-save handling, the run fingerprint.
-  evaluation  -- evaluators (integrity, pluggable forget rate) for periodic/final eval.
-  writers     -- metrics.jsonl (+ TensorBoard through clu when available).
-  train       -- `train_and_evaluate(config, workdir)`, `evaluate`, `export`.
-  config_file -- `get_config(arg)` files and `--config.a.b=value` overrides.
-  commands    -- the `unlearn`, `evaluate` and `export` CLI subcommands.
+The train loop that jits, shards, accumulates and checkpoints these is
+`unlearn_jax.trainer`.
 """
 
 from unlearn_jax.diffusion.forward import DiffusionModel
 from unlearn_jax.unlearn.hparams import UnlearnHParams
+from unlearn_jax.unlearn.params import ParamSplit
 from unlearn_jax.unlearn.registry import Preset, get_preset, trainable_mask
-from unlearn_jax.unlearn.step import unlearn_step_grads
+from unlearn_jax.unlearn.step import combine_term_grads, term_grads
 
 __all__ = [
     "DiffusionModel",
+    "ParamSplit",
     "Preset",
     "UnlearnHParams",
+    "combine_term_grads",
     "get_preset",
+    "term_grads",
     "trainable_mask",
-    "unlearn_step_grads",
 ]

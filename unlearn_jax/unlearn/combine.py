@@ -1,9 +1,16 @@
-"""Gradient combiners over pytrees, and the SalUn saliency mask.
+"""Gradient combination algebra and SalUn's saliency mask.
 
-Every function is pure and works on any pytree of arrays (nested dicts of
-leaves, with `None` for absent subtrees). Inner products and norms are global
-across the whole pytree (one vector of all parameters) and accumulated in
-float32, whatever the leaf dtype; combined gradients keep the dtype of g_f.
+The combiners themselves are in `registry.COMBINERS`: each maps the Gram
+matrix of (g_f, g_r) to the coefficients of g = a g_f + b g_r. This module
+holds what they and `step.combine_term_grads` compute with: the Gram matrix,
+norms, the cosine, the projection coefficient, the combination itself, and
+the saliency mask and its application.
+
+The train step calls these on the flat float32 gradient vectors of
+`params.ParamSplit` (a pytree of one leaf); all but `saliency_mask` work on
+any pytree of arrays. Inner products and norms are global across the whole
+pytree and accumulated in float32, whatever the leaf dtype; combined
+gradients keep the dtype of g_f.
 """
 
 from __future__ import annotations
@@ -54,12 +61,6 @@ def _safe_cosine(dot: jax.Array, norm_a: jax.Array, norm_b: jax.Array) -> jax.Ar
     return jnp.where(denominator > 0, dot / jnp.where(denominator > 0, denominator, 1), 0.0)
 
 
-def tree_cosine(a: PyTree, b: PyTree) -> jax.Array:
-    """cos(a, b) = ⟨a,b⟩ / (‖a‖ ‖b‖), float32 scalar; 0 when either is all zeros."""
-    gram = tree_gram(a, b)
-    return gram_cosine(gram)
-
-
 def gram_cosine(gram: jax.Array) -> jax.Array:
     """cos of the two vectors of a [2, 2] Gram matrix; 0 when either is zero."""
     return _safe_cosine(gram[0, 1], jnp.sqrt(gram[0, 0]), jnp.sqrt(gram[1, 1]))
@@ -80,37 +81,23 @@ def combination_norm(a: jax.Array, b: jax.Array, gram: jax.Array) -> jax.Array:
     return jnp.sqrt(jnp.maximum(sq, 0.0))
 
 
-def sum_grads(g_f: PyTree, g_r: PyTree, lam: float | jax.Array) -> PyTree:
-    """g = g_f + λ g_r."""
-    return linear_combination(1.0, g_f, lam, g_r)
-
-
 def project_coefficient(gram: jax.Array, lam: float | jax.Array, strict: bool = False) -> jax.Array:
-    """c with `project_grads(g_f, g_r, λ) = g_f + c g_r`, from the Gram matrix of (g_f, g_r)."""
+    """c of the projected update g = g_f + c g_r, from the Gram matrix of (g_f, g_r), float32.
+
+    g = g_f − [⟨g_f,g_r⟩/‖g_r‖²] g_r + λ g_r, the bracket applied only on
+    conflict (⟨g_f, g_r⟩ < 0), or always when `strict`: the component of g_f
+    along g_r is removed, so a forget step cannot undo the retain objective
+    to first order (PCGrad-style); otherwise g_f is kept as is. A zero g_r
+    leaves c = λ (and g_f unchanged).
+
+    Args:
+      gram: [2, 2] float32, `tree_gram(g_f, g_r)`.
+      lam: λ, the retain weight.
+      strict: project whatever the sign of ⟨g_f, g_r⟩.
+    """
     dot, norm_sq = gram[0, 1], gram[1, 1]
     remove = (norm_sq > 0) & ((dot < 0) | strict)
     return lam - jnp.where(remove, dot / jnp.where(norm_sq > 0, norm_sq, 1.0), 0.0)
-
-
-def project_grads(g_f: PyTree, g_r: PyTree, lam: float | jax.Array, strict: bool = False) -> PyTree:
-    """g = g_f − [⟨g_f,g_r⟩/‖g_r‖²] g_r + λ g_r, the bracket applied only on conflict.
-
-    On conflict (⟨g_f, g_r⟩ < 0), or always when `strict`, the component of
-    g_f along g_r is removed, so a forget step cannot undo the retain
-    objective to first order (PCGrad-style); otherwise g_f is kept as is.
-    A zero g_r leaves g_f unchanged.
-    """
-    return linear_combination(1.0, g_f, project_coefficient(tree_gram(g_f, g_r), lam, strict), g_r)
-
-
-def erasediff_lambda(g_r: PyTree, g_delta: PyTree, eta: float | jax.Array) -> jax.Array:
-    """EraseDiff's adaptive weight λ = max(η − cos(g_r, g_delta), 0), float32 scalar.
-
-    g_delta is the gradient of the forget gap f − f*; the forget step is
-    weighted up when it disagrees with the retain gradient and switched off
-    once they align beyond η.
-    """
-    return jnp.maximum(eta - tree_cosine(g_r, g_delta), 0.0)
 
 
 def saliency_keep_count(keep_fraction: float, total: int) -> int:
@@ -118,40 +105,41 @@ def saliency_keep_count(keep_fraction: float, total: int) -> int:
     return min(total, max(0, math.floor(keep_fraction * total + 0.5)))
 
 
-def saliency_mask(accumulated_forget_grad: PyTree, keep_fraction: float) -> PyTree:
-    """Boolean mask pytree keeping the largest |g| parameters globally (SalUn).
+def saliency_mask(
+    accumulated_forget_grad: jax.Array, keep_fraction: float, size: int | None = None
+) -> jax.Array:
+    """SalUn's mask: the entries of the flat gradient with the largest |g|.
 
-    Exactly `saliency_keep_count(keep_fraction, N)` entries are True over the
-    whole pytree of N parameters. Ties at the threshold go to the earlier
-    entries in `jax.tree.leaves` order, row-major within a leaf, so the mask
-    is deterministic. One sort of all |g| values (float32).
+    Only the first `size` entries compete (default: all); the entries after
+    them (`ParamSplit`'s zero padding) are never selected. Exactly
+    `saliency_keep_count(keep_fraction, size)` entries are True. Ties at the
+    threshold go to the earlier entries, so the mask is deterministic. One
+    sort of all |g| values (float32).
 
     Args:
-      accumulated_forget_grad: pytree of gradients (any shapes).
+      accumulated_forget_grad: [n], the forget gradient summed over the forget
+        set, flat (`ParamSplit.flatten`, n = padded_size).
       keep_fraction: in [0, 1].
+      size: number of real entries (`ParamSplit.size`), at most n.
     Returns:
-      pytree of bool arrays shaped like the leaves.
+      bool [n].
     """
-    leaves, treedef = jax.tree.flatten(accumulated_forget_grad)
-    magnitudes = jnp.concatenate([jnp.abs(x.astype(jnp.float32)).ravel() for x in leaves])
-    total = magnitudes.shape[0]
-    keep = saliency_keep_count(keep_fraction, total)
+    n = accumulated_forget_grad.shape[0]
+    size = n if size is None else size
+    magnitudes = jnp.abs(accumulated_forget_grad[:size].astype(jnp.float32))
+    keep = saliency_keep_count(keep_fraction, size)
     if keep == 0:
-        flat = jnp.zeros((total,), bool)
-    elif keep == total:
-        flat = jnp.ones((total,), bool)
+        mask = jnp.zeros((size,), bool)
+    elif keep == size:
+        mask = jnp.ones((size,), bool)
     else:
-        threshold = jnp.sort(magnitudes)[total - keep]  # the keep-th largest value
+        threshold = jnp.sort(magnitudes)[size - keep]  # the keep-th largest value
         above = magnitudes > threshold
         at_threshold = magnitudes == threshold
         # Of the entries equal to the threshold, take the first ones until `keep` are in.
         room = keep - jnp.sum(above)
-        flat = above | (at_threshold & (jnp.cumsum(at_threshold) <= room))
-    masks, offset = [], 0
-    for x in leaves:
-        masks.append(flat[offset : offset + x.size].reshape(x.shape))
-        offset += x.size
-    return jax.tree.unflatten(treedef, masks)
+        mask = above | (at_threshold & (jnp.cumsum(at_threshold) <= room))
+    return jnp.concatenate([mask, jnp.zeros((n - size,), bool)])
 
 
 def apply_mask(grads: PyTree, mask: PyTree) -> PyTree:

@@ -1,18 +1,22 @@
 """One unlearning step's gradient, model-agnostic: forget and retain gradients, combined.
 
-Only the trainable subtree is differentiated (optimizer and gradient memory
-scale with it). Parameters are split with `partition_params` into two pytrees
-of the structure of the full tree, each holding `None` where the other holds
-the leaf; `merge_params` puts them back together for `apply_fn`. Parameter
-pytrees are nested dicts/lists of arrays (e.g. `nnx.State.to_pure_dict()`).
+Only the trainable parameters are differentiated (optimizer and gradient
+memory scale with them): the caller passes them (e.g. `ParamSplit.select`'s
+{name: array}) with a function `merge(trainable) -> full parameters` (e.g.
+`lambda tr: split.merge(tr, frozen_original)`) for `apply_fn`.
 
-The optimizer update, jit/sharding and the loop live with the train loop; this
-module only maps (parameters, batch, rng) to (gradient, metrics).
+    g_f, g_r, metrics = term_grads(trainable, merge, frozen_original, batch, rng, preset, model)
+    grads, more_metrics = combine_term_grads(flat(g_f), flat(g_r), preset, hparams, saliency)
+
+The two are separate so that gradient accumulation can average each term's
+gradient over micro-batches and combine once. The optimizer update,
+jit/sharding and accumulation live in `trainer.train_step`; this module only
+maps (parameters, batch, rng) to (gradient, metrics).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -21,77 +25,16 @@ import jax.numpy as jnp
 from unlearn_jax.diffusion.forward import DiffusionModel, denoising_loss
 from unlearn_jax.unlearn import combine
 from unlearn_jax.unlearn.hparams import UnlearnHParams
-from unlearn_jax.unlearn.registry import (
-    COMBINERS,
-    FORGET_TERMS,
-    RETAIN_TERMS,
-    ParamPath,
-    Preset,
-    trainable_mask,
-)
+from unlearn_jax.unlearn.registry import COMBINERS, FORGET_TERMS, RETAIN_TERMS, Preset
 
 PyTree = Any
+# trainable parameters -> the full parameter pytree `apply_fn` takes.
+Merge = Callable[[PyTree], PyTree]
 
 # fold_in ids splitting the step's rng by purpose: forget and retain terms
 # draw their own timesteps and noise.
 FORGET_STREAM = 0
 RETAIN_STREAM = 1
-
-
-def _key_name(entry: Any) -> str | int:
-    for attr in ("key", "idx", "name"):
-        if hasattr(entry, attr):
-            return getattr(entry, attr)
-    return str(entry)
-
-
-def param_paths(params: PyTree) -> list[ParamPath]:
-    """The path of each leaf as a tuple of str/int keys, in `jax.tree.leaves` order.
-
-    A trailing `.value` (an NNX Variable around the array) is dropped, so an
-    `nnx.State` and its pure dict give the same paths.
-    """
-    paths = []
-    for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
-        keys = tuple(_key_name(entry) for entry in path)
-        if isinstance(path[-1], jax.tree_util.GetAttrKey) and keys[-1] == "value":
-            keys = keys[:-1]
-        paths.append(keys)
-    return paths
-
-
-def partition_params(params: PyTree, group: str | Sequence[bool]) -> tuple[PyTree, PyTree]:
-    """Splits params into (trainable, rest) by a group name/regex or a per-leaf bool list.
-
-    Both outputs have the structure of `params` with `None` in place of the
-    leaves that belong to the other part.
-    """
-    leaves, treedef = jax.tree.flatten(params)
-    mask = trainable_mask(param_paths(params), group) if isinstance(group, str) else list(group)
-    if len(mask) != len(leaves):
-        raise ValueError(f"mask has {len(mask)} entries for {len(leaves)} parameters")
-    trainable = [x if m else None for x, m in zip(leaves, mask)]
-    rest = [None if m else x for x, m in zip(leaves, mask)]
-    return jax.tree.unflatten(treedef, trainable), jax.tree.unflatten(treedef, rest)
-
-
-def merge_params(trainable: PyTree, rest: PyTree) -> PyTree:
-    """Inverse of `partition_params`: the full parameter pytree."""
-    is_none = lambda x: x is None
-    trainable_leaves, treedef = jax.tree.flatten(trainable, is_leaf=is_none)
-    rest_leaves = jax.tree.leaves(rest, is_leaf=is_none)
-    merged = [r if t is None else t for t, r in zip(trainable_leaves, rest_leaves)]
-    return jax.tree.unflatten(treedef, merged)
-
-
-Merge = Callable[[PyTree], PyTree]
-
-
-def _as_merge(rest_or_merge: PyTree | Merge) -> Merge:
-    """A function trainable -> full params, from the frozen rest or such a function itself."""
-    if callable(rest_or_merge):
-        return rest_or_merge
-    return lambda trainable: merge_params(trainable, rest_or_merge)
 
 
 def _term_value_and_grad(term, model, merge: Merge, frozen_original, hp):
@@ -103,7 +46,7 @@ def _term_value_and_grad(term, model, merge: Merge, frozen_original, hp):
 
 def term_grads(
     params_trainable: PyTree,
-    params_frozen_rest: PyTree | Merge,
+    merge: Merge,
     frozen_original: PyTree,
     batch: dict[str, dict[str, jax.Array]],
     rng: jax.Array,
@@ -118,16 +61,23 @@ def term_grads(
     as `project` are not linear, so combining per micro-batch would differ).
 
     Args:
-      params_trainable: the trainable part of θ (any pytree).
-      params_frozen_rest: the rest of θ as from `partition_params`, or a function
-        mapping `params_trainable` to the full parameter pytree.
-      frozen_original, batch, rng, preset, model, hparams: as in `unlearn_step_grads`.
+      params_trainable: the trainable part of θ (any pytree, e.g. {name: array}).
+      merge: maps `params_trainable` to the full parameter pytree θ.
+      frozen_original: the full original θ0 (never differentiated, never donated).
+      batch: {'forget': forget batch, 'retain': retain batch} with the keys
+        `registry.BATCH_KEYS` lists for the preset's terms ('retain' may be
+        omitted when the preset has no retain term or uses 'anchor').
+      rng: this micro-step's key; the forget and retain terms get
+        fold_in(rng, FORGET_STREAM / RETAIN_STREAM).
+      preset: the method (terms, combiner, saliency).
+      model: the pure model function and schedule.
+      hparams: overrides `preset.hparams`.
     Returns:
-      (g_f, g_r or None when the preset has no retain term, metrics:
-      'forget/loss', 'forget/<aux>', 'retain/loss', 'retain/<aux>').
+      (g_f, g_r or None when the preset has no retain term, both shaped like
+      params_trainable; metrics: 'forget/loss', 'forget/<aux>', 'retain/loss',
+      'retain/<aux>').
     """
     hp = preset.hparams if hparams is None else hparams
-    merge = _as_merge(params_frozen_rest)
     value_and_grad_f = _term_value_and_grad(
         FORGET_TERMS[preset.forget], model, merge, frozen_original, hp
     )
@@ -156,6 +106,15 @@ def combine_term_grads(
 ) -> tuple[PyTree, dict[str, jax.Array]]:
     """The preset's combiner applied to (g_f, g_r), then the saliency mask if given.
 
+    The train step calls it on flat float32 vectors [padded_size]
+    (`ParamSplit.flatten`); any pytrees of one structure work.
+
+    Args:
+      g_f, g_r: the forget and retain gradients (g_r None: forget-only preset).
+      preset: names the combiner in `registry.COMBINERS`.
+      hparams: overrides `preset.hparams`.
+      saliency: bool mask shaped like g_f (SalUn: `combine.saliency_mask`), or
+        None; outside it the gradient is exactly zero.
     Returns:
       (gradient shaped like g_f, metrics: 'grad/forget_norm', 'grad/retain_norm',
       'grad/cos', 'combine/<aux>', 'grad/norm').
@@ -183,67 +142,18 @@ def combine_term_grads(
     return grads, metrics
 
 
-def _check_saliency(preset: Preset, saliency: PyTree | None) -> None:
-    if preset.saliency and saliency is None:
-        raise ValueError(
-            f"method {preset.name!r} needs a saliency mask: accumulate forget_saliency_grads "
-            "over the forget set and pass combine.saliency_mask(grads, keep_fraction)"
-        )
-
-
-def unlearn_step_grads(
-    params_trainable: PyTree,
-    params_frozen_rest: PyTree | Merge,
-    frozen_original: PyTree,
-    batch: dict[str, dict[str, jax.Array]],
-    rng: jax.Array,
-    preset: Preset,
-    model: DiffusionModel,
-    hparams: UnlearnHParams | None = None,
-    saliency: PyTree | None = None,
-) -> tuple[PyTree, dict[str, jax.Array]]:
-    """The combined unlearning gradient with respect to the trainable subtree.
-
-    Args:
-      params_trainable, params_frozen_rest: the current θ split by `partition_params`
-        (or params_frozen_rest a function trainable -> full params).
-      frozen_original: the full original θ0 (never differentiated, never donated).
-      batch: {'forget': forget batch, 'retain': retain batch} with the keys
-        `registry.BATCH_KEYS` lists for the preset's terms ('retain' may be
-        omitted when the preset has no retain term or uses 'anchor').
-      rng: this step's key (e.g. fold_in(root, step)); the forget and retain
-        terms get fold_in(rng, FORGET_STREAM / RETAIN_STREAM).
-      preset: the method (terms, combiner, saliency).
-      model: the pure model function and schedule.
-      hparams: overrides `preset.hparams`.
-      saliency: bool mask pytree shaped like params_trainable (from
-        `combine.saliency_mask`); required when `preset.saliency`.
-    Returns:
-      (gradient pytree shaped like params_trainable, metrics dict of scalars:
-      'forget/loss', 'forget/<aux>', 'retain/loss', 'retain/<aux>',
-      'grad/forget_norm', 'grad/retain_norm', 'grad/cos', 'combine/<aux>', 'grad/norm').
-    """
-    _check_saliency(preset, saliency)
-    g_f, g_r, metrics = term_grads(
-        params_trainable, params_frozen_rest, frozen_original, batch, rng, preset, model, hparams
-    )
-    grads, combine_metrics = combine_term_grads(g_f, g_r, preset, hparams, saliency)
-    return grads, {**metrics, **combine_metrics}
-
-
 def forget_saliency_grads(
     params_trainable: PyTree,
-    params_frozen_rest: PyTree | Merge,
+    merge: Merge,
     forget_batch: dict[str, jax.Array],
     rng: jax.Array,
     model: DiffusionModel,
 ) -> PyTree:
-    """Gradient of the denoising loss on a forget batch ('x0', 'context'), trainable subtree.
+    """Gradient of the denoising loss on a forget batch ('x0', 'context'), trainable part.
 
-    SalUn's saliency: sum this over the forget set, then
-    `combine.saliency_mask(total, keep_fraction)`.
+    SalUn's saliency: sum this over the forget set (at θ = θ0), flatten, then
+    `combine.saliency_mask(total, keep_fraction, split.size)`.
     """
-    merge = _as_merge(params_frozen_rest)
 
     def objective(trainable):
         return denoising_loss(model, merge(trainable), forget_batch, rng)[0]

@@ -395,7 +395,7 @@ def write_grids(report: dict[str, Any], workdir: Path, prompts, count: int = 6) 
     from unlearn_jax.trainer import experiment
     from unlearn_jax.trainer.checkpoints import read_run_record
     from unlearn_jax.trainer.restore import restore_latest
-    from unlearn_jax.trainer.state import ParamSplit
+    from unlearn_jax.unlearn.params import ParamSplit
     from unlearn_jax.unlearn.registry import get_preset
 
     original = load_pipeline(report["model"])
