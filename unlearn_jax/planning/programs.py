@@ -196,8 +196,8 @@ def plan_train_step(
     from unlearn_jax.trainer import experiment, sharding
     from unlearn_jax.trainer.batches import SHARED_KEYS
     from unlearn_jax.trainer.state import abstract_state, make_optimizer
-    from unlearn_jax.unlearn.params import ParamSplit
     from unlearn_jax.trainer.train_step import make_train_step
+    from unlearn_jax.unlearn.params import ParamSplit
     from unlearn_jax.unlearn.registry import BATCH_KEYS, get_preset
 
     config = train_config(method) if config is None else config
