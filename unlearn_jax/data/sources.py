@@ -74,6 +74,59 @@ def encode_prompt_set(pipe: StableDiffusion, prompts: Sequence[str], chunk: int 
     return map_in_chunks(encode, list(prompts), size=chunk)
 
 
+def _theta0_denoised(
+    pipe: StableDiffusion,
+    prompts: Sequence[str],
+    *,
+    trajectory: bool,
+    per_prompt: int,
+    steps: int,
+    guidance: float,
+    seed: int,
+    height: int | None,
+    width: int | None,
+    batch_size: int,
+    cache_dir: Path | None,
+    model_id: dict | str | None,
+    progress: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(θ0's final latents or trajectories for `prompts`, each row's prompt index), cached.
+
+    Image j of prompt i starts from `fold_in(key(seed), i * per_prompt + j)` noise.
+    """
+    kind = "trajectories" if trajectory else "x0"
+    key = cache_key(
+        kind=kind,
+        model=model_id or str(pipe.source),
+        prompts=list(prompts),
+        per_prompt=per_prompt,
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+        size=[height, width],
+        dtype=str(pipe.unet.dtype),
+    )
+
+    def build():
+        latents = denoise(
+            pipe,
+            prompts,
+            num_images_per_prompt=per_prompt,
+            steps=steps,
+            guidance=guidance,
+            height=height,
+            width=width,
+            seed=seed,
+            batch_size=batch_size,
+            progress=progress,
+            trajectory=trajectory,
+        )
+        return {kind: np.asarray(latents, np.float32)}
+
+    arrays = load_or_build(cache_dir, kind, key, build)
+    return arrays[kind], np.repeat(np.arange(len(prompts), dtype=np.int32), per_prompt)
+
+
 def generated_latents(
     pipe: StableDiffusion,
     prompts: Sequence[str],
@@ -89,40 +142,9 @@ def generated_latents(
     model_id: dict | str | None = None,
     progress: bool = True,
 ) -> Latents:
-    """θ0's own generations for `prompts` as x0 latents (prompt-major), generated once.
-
-    Image j of prompt i starts from `fold_in(key(seed), i * per_prompt + j)` noise.
-    """
-    key = cache_key(
-        kind="x0",
-        model=model_id or str(pipe.source),
-        prompts=list(prompts),
-        per_prompt=per_prompt,
-        steps=steps,
-        guidance=guidance,
-        seed=seed,
-        size=[height, width],
-        dtype=str(pipe.unet.dtype),
-    )
-
-    def build():
-        final = denoise(
-            pipe,
-            prompts,
-            num_images_per_prompt=per_prompt,
-            steps=steps,
-            guidance=guidance,
-            height=height,
-            width=width,
-            seed=seed,
-            batch_size=batch_size,
-            progress=progress,
-        )
-        return {"x0": np.asarray(final, np.float32)}
-
-    arrays = load_or_build(cache_dir, "x0", key, build)
-    index = np.repeat(np.arange(len(prompts), dtype=np.int32), per_prompt)
-    return Latents(arrays["x0"], index)
+    """θ0's own generations for `prompts` as x0 latents (prompt-major), generated once."""
+    x0, index = _theta0_denoised(pipe, prompts, trajectory=False, **_options(locals()))
+    return Latents(x0, index)
 
 
 def ddim_trajectories(
@@ -145,38 +167,15 @@ def ddim_trajectories(
     trains on that x_t; keeping every step's input of `per_prompt` full runs
     per prompt gives the same distribution with one sampler pass.
     """
-    key = cache_key(
-        kind="trajectories",
-        model=model_id or str(pipe.source),
-        prompts=list(prompts),
-        per_prompt=per_prompt,
-        steps=steps,
-        guidance=guidance,
-        seed=seed,
-        size=[height, width],
-        dtype=str(pipe.unet.dtype),
-    )
-    plan = ddim_plan(schedule_from_config(pipe.scheduler_config), steps)
+    options = _options(locals(), progress=False)
+    x_t, index = _theta0_denoised(pipe, prompts, trajectory=True, **options)
+    timesteps = ddim_plan(schedule_from_config(pipe.scheduler_config), steps).timesteps
+    return Trajectories(x_t, np.asarray(timesteps, np.int32), index)
 
-    def build():
-        x_t = denoise(
-            pipe,
-            prompts,
-            num_images_per_prompt=per_prompt,
-            steps=steps,
-            guidance=guidance,
-            height=height,
-            width=width,
-            seed=seed,
-            batch_size=batch_size,
-            progress=False,
-            trajectory=True,
-        )
-        return {"x_t": np.asarray(x_t, np.float32)}
 
-    arrays = load_or_build(cache_dir, "trajectories", key, build)
-    index = np.repeat(np.arange(len(prompts), dtype=np.int32), per_prompt)
-    return Trajectories(arrays["x_t"], np.asarray(plan.timesteps, np.int32), index)
+def _options(arguments: dict, **extra) -> dict:
+    """The keyword arguments of `generated_latents`/`ddim_trajectories` for `_theta0_denoised`."""
+    return {k: v for k, v in arguments.items() if k not in ("pipe", "prompts")} | extra
 
 
 @nnx.jit
