@@ -160,9 +160,11 @@ FULL_LRS = {
 }
 # The embedding attack on each headline point and on the original (textual inversion,
 # one token starting at the concept's own embedding, Adam 2e-2, batch 8 of θ0's forget
-# latents). The default's few steps keep the demo in its budget; --full runs the
-# complete protocol.
-ATTACK_STEPS_DEFAULT = 30
+# latents). 100 steps, not fewer: measured on Concept Ablation's headline point, 30 steps
+# recover the circle for 17% of forget prompts and 100 steps for 92% (a budget too small
+# calls a method "forgot" that only hid the concept). Cost: ~0.2 s a step on 2 cores plus
+# ~13 s of sampling per attacked model, and one compile.
+ATTACK_STEPS_DEFAULT = 100
 ATTACK_STEPS_FULL = 200
 DEFAULT = Protocol(
     name="default",
