@@ -168,6 +168,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Periodic evaluations (eval.every) use every k-th prompt of eval.prompts and
     # eval.forget_prompts, so that a run's curve is cheap; the final evaluation uses all.
     config.eval.periodic_prompt_stride = 1
+    # Adversarial recovery of the forgotten concept, run at the final evaluation (never
+    # at periodic ones) when method is set; needs eval.classifier and forget.concept.
+    # See unlearn_jax.attacks: the forget rate under attack is reported beside the
+    # forget rate ("forget_rate_attacked"); a large gap means hidden, not forgotten.
+    config.eval.attack = ml_collections.ConfigDict()
+    config.eval.attack.method = ""  # "" = off; "embedding" (textual inversion) or "context"
+    config.eval.attack.steps = 100
+    config.eval.attack.tokens = 1  # k learned tokens in place of the concept's word
+    config.eval.attack.lr = 5e-3
+    config.eval.attack.batch_size = 8
+    config.eval.attack.epsilon = 0.1  # context attack: ||δ|| <= epsilon ||c|| per token
+    config.eval.attack.init_word = ""  # v*'s starting word; "" = the concept itself
+    config.eval.attack.seed = 0
 
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every = 100

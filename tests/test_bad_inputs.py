@@ -35,6 +35,11 @@ def user(tmp_path_factory) -> Path:
     unet = corrupt / "unet" / "diffusion_pytorch_model.safetensors"
     unet.write_bytes(unet.read_bytes()[:1000])  # a download cut short
     (root / "prompts.txt").write_text("a red circle\na blue square\n")
+    (root / "circles.txt").write_text("a red circle\na small green circle\n")
+    other = shutil.copytree(model, root / "other_architecture")
+    unet_config = json.loads((other / "unet" / "config.json").read_text())
+    unet_config["sample_size"] = 16  # same weights, another model
+    (other / "unet" / "config.json").write_text(json.dumps(unet_config))
     (root / "empty.txt").write_text("# nothing\n\n")
     (root / "latin1.txt").write_bytes("a red circle\na caf\xe9 on grey\n".encode("latin-1"))
     (root / "a_file").write_text("not a folder")
@@ -95,8 +100,50 @@ OUT = ["--out", "{root}/samples"]
 INTEGRITY = ["integrity", "--original", "{root}/model", "--unlearned", "{root}/model"]
 INTEGRITY += ["--prompt", "a dog"]
 
+ATTACK = ["attack", "--original", "{root}/model", "--unlearned", "{root}/model"]
+ATTACK_OUT = ["--concept", "circle", "--out", "{root}/attacked"]
+
 # (id, argv, exit status, message regex)
 CASES = [
+    (
+        "attack-concept-absent",
+        [*ATTACK, "--forget-prompts", "{root}/prompts.txt", *ATTACK_OUT],
+        2,
+        r"'circle' does not occur as a word in 1 of 2 forget prompts \('a blue square'\)",
+    ),
+    (
+        "attack-empty-prompts",
+        [*ATTACK, "--forget-prompts", "{root}/empty.txt", *ATTACK_OUT],
+        2,
+        r"the forget prompt set is empty",
+    ),
+    (
+        "attack-architectures-differ",
+        [
+            "attack",
+            "--original",
+            "{root}/model",
+            "--unlearned",
+            "{root}/other_architecture",
+            "--forget-prompts",
+            "{root}/circles.txt",
+            *ATTACK_OUT,
+        ],
+        2,
+        r"different unet architectures \(config fields sample_size differ\)",
+    ),
+    (
+        "attack-method-unknown",
+        [*ATTACK, "--forget-prompts", "{root}/circles.txt", *ATTACK_OUT, "--method", "pgd"],
+        2,
+        r"invalid choice: 'pgd'",
+    ),
+    (
+        "attack-steps-negative",
+        [*ATTACK, "--forget-prompts", "{root}/circles.txt", *ATTACK_OUT, "--steps", "-1"],
+        2,
+        r"--steps: expected an integer >= 0",
+    ),
     ("guidance-nan", [*SAMPLE, *OUT, "--guidance", "nan"], 2, r"--guidance.*finite.*>= 0"),
     ("guidance-inf", [*SAMPLE, *OUT, "--guidance", "inf"], 2, r"--guidance.*finite.*'inf'"),
     ("guidance-negative", [*SAMPLE, *OUT, "--guidance", "-1"], 2, r"--guidance.*>= 0.*'-1'"),

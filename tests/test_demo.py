@@ -193,3 +193,39 @@ def test_demo_command_writes_the_report(tmp_path, capsys):
     for entry in (*report["methods"].values(), *again["methods"].values()):
         entry.pop("seconds")  # wall time is the only thing a rerun may change
     assert again["methods"] == report["methods"]
+
+
+def test_report_says_which_methods_forgot_and_which_hid():
+    report = _report(
+        distill=_method(PRESERVING, [(0.0, 0.05, 5, 1.0)]),
+        esd_x=_method(BASELINE, [(0.1, 0.20, 10, 1.0)]),
+    )
+    report["protocol"] = {"attack": {"steps": 30, "tokens": 1}}
+    report["original"].update(forget_rate_attacked=1.0, template_rate=1.0)
+    for entry in report["methods"].values():
+        entry["seconds"] = 1.0
+    report["methods"]["distill"].update(forget_rate_attacked=0.1, template_rate=0.0)
+    report["methods"]["esd_x"].update(forget_rate_attacked=0.8, template_rate=0.9)
+    lines = report_lib.forgotten_or_hidden(report)
+    assert "the original draws a circle for 100% of forget prompts" in lines[0]
+    assert lines[1].startswith("distill forgot the circle: forget rate 0.00 -> 0.10")
+    assert lines[2].startswith("esd_x hid the circle: forget rate 0.10 -> 0.80 under attack (+0.70")
+    assert "recovers 80% of what it recovers from the original" in lines[2]
+    report["protocol"] = {
+        "name": "x",
+        "lrs": {},
+        "steps": 1,
+        "eval_every": 1,
+        "seeds": [0],
+        "eval_seeds": 1,
+        "attack": {"steps": 30, "tokens": 1, "lr": 0.02, "batch_size": 8},
+    }
+    assert "under attack ↓" in report_lib.markdown(
+        {
+            **report,
+            "conclusions": lines,
+            "prompts": {"forget": 1, "retain": 1, "eval_retain": 1},
+            "anchor_concept": "square",
+            "headline_rule": "r",
+        }
+    )

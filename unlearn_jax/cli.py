@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from unlearn_jax.attacks.command import add_attack_command
 from unlearn_jax.planning import add_plan_command
 from unlearn_jax.trainer.commands import add_unlearn_commands
 from unlearn_jax.world.demo import add_demo_command
@@ -385,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_integrity)
 
     add_unlearn_commands(sub)
+    add_attack_command(sub)
     add_demo_command(sub)
     add_plan_command(sub)
     return parser

@@ -227,8 +227,13 @@ class CLIPTextEmbeddings(nnx.Module):
         self.token_embedding = nnx.Embed(vocab_size, dim, **kw)
         self.position_embedding = nnx.Embed(max_positions, dim, **kw)
 
-    def __call__(self, input_ids: jax.Array) -> jax.Array:
-        """[B, L] int -> [B, L, D]."""
+    def __call__(self, input_ids: jax.Array, inputs_embeds: jax.Array | None = None) -> jax.Array:
+        """[B, L] int -> [B, L, D].
+
+        `inputs_embeds` [B, L, D], as in transformers, replaces the token-embedding
+        lookup (e.g. with learned embeddings spliced in at some positions); the
+        position embeddings are added either way.
+        """
         length = input_ids.shape[-1]
         max_positions = self.position_embedding.num_embeddings
         if length > max_positions:
@@ -237,7 +242,8 @@ class CLIPTextEmbeddings(nnx.Module):
                 "tokenize with truncation to the tokenizer's model_max_length."
             )
         positions = self.position_embedding(jnp.arange(length))
-        return self.token_embedding(input_ids) + positions[None]
+        tokens = self.token_embedding(input_ids) if inputs_embeds is None else inputs_embeds
+        return tokens + positions[None]
 
 
 class CLIPTextTransformer(nnx.Module):
@@ -266,14 +272,20 @@ class CLIPTextTransformer(nnx.Module):
         )
 
     def encode(
-        self, input_ids: jax.Array, attention_mask: jax.Array | None = None
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        inputs_embeds: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-        """[B, L] ids -> (encoder output before the final norm, all hidden states)."""
+        """[B, L] ids -> (encoder output before the final norm, all hidden states).
+
+        `inputs_embeds` [B, L, D]: token embeddings to use instead of looking `input_ids` up.
+        """
         length = input_ids.shape[-1]
         mask = jnp.tril(jnp.ones((length, length), bool))[None, None]  # [1, 1, Lq, Lk]
         if attention_mask is not None:  # key padding, combined with causality like transformers
             mask = mask & attention_mask.astype(bool)[:, None, None, :]
-        return self.encoder(self.embeddings(input_ids), mask)
+        return self.encoder(self.embeddings(input_ids, inputs_embeds), mask)
 
     def pool(self, last_hidden_state: jax.Array, input_ids: jax.Array) -> jax.Array:
         """The state at the end-of-text token, [B, D], chosen exactly as transformers does."""
@@ -287,10 +299,17 @@ class CLIPTextTransformer(nnx.Module):
         return jnp.take_along_axis(last_hidden_state, position[:, None, None], axis=1)[:, 0]
 
     def __call__(
-        self, input_ids: jax.Array, attention_mask: jax.Array | None = None
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        inputs_embeds: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array]:
-        """[B, L] ids -> (last_hidden_state [B, L, D], pooled [B, D])."""
-        x, _ = self.encode(input_ids, attention_mask)
+        """[B, L] ids -> (last_hidden_state [B, L, D], pooled [B, D]).
+
+        `inputs_embeds` [B, L, D] replaces the token-embedding lookup; `input_ids`
+        still decide the pooled position (the end-of-text token).
+        """
+        x, _ = self.encode(input_ids, attention_mask, inputs_embeds)
         x = self.final_layer_norm(x)
         return x, self.pool(x, input_ids)
 
@@ -347,14 +366,19 @@ class CLIPTextModel(nnx.Module):
         )
 
     def __call__(
-        self, input_ids: jax.Array, attention_mask: jax.Array | None = None
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        inputs_embeds: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         """[B, L] int ids -> (last_hidden_state [B, L, D] after final_layer_norm, pooled [B, D]).
 
         `attention_mask` [B, L] (1 = token, 0 = padding) is optional; SD pipelines
-        do not pass one.
+        do not pass one. `inputs_embeds` [B, L, D] (transformers' argument) replaces
+        the token-embedding lookup, e.g. with textual-inversion embeddings spliced in
+        (`attacks.objectives.splice_tokens`); without it the path is unchanged.
         """
-        return self.text_model(input_ids, attention_mask)
+        return self.text_model(input_ids, attention_mask, inputs_embeds)
 
     def hidden_states(
         self, input_ids: jax.Array, attention_mask: jax.Array | None = None

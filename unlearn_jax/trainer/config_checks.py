@@ -50,6 +50,12 @@ RANGES: dict[str, tuple[str, float, float, bool]] = {
     "eval.seed": ("int", 0, 2**31 - 1, False),
     "eval.batch_size": ("int", 1, _INF, False),
     "eval.periodic_prompt_stride": ("int", 1, _INF, False),
+    "eval.attack.steps": ("int", 0, _INF, False),
+    "eval.attack.tokens": ("int", 0, _INF, False),
+    "eval.attack.lr": ("float", 0.0, _INF, True),
+    "eval.attack.batch_size": ("int", 1, _INF, False),
+    "eval.attack.epsilon": ("float", 0.0, _INF, False),
+    "eval.attack.seed": ("int", 0, 2**31 - 1, False),
     "checkpoint.every": ("int", 0, _INF, False),
     "checkpoint.keep": ("int", 0, _INF, False),
     "mesh.data": ("int", -1, _INF, False),
@@ -60,6 +66,11 @@ RANGES: dict[str, tuple[str, float, float, bool]] = {
     "unlearn.hparams.erasediff_eta": ("float", -_INF, _INF, False),
     "unlearn.hparams.erasediff_lambda": ("float", 0.0, _INF, False),
     "unlearn.hparams.keep_fraction": ("float", 0.0, 1.0, True),
+}
+
+# field -> the values it may take (checked when the config has the field).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "eval.attack.method": ("", "none", "embedding", "context"),
 }
 
 
@@ -101,6 +112,11 @@ def check_config_values(config: ml_collections.ConfigDict) -> None:
             problems.append(
                 f"  {name}={value!r}: expected {_range_text(kind, low, high, low_exclusive)}"
             )
+    for name, valid in CHOICES.items():
+        present, value = _lookup(config, name)
+        if present and value not in valid:
+            shown = ", ".join(repr(v) for v in valid)
+            problems.append(f"  {name}={value!r}: expected one of {shown}")
     if problems:
         raise ValueError(
             "config value(s) out of range:\n" + "\n".join(problems) + "\nFix: pass valid "

@@ -12,6 +12,10 @@ see `text_encoder`) and an output folder, and yield scalar metrics:
                  register a factory with `register_forget_classifier(name)` and
                  set `eval.classifier=name`. Built in: 'world_shape' (the embedded
                  world's shape head; the concept is `forget.concept`).
+  attack      -- with `eval.attack.method` set, final (not periodic) evaluations
+                 also attack θ (`unlearn_jax.attacks`): `forget_rate_attacked` is
+                 the forget rate of the same prompts and noise under a textual-
+                 inversion or context attack; report and grid in out_dir/attack/.
   retain      -- metrics of the same retain image pairs that integrity compares
                  (FID, text-image agreement), plug-ins named in
                  `eval.retain_metrics` (comma-separated), registered with
@@ -113,6 +117,15 @@ def _world_retain_metrics(config: ml_collections.ConfigDict, pipe: StableDiffusi
     return metrics
 
 
+def forget_classifier(
+    name: str, concept: str, pipe: StableDiffusion
+) -> tuple[Classifier, int | Sequence[int]]:
+    """The registered forget classifier `name` for `concept`, outside a run's config."""
+    _names(name, "the forget classifier", FORGET_CLASSIFIERS)
+    config = ml_collections.ConfigDict({"forget": {"concept": concept}})
+    return FORGET_CLASSIFIERS[name](config, pipe)
+
+
 def _names(value: str | None, what: str, registry: dict) -> list[str]:
     names = [n.strip() for n in str(value or "").split(",") if n.strip()]
     unknown = [n for n in names if n not in registry]
@@ -182,6 +195,9 @@ class Evaluator:
                 "eval.retain_metrics."
             )
         self._retain_metrics: dict[str, RetainMetric] = {}
+        from unlearn_jax.attacks.configured import attack_settings
+
+        self.attack = attack_settings(config)  # None: no attack
         stride = int(cfg.get("periodic_prompt_stride", 1) or 1)
         if stride < 1:
             raise ValueError(f"eval.periodic_prompt_stride must be >= 1, got {stride}")
@@ -272,7 +288,9 @@ class Evaluator:
             )
         return metrics
 
-    def _forget_rate(self, params: PyTree, stride: int) -> Iterator[tuple[str, float]]:
+    def _forget_rate(
+        self, params: PyTree, stride: int, out_dir: Path, periodic: bool
+    ) -> Iterator[tuple[str, float]]:
         cfg = self.config.eval
         classifier, concept = FORGET_CLASSIFIERS[cfg.classifier](self.config, self.pipe)
         if stride not in self._original_forget_rate:
@@ -282,6 +300,30 @@ class Evaluator:
         images = self._sample(params, self.prompts("forget", stride))
         yield "forget_rate", forget_rate(images, classifier, concept)
         yield "forget_rate_original", self._original_forget_rate[stride]
+        if self.attack is not None and not periodic:
+            from unlearn_jax.attacks.configured import attack_in_evaluation
+
+            unet, pipe = unet_and_pipeline(self.pipe, params)
+            summary = attack_in_evaluation(
+                self.config,
+                self.attack,
+                self.pipe,
+                pipe,
+                unet,
+                self.prompts("forget", stride),
+                classifier,
+                concept,
+                out_dir,
+                cache_dir=self.cache_dir,
+                unattacked_images=images,
+                original_images=self.original_images("forget", stride),
+                mesh=self.mesh,
+                write=jax.process_index() == 0,
+            )
+            yield "forget_rate_attacked", summary["forget_rate_attacked"]
+            if "template_rate" in summary:
+                yield "template_rate", summary["template_rate"]
+            yield "attack_seconds", summary["attack_seconds"]
 
     def __call__(
         self, params: PyTree, step: int, out_dir: Path, *, periodic: bool = False
@@ -300,7 +342,7 @@ class Evaluator:
         if self.config.eval.integrity:
             metrics.update(self._integrity(params, out_dir, stride))
         if self.config.eval.classifier:
-            metrics.update(self._forget_rate(params, stride))
+            metrics.update(self._forget_rate(params, stride, out_dir, periodic))
         record = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
         record["prompts"] = {
             "retain": len(self.prompts("retain", stride)) if self.config.eval.integrity else 0,

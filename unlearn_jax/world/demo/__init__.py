@@ -86,6 +86,11 @@ def add_demo_command(sub) -> None:
     p.add_argument("--lr", type=_floats, help="one learning-rate grid for every method: a,b,c")
     p.add_argument("--seeds", type=int, help="training seeds of the headline points")
     p.add_argument("--methods", help="comma-separated presets (default: the protocol's)")
+    p.add_argument(
+        "--attack-steps",
+        type=int,
+        help="steps of the embedding attack on each headline point and the original (0: none)",
+    )
     p.add_argument("--no-grids", action="store_true", help="skip the image grids")
 
     def run(args) -> None:
@@ -101,6 +106,7 @@ def add_demo_command(sub) -> None:
             lrs=args.lr,
             steps=args.steps,
             seeds=args.seeds,
+            attack_steps=args.attack_steps,
         )
         run_demo(args.workdir, protocol, grids=not args.no_grids)
         print((args.workdir / "report.md").read_text())

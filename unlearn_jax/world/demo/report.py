@@ -17,6 +17,9 @@ from unlearn_jax.metrics import pareto
 
 # Forget-rate levels at which the two families are compared.
 THRESHOLDS = (0.05, 0.1, 0.25, 0.5)
+# A method whose forget rate under the embedding attack exceeds this only hid the
+# concept behind its word; at or below it, the attack did not bring it back.
+HIDDEN_ABOVE = 0.25
 # Retain accuracy "separates" two methods when it differs by at least this much
 # (a few images of the held-out set).
 ACCURACY_MARGIN = 0.05
@@ -195,6 +198,7 @@ def conclusions(report: dict[str, Any]) -> list[str]:
         )
     else:
         lines.append("At the headline points integrity separates no pair of methods.")
+    lines.extend(forgotten_or_hidden(report))
     spreads = [v["seed_spread"] for v in report["methods"].values() if len(v["seeds"]) > 1]
     if spreads:
         df = max(s["forget_rate"][1] - s["forget_rate"][0] for s in spreads)
@@ -203,6 +207,36 @@ def conclusions(report: dict[str, Any]) -> list[str]:
         lines.append(
             f"Over {seeds} training seeds, the headline points' forget rates differ by at most "
             f"{df:.2f} and their integrity LPIPS by at most {di:.3f}."
+        )
+    return lines
+
+
+def forgotten_or_hidden(report: dict[str, Any]) -> list[str]:
+    """Per method: forgot or hid the concept, by the forget rate under the embedding attack."""
+    original = report["original"]
+    if "forget_rate_attacked" not in original:
+        return []
+    attack = report["protocol"].get("attack", {})
+    lines = [
+        f"Under the embedding attack ({attack.get('steps')} steps of textual inversion, "
+        f"{attack.get('tokens')} token starting at the word '{report['concept']}'), the "
+        f"original draws a {report['concept']} for {original['forget_rate_attacked']:.0%} of "
+        f'forget prompts ("a <v*>" alone: {original["template_rate"]:.0%}).'
+    ]
+    for m, v in report["methods"].items():
+        if "forget_rate_attacked" not in v:
+            continue
+        before, after = v["forget_rate"], v["forget_rate_attacked"]
+        verdict = "hid" if after > HIDDEN_ABOVE else "forgot"
+        lines.append(
+            f"{m} {verdict} the {report['concept']}: forget rate {before:.2f} -> {after:.2f} "
+            f'under attack ({after - before:+.2f}; "a <v*>" alone {v["template_rate"]:.2f})'
+            + (
+                f", the attack recovers {after / original['forget_rate_attacked']:.0%} of "
+                "what it recovers from the original."
+                if verdict == "hid" and original["forget_rate_attacked"] > 0
+                else f", at most {HIDDEN_ABOVE:.0%} under this attack budget."
+            )
         )
     return lines
 
@@ -219,12 +253,13 @@ def markdown(report: dict[str, Any]) -> str:
     """report.md: protocol, headline table, equal-forgetting table, conclusions, figures."""
     protocol, o = report["protocol"], report["original"]
     header = (
-        "| method | family | lr | step | forget rate ↓ | integrity LPIPS ↓ (95% CI) | FID ↓ "
-        "| retain accuracy ↑ | PSNR | SSIM | seeds: forget rate | seeds: LPIPS | points "
-        "| time (s) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| method | family | lr | step | forget rate ↓ | under attack ↓ | integrity LPIPS ↓ "
+        "(95% CI) | FID ↓ | retain accuracy ↑ | PSNR | SSIM | seeds: forget rate | seeds: LPIPS "
+        "| points | time (s) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = [
-        f"| original | | | | {_fmt(o['forget_rate'], 2)} | 0 | 0 | "
+        f"| original | | | | {_fmt(o['forget_rate'], 2)} | "
+        f"{_fmt(o.get('forget_rate_attacked'), 2)} | 0 | 0 | "
         f"{_fmt(o['retain_accuracy'], 2)} | ∞ | 1 | | | | |"
     ]
     for m, v in report["methods"].items():
@@ -232,7 +267,8 @@ def markdown(report: dict[str, Any]) -> str:
         s = v["seed_spread"]
         rows.append(
             f"| {m} | {v['family']} | {v['lr']:g} | {v['step']} | {_fmt(v['forget_rate'], 2)} | "
-            f"{_fmt(v['integrity_lpips'])} {ci} | {_fmt(v['fid'], 2)} | "
+            f"{_fmt(v.get('forget_rate_attacked'), 2)} | {_fmt(v['integrity_lpips'])} {ci} | "
+            f"{_fmt(v['fid'], 2)} | "
             f"{_fmt(v['retain_accuracy'], 2)} | {_fmt(v.get('psnr'), 1)} | "
             f"{_fmt(v.get('ssim'))} | {_range(s['forget_rate'], 2)} | "
             f"{_range(s['integrity_lpips'], 3)} | {len(v['curve'])} | {v['seconds']} |"
@@ -269,7 +305,7 @@ def markdown(report: dict[str, Any]) -> str:
         + f". Wall time {report.get('seconds', 0):.0f} s.",
         "",
         f"Headline point of each method: {report['headline_rule']}. The seed columns give "
-        "the range of that (lr, step) over the training seeds.",
+        "the range of that (lr, step) over the training seeds." + _attack_text(report),
         "",
         header + "\n".join(rows),
         "",
@@ -290,6 +326,19 @@ def markdown(report: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(md)
+
+
+def _attack_text(report: dict[str, Any]) -> str:
+    attack = report["protocol"].get("attack", {})
+    if not attack.get("steps"):
+        return ""
+    return (
+        f" 'under attack': the forget rate of the same prompts and noise after textual "
+        f"inversion on that point (one token v* in place of '{report['concept']}', starting at "
+        f"its embedding; {attack['steps']} Adam steps at lr {attack['lr']:g}, batch "
+        f"{attack['batch_size']} of the original's forget images; judged by the same world "
+        "classifier). A bigger budget (`--full`, `--attack-steps`) can only recover more."
+    )
 
 
 def _scatter_fronts(ax, report: dict[str, Any], x_of, xlabel: str) -> None:
@@ -316,6 +365,23 @@ def _scatter_fronts(ax, report: dict[str, Any], x_of, xlabel: str) -> None:
         )
         head = {**v, "x": x_of(v)}
         ax.scatter(head["x"], head["forget_rate"], s=70, color=colour, edgecolor="black", zorder=3)
+        if "forget_rate_attacked" in v:  # the same point under the embedding attack
+            ax.plot(
+                [head["x"]] * 2,
+                [head["forget_rate"], v["forget_rate_attacked"]],
+                color=colour,
+                linestyle=":",
+                zorder=2,
+            )
+            ax.scatter(
+                head["x"],
+                v["forget_rate_attacked"],
+                s=60,
+                marker="^",
+                facecolors="none",
+                edgecolors=colour,
+                zorder=3,
+            )
     o = report["original"]
     ax.scatter(0, o["forget_rate"], color="black", marker="*", s=90, zorder=3)
     ax.set_xlabel(xlabel)
@@ -346,7 +412,7 @@ def write_plots(report: dict[str, Any], workdir: Path) -> None:
     )
     ax.set_title(
         "Pareto fronts (solid: integrity-preserving, dashed: baselines)\n"
-        "big markers: headline points; star: original",
+        "big markers: headline points (triangles: under attack); star: original",
         fontsize=9,
     )
     ax.legend(fontsize=7, loc="upper right")

@@ -33,6 +33,7 @@ from unlearn_jax.world.demo.protocol import (
     DEFAULT,
     INTEGRITY_PRESERVING,
     Protocol,
+    attack_config,
     demo_config,
     split_prompts,
 )
@@ -92,6 +93,24 @@ def _headline_evaluation(config, run_dir: Path, step: int, prompts) -> dict[str,
 
     evaluate(config, run_dir, step=step, out_dir=out)
     return json.loads((out / "metrics.json").read_text())
+
+
+def _headline_attack(
+    config, protocol: Protocol, run_dir: Path | None, step: int | None, out: Path, cache: Path
+) -> dict[str, Any]:
+    """The embedding attack's attack.json for checkpoint `step` of `run_dir` (None: θ0).
+
+    A rerun with the same attack settings reuses the written report.
+    """
+    done = out / "attack" / "attack.json"
+    if done.is_file():
+        summary = json.loads(done.read_text())
+        settings = summary.get("settings", {})
+        if all(settings.get(k) == v for k, v in protocol.attack_json().items() if k != "method"):
+            return summary
+    from unlearn_jax.attacks.configured import attack_checkpoint
+
+    return attack_checkpoint(attack_config(config, protocol), run_dir, step, out, cache_dir=cache)
 
 
 def _prune_checkpoints(run_dir: Path, keep: set[int]) -> None:
@@ -172,9 +191,25 @@ def run_method(
         )
         seeds.append({"seed": seed, **{k: float(result[k]) for k in POINT_KEYS}})
     mean, spread = _summary(seeds)
+    attack = {}
+    if protocol.attack_steps:
+        out = run_dir / HEADLINE_DIR / f"step_{head['step']:06d}"
+        summary = _headline_attack(config, protocol, run_dir, head["step"], out, shared_cache)
+        # The attack's unattacked images are this evaluation's (same prompts and noise).
+        attack = {
+            "forget_rate_attacked": summary["forget_rate_attacked"],
+            "template_rate": summary["template_rate"],
+            "attack_seconds": summary["attack_seconds"] + summary["eval_seconds"],
+        }
+        progress(
+            f"  {method} headline under the embedding attack ({summary['attack_steps']} steps, "
+            f"{attack['attack_seconds']:.0f} s): forget rate {summary['forget_rate']:.2f} -> "
+            f"{summary['forget_rate_attacked']:.2f}; 'a <v*>' alone {summary['template_rate']:.2f}"
+        )
     entry: dict[str, Any] = {
         "family": "integrity-preserving" if method in INTEGRITY_PRESERVING else "baseline",
         **{k: float(record[k]) for k in HEADLINE_KEYS},
+        **attack,
         "lr": head["lr"],
         "step": head["step"],
         "run": str(run_dir.relative_to(workdir)),
@@ -235,6 +270,26 @@ def run_demo(
             f"{entry['integrity_lpips']:.3f}, retain accuracy {entry['retain_accuracy']:.2f}; "
             f"over seeds forget {seeds['forget_rate'][0]:.2f}-{seeds['forget_rate'][1]:.2f}, "
             f"LPIPS {seeds['integrity_lpips'][0]:.3f}-{seeds['integrity_lpips'][1]:.3f}"
+        )
+    if protocol.attack_steps:
+        # θ0 under the same attack: how much of the concept the attack recovers at most.
+        config = demo_config(
+            protocol.methods[0],
+            model_path,
+            prompts,
+            steps=protocol.steps,
+            lr=1e-4,
+            eval_seeds=protocol.eval_seeds,
+        )
+        summary = _headline_attack(
+            config, protocol, None, None, workdir / "original", workdir / "cache"
+        )
+        report["original"]["forget_rate_attacked"] = summary["forget_rate_attacked"]
+        report["original"]["template_rate"] = summary["template_rate"]
+        report["original"]["attack_seconds"] = summary["attack_seconds"] + summary["eval_seconds"]
+        progress(
+            f"original under the embedding attack: forget rate {summary['forget_rate']:.2f} -> "
+            f"{summary['forget_rate_attacked']:.2f}; 'a <v*>' alone {summary['template_rate']:.2f}"
         )
     report["seconds"] = round(time.time() - started, 1)
     report_lib.write_report(report, workdir)
