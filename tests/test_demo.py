@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -140,12 +141,32 @@ def test_protocols_and_command_line_overrides():
 
 def test_demo_config_pairs_each_forget_prompt_with_its_anchor():
     prompts = demo.split_prompts("circle")
-    config = demo.demo_config(
-        "distill", demo.protocol.base_config_path(), prompts, steps=4, lr=1e-3
-    )
+    config = demo.demo_config("distill", Path("/models/tiny"), prompts, steps=4, lr=1e-3)
     assert config.forget.concept == "circle" and config.forget.anchor_concept == "square"
     assert config.forget.anchor == ""  # no shared anchor
     assert config.eval.classifier == "world_shape" and config.eval.retain_metrics == "world"
+    assert config.model.path == "/models/tiny" and config.optim.lr == 1e-3
+
+
+def test_demo_runs_are_the_config_file_a_user_can_run():
+    """`unlearn-jax unlearn --config configs/demo.py:...` is exactly a run of the demo."""
+    from unlearn_jax.trainer.config_file import load_config
+    from unlearn_jax.world.embedded import embedded_model_path
+
+    path = demo.protocol.demo_config_path()
+    assert path.resolve() == (Path(__file__).resolve().parents[1] / "configs" / "demo.py")
+    from_file = load_config(f"{path}:method=esd_x,lr=3e-3,steps=80,seed=1,eval_every=40")
+    from_demo = demo.demo_config(
+        "esd_x",
+        embedded_model_path(),
+        demo.split_prompts("circle"),
+        steps=80,
+        lr=3e-3,
+        seed=1,
+        eval_every=40,
+    )
+    assert from_file.to_dict() == from_demo.to_dict()
+    assert from_file.unlearn.method == "esd_x" and from_file.checkpoint.every == 40
 
 
 def test_demo_prompt_split_holds_out_retain_prompts():

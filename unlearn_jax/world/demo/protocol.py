@@ -198,11 +198,11 @@ def split_prompts(concept: str = CONCEPT) -> dict[str, list[str]]:
     return {"forget": forget, "retain": train_retain, "eval_retain": held_out}
 
 
-def base_config_path() -> Path:
-    """configs/base.py, shipped inside the package as `unlearn_jax.configs`."""
+def demo_config_path() -> Path:
+    """configs/demo.py, the demo's experiment (shipped inside the package as unlearn_jax.configs)."""
     from importlib import resources
 
-    return Path(str(resources.files("unlearn_jax.configs").joinpath("base.py")))
+    return Path(str(resources.files("unlearn_jax.configs").joinpath("demo.py")))
 
 
 def demo_config(
@@ -217,46 +217,22 @@ def demo_config(
     eval_seeds: int = 1,
     periodic_prompt_stride: int = 1,
 ) -> ml_collections.ConfigDict:
-    """The run config of one (method, learning rate, seed): base.py's preset, sized for a CPU.
+    """configs/demo.py for one (method, learning rate, seed), on `model_path` and `prompts`.
 
     Every evaluation point keeps its checkpoint (the headline point may be any of them).
     """
     from unlearn_jax.trainer.config_file import load_config_file
 
-    config = load_config_file(f"{base_config_path()}:method={method}")
-    config.seed = seed
+    args = (
+        f"method={method},lr={lr!r},steps={steps},seed={seed},eval_every={eval_every},"
+        f"eval_seeds={eval_seeds},stride={periodic_prompt_stride}"
+    )
+    config = load_config_file(f"{demo_config_path()}:{args}")
     config.model.path = str(model_path)
     config.forget.prompts = prompts["forget"]
-    config.forget.concept = CONCEPT
-    config.forget.anchor_concept = ANCHOR_CONCEPT
     config.retain.prompts = prompts["retain"]
-    config.forget.images_per_prompt = 2
-    config.retain.images_per_prompt = 1
-    config.train.steps = steps
-    config.train.batch_size = 8
-    config.train.log_every = 10
-    config.train.progress = False
-    config.train.tensorboard = False  # the report is the demo's output; spares TF's import
-    config.optim.lr = lr
-    config.checkpoint.every = eval_every or steps
-    config.checkpoint.keep = 0  # all: the headline point may be any evaluated step
-    config.sample.steps = 10  # θ0's training images, as good at 10 DDIM steps as its evaluations
-    config.sample.guidance = 4.0
-    config.sample.esd_steps = 20
-    config.sample.batch_size = 48
-    config.eval.every = eval_every
     config.eval.prompts = prompts["eval_retain"]
     config.eval.forget_prompts = prompts["forget"]
-    config.eval.seeds = eval_seeds
-    # 10 DDIM steps: the original still draws every forget prompt's circle and every retain
-    # prompt's shape and colour (measured), at half the cost of 20 per curve point.
-    config.eval.steps = 10
-    config.eval.guidance = 4.0
-    # 24: the forget set exactly, the 18 held-out retain prompts with little padding.
-    config.eval.batch_size = 24
-    config.eval.classifier = "world_shape"
-    config.eval.retain_metrics = "world"
-    config.eval.periodic_prompt_stride = periodic_prompt_stride
     return config
 
 
