@@ -475,13 +475,20 @@ def write_grids(report: dict[str, Any], workdir: Path, prompts, count: int = 6) 
         model = experiment.Model(original, theta0, None, split)
         _, trainable = restore_latest(config, model, run_dir, preset.saliency, entry["step"])
         unets[method] = split.merge(trainable, theta0)
-    for name, chosen in (
-        ("forget", prompts["forget"][::4][:count]),
-        ("retain", prompts["eval_retain"][::3][:count]),
+    for name, every, stride in (
+        ("forget", prompts["forget"], 4),
+        ("retain", prompts["eval_retain"], 3),
     ):
-        kwargs = dict(steps=20, guidance=4.0, seed=123, batch_size=count, progress=False)
-        columns = [generate(original, chosen, **kwargs)]
-        columns += [generate(original, chosen, unet_params=u, **kwargs) for u in unets.values()]
+        # The evaluations' sampler settings and chunk (every prompt, 10 steps, batch 24),
+        # so their compiled sampler and decoder serve here too instead of new programs
+        # for a 6-prompt chunk; the grid shows every stride-th prompt.
+        kwargs = dict(steps=10, guidance=4.0, seed=123, batch_size=24, progress=False)
+        shown = slice(None, stride * count, stride)
+        chosen = every[shown]
+        columns = [generate(original, every, **kwargs)[shown]]
+        columns += [
+            generate(original, every, unet_params=u, **kwargs)[shown] for u in unets.values()
+        ]
         rows = [[column[i] for column in columns] for i in range(len(chosen))]
         save_grid(
             rows,
