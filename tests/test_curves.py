@@ -176,3 +176,32 @@ def test_unknown_evaluator_names_are_refused_before_training(micro):
     cfg = config(micro, eval__retain_metrics="world", eval__integrity=False)
     with pytest.raises(ValueError, match="eval.integrity is off"):
         Evaluator(cfg, None, None, EVAL_PROMPTS, FORGET_EVAL)
+
+
+def test_eval_attack_reports_the_forget_rate_under_attack(micro, tmp_path):
+    """eval.attack on `unlearn-jax evaluate`: the final evaluation attacks θ and says so."""
+    forget = ["a red circle", "a blue circle"]
+    cfg = config(
+        micro,
+        train__steps=2,
+        eval__seeds=1,
+        eval__steps=2,
+        eval__prompts=repr(EVAL_PROMPTS),
+        eval__forget_prompts=repr(forget),
+        eval__classifier="test_curves_half",
+        forget__concept="circle",
+    )
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(cfg, workdir)
+    assert "forget_rate_attacked" not in json.dumps(read_curve(workdir))  # off by default
+    cfg.eval.attack.method = "embedding"
+    cfg.eval.attack.steps = 2
+    out = tmp_path / "attacked"
+    result = evaluate(cfg, workdir, out_dir=out)
+    assert 0.0 <= result["forget_rate_attacked"] <= 1.0
+    assert 0.0 <= result["template_rate"] <= 1.0
+    report = json.loads((out / "attack" / "attack.json").read_text())
+    assert report["attack_steps"] == 2
+    assert report["forget_rate_attacked"] == result["forget_rate_attacked"]
+    assert report["forget_rate"] == result["forget_rate"]  # the same images, unattacked
+    assert len(report["per_prompt"]) == len(forget)
