@@ -14,7 +14,7 @@ prompt reaches it by another route than the erased word:
 
 Both are `loss(attack_params, frozen, batch, rng) -> (loss, aux)`; the UNet and
 the text encoder are frozen (arguments, never differentiated). The denoising
-loss is `unlearn.denoising.denoising_loss`, with its random streams.
+loss is `diffusion.forward.denoising_loss`, with its random streams.
 
 Shapes: B examples per batch, P forget prompts, L tokens, D context width,
 k learned tokens, latents NHWC [B, h, w, C].
