@@ -79,7 +79,7 @@ def read_header(path: str | Path) -> FileHeader:
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(8)
-        if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        if head[:4] == b"PK\x03\x04":  # torch.save's zip container
             raise CorruptWeightsError(
                 f"{path} is a pickled PyTorch checkpoint (torch.save), not safetensors. Fix: "
                 "rename it to .ckpt and pass --allow-pickle if you trust it (unpickling can "

@@ -262,7 +262,8 @@ def _check(
 ) -> list[str]:
     """The mismatch lines of one network (empty when the file matches the module)."""
     shapes = plan.header.shapes
-    expected = {k: ldm_keys.ldm_shape(e, torch_shapes(module)) for k, e in table.items()}
+    sizes = torch_shapes(module)
+    expected = {k: ldm_keys.ldm_shape(e, sizes) for k, e in table.items()}
     read_as = (lambda k: ldm_keys.ema_key(k)) if (plan.ema and name == "unet") else (lambda k: k)
     prefix = _component_prefix(name, plan.layout)
     if plan.ema and name == "unet":
