@@ -31,7 +31,7 @@ from safetensors import safe_open
 from unlearn_jax.models import convert, ldm_detect, ldm_keys
 from unlearn_jax.models.clip import is_clip_buffer
 from unlearn_jax.models.ldm_detect import SD1, SD2, FileHeader
-from unlearn_jax.models.weights import MissingWeightsError
+from unlearn_jax.models.weights import CorruptWeightsError, MissingWeightsError
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,16 @@ def _read_pickle(path: Path, allow_pickle: bool) -> dict[str, np.ndarray]:
         )
     import torch
 
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        # weights_only: tensors and plain containers only, even when pickles are allowed.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise CorruptWeightsError(
+            f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {first}). "
+            "Fix: check that this is the model file you meant (a .safetensors file must be "
+            "named .safetensors), or download it again."
+        ) from e
     while isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     out = {}

@@ -192,6 +192,11 @@ def convert_model(
     """
     out = Path(out)
     _check_output(out, format, unet_only)
+    if unet_only and not Path(path).expanduser().is_file():
+        raise ValueError(
+            f"--unet-only puts the UNet on top of the original single file, but {path} is "
+            "not a single-file checkpoint. Fix: drop --unet-only (the whole model is written)."
+        )
     pipe = load_pipeline(
         path, variant=variant, allow_pickle=allow_pickle, single_file_options=options
     )
