@@ -441,3 +441,82 @@ def test_cli_export_converts_both_ways(folders, exported, tmp_path, capsys):
         json.loads((back / "model_index.json").read_text())["_class_name"]
         == "StableDiffusionPipeline"
     )
+
+
+# ---------------------------------------------------------------------------
+# A run on a single-file model, exported back to one
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def micro_file(tmp_path_factory):
+    from tiny_unlearn import save_micro_pipeline
+
+    root = tmp_path_factory.mktemp("micro_single")
+    folder = save_micro_pipeline(root / "micro")
+    return folder, convert_model(folder, root / "micro.safetensors")
+
+
+def test_sample_reads_a_single_file_like_its_folder(micro_file, tmp_path):
+    from unlearn_jax import cli
+
+    folder, file = micro_file
+    common = ["--prompt", "a red circle", "--steps", "2", "--batch-size", "1"]
+    cli.main(["sample", "--model", str(folder), *common, "--out", str(tmp_path / "a")])
+    cli.main(
+        ["sample", "--model", str(file), "--model-config", str(folder), *common]
+        + ["--out", str(tmp_path / "b")]
+    )
+    a, b = np.load(tmp_path / "a" / "images.npz"), np.load(tmp_path / "b" / "images.npz")
+    np.testing.assert_array_equal(a["images"], b["images"])
+
+
+def test_a_run_without_steps_exports_the_original_file_bit_for_bit(micro_file, tmp_path):
+    from tiny_unlearn import make_config
+
+    from unlearn_jax.unlearn import experiment
+    from unlearn_jax.unlearn.checkpoints import check_run_record
+    from unlearn_jax.unlearn.train import export
+
+    folder, file = micro_file
+    config = make_config(file, model__config=str(folder), train__steps=0)
+    spec = experiment.resolve_run(config)
+    assert spec.fingerprint["model.config"] == str(folder)
+    record = json.loads(config.to_json_best_effort())
+    check_run_record(tmp_path / "run", spec.fingerprint, record, force_resume=False)
+    out = export(tmp_path / "run", tmp_path / "out.safetensors", format="single-file")
+    assert out.read_bytes() == file.read_bytes()
+    unet_only = tmp_path / "unet_only.safetensors"
+    export(tmp_path / "run", unet_only, format="single-file", unet_only=True)
+    assert unet_only.read_bytes() == file.read_bytes()
+
+
+@pytest.mark.slow  # ~3 min on 2 busy cores: data generation and a compiled train step
+def test_unlearning_a_single_file_exports_the_unet_on_top_of_it(micro_file, tmp_path):
+    from tiny_unlearn import make_config
+
+    from unlearn_jax import cli
+    from unlearn_jax.unlearn.train import train_and_evaluate
+
+    folder, file = micro_file
+    config = make_config(file, model__config=str(folder), train__steps=1, checkpoint__every=1)
+    train_and_evaluate(config, tmp_path / "run")
+    out = tmp_path / "unlearned.safetensors"
+    cli.main(
+        ["export", "--workdir", str(tmp_path / "run"), "--format", "single-file"]
+        + ["--unet-only", "--out", str(out)]
+    )
+    a, b = load_file(str(file)), load_file(str(out))
+    assert a.keys() == b.keys()
+    changed = {k for k in a if not np.array_equal(_bytes(a[k]), _bytes(b[k]))}
+    assert changed and all(k.startswith(ldm_keys.UNET_PREFIX) for k in changed)
+    # diffusers opens the result with the original's configs.
+    pipe = StableDiffusionPipeline.from_single_file(
+        str(out), config=str(folder), local_files_only=True
+    )
+    key = sorted(changed)[0].removeprefix(ldm_keys.UNET_PREFIX)
+    assert key  # a trained tensor, now in diffusers' UNet under its diffusers name
+    ours = load_pipeline(out, single_file_options=SingleFileOptions(folder))
+    np.testing.assert_array_equal(
+        _params(ours.unet)["conv_in.weight"], pipe.unet.state_dict()["conv_in.weight"].numpy()
+    )
