@@ -260,7 +260,7 @@ def _kept_extra(name: str, key: str, layout: str, text_layers: int) -> bool:
     return rest in ("text_projection", "logit_scale", "attn_mask") or rest.startswith(unused)
 
 
-def _component_prefix(name: str, layout: str) -> str:
+def _component_prefix(name: str) -> str:
     if name == "text_encoder":
         return "cond_stage_model."
     return _PREFIXES[name]
@@ -274,7 +274,7 @@ def _check(
     sizes = torch_shapes(module)
     expected = {k: ldm_keys.ldm_shape(e, sizes) for k, e in table.items()}
     read_as = (lambda k: ldm_keys.ema_key(k)) if (plan.ema and name == "unet") else (lambda k: k)
-    prefix = _component_prefix(name, plan.layout)
+    prefix = _component_prefix(name)
     if plan.ema and name == "unet":
         present = set(ldm_detect.ema_names(shapes))
         wanted = {read_as(k): k for k in expected}
