@@ -34,7 +34,7 @@ from unlearn_jax.models.single_file_export import save_single_file
 from unlearn_jax.models.unet import UNet2DConditionModel
 from unlearn_jax.models.vae import AutoencoderKL
 from unlearn_jax.models.weights import CorruptWeightsError, MissingWeightsError
-from unlearn_jax.unlearn.restore import convert_model
+from unlearn_jax.trainer.restore import convert_model
 
 NETS = ("unet", "vae", "text_encoder")
 
@@ -474,9 +474,9 @@ def test_sample_reads_a_single_file_like_its_folder(micro_file, tmp_path):
 def test_a_run_without_steps_exports_the_original_file_bit_for_bit(micro_file, tmp_path):
     from tiny_unlearn import make_config
 
-    from unlearn_jax.unlearn import experiment
-    from unlearn_jax.unlearn.checkpoints import check_run_record
-    from unlearn_jax.unlearn.train import export
+    from unlearn_jax.trainer import experiment
+    from unlearn_jax.trainer.checkpoints import check_run_record
+    from unlearn_jax.trainer.train import export
 
     folder, file = micro_file
     config = make_config(file, model__config=str(folder), train__steps=0)
@@ -496,7 +496,7 @@ def test_unlearning_a_single_file_exports_the_unet_on_top_of_it(micro_file, tmp_
     from tiny_unlearn import make_config
 
     from unlearn_jax import cli
-    from unlearn_jax.unlearn.train import train_and_evaluate
+    from unlearn_jax.trainer.train import train_and_evaluate
 
     folder, file = micro_file
     config = make_config(file, model__config=str(folder), train__steps=1, checkpoint__every=1)

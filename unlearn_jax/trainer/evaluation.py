@@ -230,7 +230,7 @@ class Evaluator:
         """θ0's images of `prompts(which, stride)`, sampled once, cached on disk by content."""
         if (which, stride) not in self._original_images:
             from unlearn_jax.data.cache import cache_key, load_or_build
-            from unlearn_jax.unlearn.experiment import model_identity
+            from unlearn_jax.trainer.experiment import model_identity
 
             cfg, prompts = self.config.eval, self.prompts(which, stride)
             key = cache_key(
