@@ -52,9 +52,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.seed = 0
 
     config.model = ml_collections.ConfigDict()
-    config.model.path = config_dict.placeholder(str)  # diffusers folder or hub id (required)
+    config.model.path = config_dict.placeholder(str)  # diffusers folder, FILE.safetensors or hub id
     config.model.variant = config_dict.placeholder(str)  # e.g. "fp16" weight files
-    config.model.allow_pickle = False  # .bin pickles can run code; safetensors preferred
+    config.model.allow_pickle = False  # .bin/.ckpt pickles can run code; safetensors preferred
+    # Single-file checkpoints (model.path=FILE.safetensors, the A1111/ComfyUI layout) only:
+    config.model.config = config_dict.placeholder(str)  # diffusers folder giving the architecture
+    config.model.prediction_type = config_dict.placeholder(str)  # epsilon | v_prediction
+    config.model.ema = False  # load the UNet from the file's model_ema.* weights
 
     # Prompt sets: a list of prompts, or a text file with one prompt per line.
     config.forget = ml_collections.ConfigDict()

@@ -17,11 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 from tiny_unlearn import REPO, config_fields, make_config, save_micro_pipeline
 
 from unlearn_jax import cli
 from unlearn_jax.trainer import experiment
 from unlearn_jax.trainer.checkpoints import check_run_record
+from unlearn_jax.trainer.restore import convert_model
 
 CONFIG = f"{REPO / 'configs' / 'distill_project.py'}:runlocal"
 
@@ -49,6 +51,17 @@ def user(tmp_path_factory) -> Path:
     (root / "old_samples" / "images.npz").write_bytes(b"earlier results")
     (root / "exported").mkdir()
     (root / "exported" / "notes.txt").write_text("keep me")
+    # Single files: ours, one cut short, a pickle, and three that are not SD 1.x/2.x models.
+    single = convert_model(model, root / "model.safetensors")
+    (root / "cut.safetensors").write_bytes(single.read_bytes()[:5000])
+    (root / "model.ckpt").write_bytes(single.read_bytes())
+    half = np.zeros((4, 4), np.float16)
+    save_file({"lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": half}, root / "lora.st")
+    save_file({"conditioner.embedders.0.model.ln_final.weight": half}, root / "sdxl.safetensors")
+    (root / "bad.ckpt").write_bytes((root / "sdxl.safetensors").read_bytes())
+    save_file(
+        {"encoder.down.0.block.0.conv1.weight": half, "decoder.up.0.x": half}, root / "vae.st"
+    )
     noise = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
     np.save(root / "noise.npy", noise)
     noise[0, 0, 0, 0] = np.nan
@@ -99,6 +112,7 @@ SAMPLE = ["sample", "--model", "{root}/model", "--prompt", "a red circle"]
 OUT = ["--out", "{root}/samples"]
 INTEGRITY = ["integrity", "--original", "{root}/model", "--unlearned", "{root}/model"]
 INTEGRITY += ["--prompt", "a dog"]
+SAMPLE_FILE = ["sample", "--model", "{root}/model.safetensors", "--prompt", "a cat"]
 
 ATTACK = ["attack", "--original", "{root}/model", "--unlearned", "{root}/model"]
 ATTACK_OUT = ["--concept", "circle", "--out", "{root}/attacked"]
@@ -201,6 +215,99 @@ CASES = [
         ["sample", "--model", "{root}/corrupt_model", "--prompt", "a cat", *OUT],
         2,
         r"corrupt_model/unet/diffusion_pytorch_model.safetensors is not a readable.*again",
+    ),
+    (
+        "model-lora",
+        ["sample", "--model", "{root}/lora.st", "--prompt", "a cat", *OUT],
+        2,
+        r"lora.st is a LoRA/LyCORIS adapter.*not a Stable Diffusion 1.x/2.x checkpoint",
+    ),
+    (
+        "model-sdxl",
+        ["sample", "--model", "{root}/sdxl.safetensors", "--prompt", "a cat", *OUT],
+        2,
+        r"is an SDXL checkpoint",
+    ),
+    (
+        "model-vae-only",
+        ["sample", "--model", "{root}/vae.st", "--prompt", "a cat", *OUT],
+        2,
+        r"vae.st is a VAE-only file",
+    ),
+    (
+        "model-pickle-unreadable",
+        ["sample", "--model", "{root}/bad.ckpt", "--allow-pickle", "--prompt", "a cat", *OUT],
+        2,
+        r"bad.ckpt is not a readable PyTorch checkpoint",
+    ),
+    (
+        "model-single-file-truncated",
+        ["sample", "--model", "{root}/cut.safetensors", "--prompt", "a cat", *OUT],
+        2,
+        r"cut.safetensors is truncated.*again",
+    ),
+    (
+        "model-single-file-pickle",
+        ["sample", "--model", "{root}/model.ckpt", "--prompt", "a cat", *OUT],
+        2,
+        r"model.ckpt is a pickled checkpoint.*--allow-pickle",
+    ),
+    (
+        "model-single-file-no-prediction-type",
+        ["sample", "--model", "{root}/model.safetensors", "--prompt", "a cat", *OUT],
+        2,
+        r"does not guess.*--prediction-type epsilon\|v_prediction",
+    ),
+    (
+        "model-single-file-tiny-no-config",
+        [*SAMPLE_FILE, "--prediction-type", "epsilon", *OUT],
+        2,
+        r"cannot be read from its tensors alone.*--model-config DIR",
+    ),
+    (
+        "model-config-not-a-folder",
+        [*SAMPLE_FILE, "--model-config", "{root}/pictures", *OUT],
+        2,
+        r"--model-config .*pictures has no unet/config.json",
+    ),
+    (
+        "export-unet-only-of-a-folder",
+        ["export", "--model", "{root}/model", "--format", "single-file", "--unet-only"]
+        + ["--out", "{root}/u.safetensors"],
+        2,
+        r"--unet-only puts the UNet on top of the original single file",
+    ),
+    (
+        "export-single-file-exists",
+        ["export", "--model", "{root}/model", "--format", "single-file"]
+        + ["--out", "{root}/model.safetensors"],
+        2,
+        r"model.safetensors exists; refusing to overwrite",
+    ),
+    (
+        "export-single-file-not-safetensors",
+        ["export", "--model", "{root}/model", "--format", "single-file", "--out", "{root}/m.ckpt"],
+        2,
+        r"name it m.safetensors",
+    ),
+    (
+        "export-unet-only-folder-format",
+        ["export", "--workdir", "{root}/stopped_run", "--unet-only", "--out", "{root}/out"],
+        2,
+        r"--unet-only applies to --format single-file",
+    ),
+    (
+        "export-workdir-and-model",
+        ["export", "--workdir", "{root}/stopped_run", "--model", "{root}/model"]
+        + ["--out", "{root}/out"],
+        1,
+        r"--workdir DIR .* or --model PATH .*not both",
+    ),
+    (
+        "export-model-flags-with-workdir",
+        ["export", "--workdir", "{root}/stopped_run", "--ema", "--out", "{root}/out"],
+        1,
+        r"--ema apply to --model",
     ),
     ("integrity-seeds-zero", [*INTEGRITY, "--seeds", "0", *OUT], 2, r"--seeds.*>= 1"),
     ("integrity-guidance-nan", [*INTEGRITY, "--guidance", "nan", *OUT], 2, r"--guidance"),

@@ -19,7 +19,11 @@ import numpy as np
 
 from unlearn_jax.attacks.command import add_attack_command
 from unlearn_jax.planning import add_plan_command
-from unlearn_jax.trainer.commands import add_unlearn_commands
+from unlearn_jax.trainer.commands import (
+    add_single_file_args,
+    add_unlearn_commands,
+    single_file_options,
+)
 from unlearn_jax.world.demo import add_demo_command
 
 # Compiled programs are kept here across runs (a rerun of the same command on the
@@ -107,6 +111,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="compute dtype of the UNet/VAE/text encoder",
     )
     p.add_argument("--batch-size", type=POSITIVE_INT, default=8, help="images per compiled chunk")
+    add_single_file_args(p)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, steps: int = 50) -> None:
@@ -170,6 +175,7 @@ def _load(path: str | Path, args: argparse.Namespace, structure=None):
         variant=args.variant,
         allow_pickle=args.allow_pickle,
         structure=structure,
+        single_file_options=single_file_options(args),
     )
 
 
@@ -183,7 +189,12 @@ def _load_while_compiling(folder: Path, args: argparse.Namespace, num_images: in
     from unlearn_jax.diffusion import text_to_image
     from unlearn_jax.models.pipeline import read_structure
 
-    structure = read_structure(folder, dtype=_dtype(args))
+    structure = read_structure(
+        folder,
+        dtype=_dtype(args),
+        single_file_options=single_file_options(args),
+        allow_pickle=args.allow_pickle,
+    )
     text_to_image.precompile(structure, num_images, **_sampler_settings(args, mesh))
     return _load(folder, args, structure)
 
@@ -204,6 +215,8 @@ def _sampler_settings(args: argparse.Namespace, mesh) -> dict:
 
 def _replica_bytes(folder: Path) -> int:
     """Upper bound of one in-memory copy of a pipeline's weights (half files load as float32)."""
+    if folder.is_file():  # a single-file checkpoint
+        return 2 * folder.stat().st_size
     files = [f for c in ("unet", "vae", "text_encoder") for f in (folder / c).glob("*.safetensors")]
     return 2 * sum(f.stat().st_size for f in files)
 
@@ -354,7 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("sample", help="generate images (DDIM by default, classifier-free guidance)")
-    p.add_argument("--model", required=True, help="diffusers folder or hub id")
+    p.add_argument(
+        "--model", required=True, help="diffusers folder, single-file FILE.safetensors or hub id"
+    )
     _add_sampling_args(p)
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--num-images-per-prompt", type=POSITIVE_INT, default=1)
@@ -375,8 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("integrity", help="LPIPS integrity of an unlearned model vs the original")
-    p.add_argument("--original", required=True, help="diffusers folder or hub id")
-    p.add_argument("--unlearned", required=True, help="diffusers folder (e.g. from export)")
+    p.add_argument("--original", required=True, help="diffusers folder, FILE.safetensors or hub id")
+    p.add_argument(
+        "--unlearned", required=True, help="diffusers folder or FILE.safetensors (from export)"
+    )
     _add_sampling_args(p)
     p.add_argument("--seeds", type=POSITIVE_INT, default=4, help="images per prompt")
     p.add_argument("--seed", type=SEED, default=0, help="root seed of the shared noise")

@@ -28,8 +28,12 @@ CACHE_VERSION = 1  # bump when the content of a cached array changes meaning
 
 
 def model_identity(path: str | os.PathLike) -> dict:
-    """What identifies a model folder's content cheaply: its path and weight files' sizes/times."""
+    """What identifies a model folder's (or single file's) content cheaply: its path and
+    weight files' sizes/times."""
     folder = Path(path).expanduser().absolute()
+    if folder.is_file():
+        stat = folder.stat()
+        return {"path": str(folder), "files": {folder.name: [stat.st_size, stat.st_mtime_ns]}}
     files = {}
     for component in ("unet", "vae", "text_encoder"):
         for f in find_weight_files(folder / component):

@@ -30,7 +30,8 @@ class WeightMismatchError(ValueError):
     """The weights on disk do not match the module built from its config."""
 
 
-def _path_to_key(path: tuple) -> str:
+def path_to_key(path: tuple) -> str:
+    """The PyTorch key of an NNX parameter path (`...conv1.kernel` -> `...conv1.weight`)."""
     *head, leaf = (str(p) for p in path)
     return ".".join([*head, _LEAF_TO_TORCH.get(leaf, leaf)])
 
@@ -61,10 +62,11 @@ def _flax_to_torch_layout(leaf: str, array: np.ndarray) -> np.ndarray:
 def param_keys(module: nnx.Module) -> dict[str, tuple]:
     """Maps each PyTorch key the module expects to its NNX state path."""
     flat = nnx.to_flat_state(nnx.state(module, nnx.Param))
-    return {_path_to_key(path): path for path, _ in flat}
+    return {path_to_key(path): path for path, _ in flat}
 
 
-def _format_names(names: Iterable[str], limit: int = 20) -> str:
+def format_names(names: Iterable[str], limit: int = 20) -> str:
+    """The first `limit` sorted names, comma-separated, and how many more there are."""
     names = sorted(names)
     shown = ", ".join(names[:limit])
     more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
@@ -114,9 +116,9 @@ def load_torch_state(
     if missing or unexpected or bad_shapes:
         lines = [f"{source} do not match the model built from its config.json:"]
         if missing:
-            lines.append(f"  missing tensors ({len(missing)}): {_format_names(missing)}")
+            lines.append(f"  missing tensors ({len(missing)}): {format_names(missing)}")
         if unexpected:
-            lines.append(f"  unexpected tensors ({len(unexpected)}): {_format_names(unexpected)}")
+            lines.append(f"  unexpected tensors ({len(unexpected)}): {format_names(unexpected)}")
         if bad_shapes:
             lines.append(f"  wrong shapes ({len(bad_shapes)}):")
             lines.extend(f"    {s}" for s in bad_shapes[:20])
@@ -140,5 +142,5 @@ def to_torch_state(module: nnx.Module, dtype: np.dtype | None = None) -> dict[st
             array = array.astype(dtype)
         torch_layout = _flax_to_torch_layout(str(path[-1]), array)
         # ascontiguousarray promotes 0-d arrays to 1-d; keep scalars (CLIP logit_scale) scalar.
-        out[_path_to_key(path)] = np.ascontiguousarray(torch_layout).reshape(torch_layout.shape)
+        out[path_to_key(path)] = np.ascontiguousarray(torch_layout).reshape(torch_layout.shape)
     return out

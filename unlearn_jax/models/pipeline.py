@@ -1,4 +1,4 @@
-"""Loads a diffusers Stable Diffusion folder (or hub id) into our Flax NNX modules.
+"""Loads a diffusers Stable Diffusion folder (or hub id, or single file) into Flax NNX modules.
 
 `load_pipeline(path)` reads `model_index.json`, builds the UNet, VAE and CLIP
 text encoder from their `config.json`, loads their safetensors weights through
@@ -6,12 +6,19 @@ the strict converter, and loads the tokenizer with transformers'
 `CLIPTokenizer.from_pretrained(folder/tokenizer)`. `save_pipeline` writes the
 (possibly unlearned) modules back as a diffusers folder, copying every other
 file of the source unchanged, in the source's weight dtypes.
+
+A path to a file instead of a folder is a single-file checkpoint in the
+original LDM layout (`.safetensors`; `.ckpt` only with `allow_pickle`): every
+loader here reads it through `single_file` (its architecture from
+`SingleFileOptions.model_config` or the tensors' shapes), so every command that
+takes a model takes one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 import warnings
 from pathlib import Path
@@ -23,11 +30,15 @@ import numpy as np
 from flax import nnx
 
 from unlearn_jax.atomic_files import atomic_folder
-from unlearn_jax.models import convert, weights
+from unlearn_jax.models import convert, single_file, weights
 from unlearn_jax.models.abstract import abstract_module
 from unlearn_jax.models.clip import CLIPTextModel, is_clip_buffer, normalize_clip_keys
+from unlearn_jax.models.single_file import SingleFileOptions, SingleFilePlan
+from unlearn_jax.models.single_file_export import write_folder_files
 from unlearn_jax.models.unet import UNet2DConditionModel
 from unlearn_jax.models.vae import AutoencoderKL, normalize_vae_keys
+
+log = logging.getLogger(__name__)
 
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 # Weight-file stem per trainable component, as diffusers/transformers name them.
@@ -64,8 +75,9 @@ class PipelineStructure:
     Attributes:
       unet, vae, text_encoder: modules whose variables are `jax.ShapeDtypeStruct`s.
       scheduler_config: the dict of `scheduler/scheduler_config.json`.
-      source: the local folder.
+      source: the local folder (or single file).
       dtype, param_dtype: the compute and parameter dtypes the modules were built with.
+      single_file: how a single-file checkpoint is read (None for a folder).
     """
 
     unet: UNet2DConditionModel
@@ -75,6 +87,7 @@ class PipelineStructure:
     source: Path
     dtype: Any
     param_dtype: Any
+    single_file: SingleFilePlan | None = None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -90,11 +103,13 @@ class StableDiffusion:
       unet, vae, text_encoder: NNX modules with diffusers/transformers names.
       tokenizer: transformers `CLIPTokenizer` from the folder's `tokenizer/`.
       scheduler_config: the dict of `scheduler/scheduler_config.json`.
-      source: the local folder the pipeline was read from.
+      source: the local folder (or single file) the pipeline was read from.
       file_dtypes: per component, the dtype its weights had on disk (for export).
       buffers: per component, non-parameter tensors (e.g. `position_ids`) to write back.
       strip_prefix: per component, a key prefix the source files did not have
         (written back without it, so an unchanged pipeline round-trips bit for bit).
+      single_file: for a pipeline read from a single-file checkpoint, its plan (what
+        `single_file_export` needs to write that layout back); None for a folder.
     """
 
     unet: UNet2DConditionModel
@@ -106,6 +121,7 @@ class StableDiffusion:
     file_dtypes: dict[str, np.dtype]
     buffers: dict[str, dict[str, np.ndarray]]
     strip_prefix: dict[str, str] = dataclasses.field(default_factory=dict)
+    single_file: SingleFilePlan | None = None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -166,15 +182,16 @@ def _encode_ids(text_encoder: CLIPTextModel, ids: jax.Array) -> jax.Array:
 
 
 def resolve_model_path(path_or_id: str | Path) -> Path:
-    """A local pipeline folder, or a hub id downloaded (safetensors and configs only)."""
+    """A local pipeline folder or single file, or a hub id downloaded (safetensors, configs)."""
     path = Path(path_or_id).expanduser()
     if path.exists():
         return path
     text = str(path_or_id)
     if text.count("/") != 1 or text.startswith((".", "/", "~")):
         raise PipelineError(
-            f"{text}: no such folder. Fix: pass a local diffusers folder (the one holding "
-            "model_index.json) or a hub id such as 'org/name'."
+            f"{text}: no such folder or file. Fix: pass a local diffusers folder (the one "
+            "holding model_index.json), a single-file checkpoint (.safetensors) or a hub id "
+            "such as 'org/name'."
         )
     try:
         from huggingface_hub import snapshot_download
@@ -253,19 +270,33 @@ def read_structure(
     *,
     dtype: jnp.dtype = jnp.float32,
     param_dtype: jnp.dtype = jnp.float32,
+    single_file_options: SingleFileOptions | None = None,
+    allow_pickle: bool = False,
 ) -> PipelineStructure:
     """The pipeline's modules without weights (configs and shapes only; fast).
 
     Args:
-      path_or_id: local folder with model_index.json, or a hub id (online only).
-      dtype, param_dtype: as for `load_pipeline`.
+      path_or_id: local folder with model_index.json, a single-file checkpoint, or a
+        hub id (online only).
+      dtype, param_dtype, single_file_options, allow_pickle: as for `load_pipeline`.
     """
     folder = resolve_model_path(path_or_id)
-    read_model_index(folder)
-    configs = {
-        n: _read_json(folder / n / "config.json", f"the {n} config")
-        for n in ("unet", "vae", "text_encoder")
-    }
+    plan = None
+    if folder.is_file():
+        plan = single_file.plan_single_file(folder, single_file_options, allow_pickle=allow_pickle)
+        configs = {n: plan.configs[n] for n in ("unet", "vae", "text_encoder")}
+    else:
+        if single_file_options not in (None, SingleFileOptions()):
+            log.warning(
+                "%s is a diffusers folder: its own configs and scheduler apply; the "
+                "single-file options (model config, prediction type, EMA) are ignored",
+                folder,
+            )
+        read_model_index(folder)
+        configs = {
+            n: _read_json(folder / n / "config.json", f"the {n} config")
+            for n in ("unet", "vae", "text_encoder")
+        }
     classes = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
     # Abstract modules: no random init of ~1B parameters that the files overwrite anyway.
     modules = {
@@ -274,15 +305,19 @@ def read_structure(
         )
         for n, c in classes.items()
     }
-    scheduler_config = _read_json(
-        folder / "scheduler" / "scheduler_config.json", "the scheduler config"
-    )
+    if plan is not None:
+        scheduler_config = plan.configs["scheduler"]
+    else:
+        scheduler_config = _read_json(
+            folder / "scheduler" / "scheduler_config.json", "the scheduler config"
+        )
     return PipelineStructure(
         **modules,
         scheduler_config=scheduler_config,
         source=folder,
         dtype=dtype,
         param_dtype=param_dtype,
+        single_file=plan,
     )
 
 
@@ -294,11 +329,13 @@ def load_pipeline(
     variant: str | None = None,
     allow_pickle: bool = False,
     structure: PipelineStructure | None = None,
+    single_file_options: SingleFileOptions | None = None,
 ) -> StableDiffusion:
-    """Builds the NNX pipeline from a diffusers folder or hub id.
+    """Builds the NNX pipeline from a diffusers folder, a single-file checkpoint or hub id.
 
     Args:
-      path_or_id: local folder with model_index.json, or a hub id (online only).
+      path_or_id: local folder with model_index.json, a single-file SD 1.x/2.x
+        checkpoint (`.safetensors`; `.ckpt` with `allow_pickle`), or a hub id (online only).
       dtype: compute dtype of the modules (e.g. bf16 on accelerators).
       param_dtype: dtype the weights are loaded into, whatever the file dtype.
       variant: weight-file variant, e.g. "fp16".
@@ -306,9 +343,17 @@ def load_pipeline(
       structure: `read_structure(path_or_id, dtype=..., param_dtype=...)`, when
         already read (e.g. to compile while loading); its modules receive the
         weights. Default: read here.
+      single_file_options: architecture, prediction type and EMA choice of a
+        single-file checkpoint (see `single_file.SingleFileOptions`).
     """
     if structure is None:
-        structure = read_structure(path_or_id, dtype=dtype, param_dtype=param_dtype)
+        structure = read_structure(
+            path_or_id,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            single_file_options=single_file_options,
+            allow_pickle=allow_pickle,
+        )
     elif (structure.dtype, structure.param_dtype) != (dtype, param_dtype):
         raise ValueError(
             f"the structure was built for dtype={structure.dtype}, param_dtype="
@@ -324,22 +369,27 @@ def load_pipeline(
 
     modules = {n: getattr(structure, n) for n in ("unet", "vae", "text_encoder")}
     file_dtypes, buffers, strip_prefix = {}, {}, {}
-    for name, module in modules.items():
-        file_dtypes[name], buffers[name], strip_prefix[name] = _load_component(
-            module,
-            folder,
-            name,
-            variant=variant,
-            allow_pickle=allow_pickle,
-            param_dtype=param_dtype,
-        )
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
-    except Exception as e:
-        raise PipelineError(
-            f"{folder / 'tokenizer'} could not be loaded as a CLIPTokenizer ({e}). "
-            "Fix: it needs vocab.json and merges.txt (and tokenizer_config.json)."
-        ) from e
+    plan = structure.single_file
+    if plan is not None:
+        file_dtypes, buffers = single_file.read_single_file_weights(plan, modules, param_dtype)
+        tokenizer = _single_file_tokenizer(plan)
+    else:
+        for name, module in modules.items():
+            file_dtypes[name], buffers[name], strip_prefix[name] = _load_component(
+                module,
+                folder,
+                name,
+                variant=variant,
+                allow_pickle=allow_pickle,
+                param_dtype=param_dtype,
+            )
+        try:
+            tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
+        except Exception as e:
+            raise PipelineError(
+                f"{folder / 'tokenizer'} could not be loaded as a CLIPTokenizer ({e}). "
+                "Fix: it needs vocab.json and merges.txt (and tokenizer_config.json)."
+            ) from e
     return StableDiffusion(
         unet=modules["unet"],
         vae=modules["vae"],
@@ -350,7 +400,28 @@ def load_pipeline(
         file_dtypes=file_dtypes,
         buffers=buffers,
         strip_prefix=strip_prefix,
+        single_file=plan,
     )
+
+
+def _single_file_tokenizer(plan: SingleFilePlan) -> Any:
+    """The CLIP tokenizer of a single-file model: from --model-config, else the usual hub repo.
+
+    A single file holds no tokenizer. SD 1.x uses OpenAI CLIP ViT-L/14's, SD 2.x its
+    own copy (same vocabulary, "!" as padding); from the transformers cache when offline.
+    """
+    from transformers import CLIPTokenizer
+
+    where, subfolder = plan.tokenizer_location()
+    try:
+        return CLIPTokenizer.from_pretrained(where, subfolder=subfolder)
+    except Exception as e:
+        raise PipelineError(
+            f"{plan.path} holds no tokenizer, and loading {where} {subfolder} failed "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Fix: pass "
+            "--model-config DIR (config.model.config), a diffusers folder of the same model "
+            "family whose tokenizer/ holds vocab.json and merges.txt."
+        ) from e
 
 
 def save_pipeline(
@@ -363,13 +434,22 @@ def save_pipeline(
     Weights are written in the dtype the source files had, so a pipeline that
     was loaded and not changed is written back bit for bit. Refuses to write
     into an existing non-empty folder (nothing the user had is overwritten).
+    A pipeline read from a single file has no folder to copy from: its configs,
+    scheduler and tokenizer are written and all three networks with them.
     """
     out = Path(out)
     check_new_folder(out)
     # Written under a private temporary name next to `out`, renamed when complete:
     # the folder appears whole or not at all, and a failure removes only what we wrote.
     with atomic_folder(out) as tmp:
-        shutil.copytree(pipe.source, tmp, ignore=_weight_files_of(components), dirs_exist_ok=True)
+        if pipe.single_file is not None:
+            # No folder to copy the rest from: its files are written, all weights with them.
+            write_folder_files(pipe.single_file, pipe.tokenizer, tmp)
+            components = ("unet", "vae", "text_encoder")
+        else:
+            shutil.copytree(
+                pipe.source, tmp, ignore=_weight_files_of(components), dirs_exist_ok=True
+            )
         for name in components:
             module = getattr(pipe, name)
             tensors = convert.to_torch_state(module, dtype=pipe.file_dtypes[name])

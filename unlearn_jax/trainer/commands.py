@@ -2,7 +2,8 @@
 
     unlearn-jax unlearn  --config FILE.py[:ARGS] --workdir DIR [--config.a.b=value ...]
     unlearn-jax evaluate --config FILE.py[:ARGS] --workdir DIR [--config.a.b=value ...]
-    unlearn-jax export   --workdir DIR --out PATH
+    unlearn-jax export   (--workdir DIR | --model PATH) --out PATH
+                         [--format folder|single-file] [--unet-only]
 
 `add_unlearn_commands(subparsers)` registers them on the CLI's argparse
 subparsers; each parser's `func(args, extra)` runs the command, where
@@ -51,13 +52,82 @@ def _run_evaluate(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 
 def _run_export(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from unlearn_jax.trainer.restore import convert_model
     from unlearn_jax.trainer.train import export
 
     if extra:
         raise SystemExit(f"unrecognized arguments: {' '.join(extra)}")
+    if (args.workdir is None) == (args.model is None):
+        raise SystemExit(
+            "error: export takes --workdir DIR (an unlearning run's result) or --model PATH "
+            "(convert a model), not both"
+            if args.workdir
+            else "error: export needs --workdir DIR (an unlearning run) or --model PATH"
+        )
     quiet_library_logs()
-    print(export(args.workdir, args.out))
+    model_flags = [
+        flag
+        for flag, value in (
+            ("--model-config", args.model_config),
+            ("--prediction-type", args.prediction_type),
+            ("--ema", args.ema),
+            ("--variant", args.variant),
+            ("--allow-pickle", args.allow_pickle),
+        )
+        if value
+    ]
+    if args.workdir is not None and model_flags:
+        raise SystemExit(
+            f"error: {', '.join(model_flags)} apply to --model; a run's export reads how its "
+            "model was loaded from the run (run.json). Fix: drop them."
+        )
+    if args.workdir is not None:
+        print(export(args.workdir, args.out, format=args.format, unet_only=args.unet_only))
+        return 0
+    print(
+        convert_model(
+            args.model,
+            args.out,
+            format=args.format,
+            unet_only=args.unet_only,
+            options=single_file_options(args),
+            variant=args.variant,
+            allow_pickle=args.allow_pickle,
+        )
+    )
     return 0
+
+
+def add_single_file_args(p: argparse.ArgumentParser) -> None:
+    """--model-config, --prediction-type and --ema: how a single-file --model is read."""
+    p.add_argument(
+        "--model-config",
+        default=None,
+        metavar="DIR",
+        help="for a single-file model: a diffusers folder (or its unet/, vae/, text_encoder/ "
+        "configs) giving the architecture; default: read from the tensors' shapes",
+    )
+    p.add_argument(
+        "--prediction-type",
+        default=None,
+        choices=["epsilon", "v_prediction"],
+        help="for a single-file model: what its UNet predicts (SD 2.x 768-v: v_prediction); "
+        "required unless --model-config has a scheduler/ config",
+    )
+    p.add_argument(
+        "--ema",
+        action="store_true",
+        help="for a single-file model: load the UNet from its model_ema.* weights",
+    )
+
+
+def single_file_options(args: argparse.Namespace):
+    """The `SingleFileOptions` of the flags `add_single_file_args` registers."""
+    from unlearn_jax.models.single_file import SingleFileOptions
+
+    return SingleFileOptions(
+        model_config=args.model_config, prediction_type=args.prediction_type, ema=args.ema
+    )
 
 
 def quiet_library_logs() -> None:
@@ -90,10 +160,42 @@ def add_unlearn_commands(subparsers: argparse._SubParsersAction) -> None:
     evaluate.set_defaults(func=_run_evaluate)
 
     export = subparsers.add_parser(
-        "export", help="write the latest checkpoint as a diffusers folder"
+        "export",
+        help="write the latest checkpoint as a diffusers folder or a single-file checkpoint",
+        description="Writes a run's latest checkpoint (--workdir), or converts a model "
+        "(--model), as a diffusers folder (default) or as one LDM-layout .safetensors file "
+        "that AUTOMATIC1111, ComfyUI, InvokeAI and diffusers' from_single_file load.",
     )
-    export.add_argument("--workdir", required=True, help="the run's folder")
-    export.add_argument("--out", required=True, help="new folder for the diffusers pipeline")
+    export.add_argument("--workdir", default=None, help="the run's folder")
+    export.add_argument(
+        "--model",
+        default=None,
+        help="instead of a run: a model to convert (diffusers folder, FILE.safetensors, hub id)",
+    )
+    export.add_argument(
+        "--out",
+        required=True,
+        help="new folder (--format folder) or new FILE.safetensors (--format single-file)",
+    )
+    export.add_argument(
+        "--format",
+        default="folder",
+        choices=["folder", "single-file"],
+        help="folder: a diffusers pipeline folder; single-file: one LDM-layout .safetensors",
+    )
+    export.add_argument(
+        "--unet-only",
+        action="store_true",
+        help="single-file from a single-file model: only the UNet is written; every other "
+        "tensor is copied byte for byte from the original file",
+    )
+    export.add_argument("--variant", default=None, help="with --model: weight-file variant")
+    export.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="with --model: permit pickled .bin/.ckpt weights (they can run code when loaded)",
+    )
+    add_single_file_args(export)
     export.set_defaults(func=_run_export)
 
 

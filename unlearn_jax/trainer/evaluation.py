@@ -229,11 +229,12 @@ class Evaluator:
     def original_images(self, which: str, stride: int = 1) -> np.ndarray:
         """θ0's images of `prompts(which, stride)`, sampled once, cached on disk by content."""
         if (which, stride) not in self._original_images:
-            from unlearn_jax.data.cache import cache_key, load_or_build, model_key
+            from unlearn_jax.data.cache import cache_key, load_or_build
+            from unlearn_jax.trainer.experiment import model_identity
 
             cfg, prompts = self.config.eval, self.prompts(which, stride)
             key = cache_key(
-                model=model_key(self.config.model.path),
+                model=model_identity(self.config),
                 dtype=str(self.pipe.unet.dtype),
                 variant=self.config.model.get("variant"),
                 prompts=prompts,

@@ -29,6 +29,7 @@ from unlearn_jax.data.cache import model_key
 from unlearn_jax.diffusion.forward import DiffusionModel
 from unlearn_jax.diffusion.schedule import schedule_from_config
 from unlearn_jax.models.pipeline import StableDiffusion, load_pipeline
+from unlearn_jax.models.single_file import SingleFileOptions
 from unlearn_jax.models.unet import UNet2DConditionModel
 from unlearn_jax.trainer.batches import UnlearnData
 from unlearn_jax.trainer.text_encoder import (
@@ -124,7 +125,7 @@ def resolve_run(config: ml_collections.ConfigDict) -> RunSpec:
     if not config.model.get("path"):
         raise ValueError(
             "model.path is not set. Fix: --config.model.path=/path/to/diffusers/folder (the "
-            "folder with model_index.json) or a hub id."
+            "folder with model_index.json), a single-file FILE.safetensors, or a hub id."
         )
     forget = prompt_sets.load_prompts(config.forget.prompts, "forget.prompts")
     anchor_fields = dict(
@@ -188,6 +189,14 @@ def resolve_run(config: ml_collections.ConfigDict) -> RunSpec:
     if text_group is not None:
         # Only when on, so that workdirs of runs from before the option still resume.
         fingerprint["unlearn.text_encoder"] = text_group
+    # Likewise the single-file options, only when set.
+    options = single_file_options(config)
+    if options.model_config:
+        fingerprint["model.config"] = _model_path_key(str(options.model_config))
+    if options.prediction_type:
+        fingerprint["model.prediction_type"] = options.prediction_type
+    if options.ema:
+        fingerprint["model.ema"] = True
     if uses_prompt_anchors(anchor_fields["anchor_prompts"], anchor_fields["anchor_concept"]):
         # Likewise only when in use: forget.anchor alone still says what the anchors are.
         fingerprint["forget.anchor_prompts"] = _prompt_summary(anchors)
@@ -203,6 +212,29 @@ def resolve_run(config: ml_collections.ConfigDict) -> RunSpec:
         fingerprint,
         text_group,
     )
+
+
+def single_file_options(config: ml_collections.ConfigDict) -> SingleFileOptions:
+    """`model.config`, `model.prediction_type`, `model.ema` (for single-file checkpoints)."""
+    model = config.model
+    return SingleFileOptions(
+        model_config=model.get("config") or None,
+        prediction_type=model.get("prediction_type") or None,
+        ema=bool(model.get("ema", False)),
+    )
+
+
+def model_identity(config: ml_collections.ConfigDict) -> Any:
+    """What identifies θ0 in cache keys: the model's files, plus how a single file is read."""
+    options = single_file_options(config)
+    if options == SingleFileOptions():
+        return model_key(config.model.path)
+    return {
+        "model": model_key(config.model.path),
+        "config": str(options.model_config),
+        "prediction_type": options.prediction_type,
+        "ema": options.ema,
+    }
 
 
 def _model_path_key(path: str) -> str:
@@ -244,6 +276,7 @@ def load_model(config: ml_collections.ConfigDict, spec: RunSpec) -> Model:
         param_dtype=jnp.float32,
         variant=config.model.get("variant") or None,
         allow_pickle=bool(config.model.get("allow_pickle", False)),
+        single_file_options=single_file_options(config),
     )
     graphdef, state = nnx.split(pipe.unet)
     if config.train.get("remat", False):
@@ -331,7 +364,7 @@ def build_data(
     When the text encoder trains, the prompts' token ids take the embeddings' place
     (the model encodes them itself, see `text_encoder`).
     """
-    model_id = model_key(config.model.path)
+    model_id = model_identity(config)
     preset = spec.preset
     if spec.text_encoder is None:
         embed = lambda prompts: sources.encode_prompt_set(pipe, prompts)

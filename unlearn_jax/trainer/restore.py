@@ -3,7 +3,9 @@
 Both rebuild what they need from the workdir: `export` from the config the run
 stored in run.json (so `unlearn-jax export --workdir DIR --out PATH` needs
 nothing else), `evaluate` from the config passed in, which must describe the
-same run (only its `eval` section may differ).
+same run (only its `eval` section may differ). `export` writes a diffusers
+folder or a single-file LDM checkpoint (`format="single-file"`);
+`convert_model` does the same for a model without a run.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import jax
 import ml_collections
 from flax import nnx
 
-from unlearn_jax.models.pipeline import check_new_folder, save_pipeline
+from unlearn_jax.models.pipeline import check_new_folder, load_pipeline, save_pipeline
+from unlearn_jax.models.single_file import COMPONENTS, SingleFileOptions
+from unlearn_jax.models.single_file_export import check_new_file, save_single_file
 from unlearn_jax.trainer import experiment
 from unlearn_jax.trainer.checkpoints import (
     CHECKPOINT_DIR,
@@ -142,7 +146,66 @@ def evaluate(
     return {"step": step, **scalars}
 
 
-def export(workdir: str | Path, out: str | Path) -> Path:
+FORMATS = ("folder", "single-file")
+
+
+def _check_output(out: Path, format: str, unet_only: bool) -> None:
+    """Refuses a bad `out`/`format`/`unet_only` before any model loads."""
+    if format not in FORMATS:
+        raise ValueError(f"export format {format!r} is unknown; valid: {', '.join(FORMATS)}")
+    if unet_only and format != "single-file":
+        raise ValueError(
+            "--unet-only applies to --format single-file (a folder export already writes "
+            "only the trained networks' weights and copies the rest)."
+        )
+    if format == "single-file":
+        check_new_file(out)
+    else:
+        check_new_folder(out)
+
+
+def _save(pipe, out: Path, format: str, components: tuple[str, ...], unet_only: bool) -> Path:
+    if format == "folder":
+        return save_pipeline(pipe, out, components=components)
+    if unet_only and "text_encoder" in components:
+        raise ValueError(
+            "--unet-only writes only the UNet, but this run also trained the text encoder "
+            "(unlearn.text_encoder): its result would be lost. Fix: drop --unet-only."
+        )
+    return save_single_file(pipe, out, components=("unet",) if unet_only else COMPONENTS)
+
+
+def convert_model(
+    path: str | Path,
+    out: str | Path,
+    *,
+    format: str = "single-file",
+    unet_only: bool = False,
+    options: SingleFileOptions | None = None,
+    variant: str | None = None,
+    allow_pickle: bool = False,
+) -> Path:
+    """Writes the model at `path` (folder, single file, hub id) at `out` in `format`.
+
+    A folder from a single file, a single file from a folder, or the same format
+    again (an unchanged model comes out bit for bit).
+    """
+    out = Path(out)
+    _check_output(out, format, unet_only)
+    if unet_only and not Path(path).expanduser().is_file():
+        raise ValueError(
+            f"--unet-only puts the UNet on top of the original single file, but {path} is "
+            "not a single-file checkpoint. Fix: drop --unet-only (the whole model is written)."
+        )
+    pipe = load_pipeline(
+        path, variant=variant, allow_pickle=allow_pickle, single_file_options=options
+    )
+    return _save(pipe, out, format, COMPONENTS, unet_only)
+
+
+def export(
+    workdir: str | Path, out: str | Path, *, format: str = "folder", unet_only: bool = False
+) -> Path:
     """Writes the latest checkpoint of `workdir` as a diffusers folder at `out`.
 
     The UNet is written from the checkpoint (parameters outside unlearn.params
@@ -151,14 +214,21 @@ def export(workdir: str | Path, out: str | Path) -> Path:
     written (text_encoder/ with the source's keys and dtypes; unet/ unless
     unlearn.params was 'none'). Every other file is copied from the original
     model folder. Refuses an existing non-empty `out`.
+
+    `format="single-file"` writes one LDM-layout `.safetensors` instead (the
+    networks above from the checkpoint, the others from the original model);
+    `unet_only` there puts only the UNet on top of the original single file,
+    copying every other tensor byte for byte. An existing `out` is refused.
     """
     workdir = Path(workdir).absolute()
     record = read_run_record(workdir)
     config = ml_collections.ConfigDict(record["config"])
     # The absolute model path (the run may have been started from another directory).
     config.model.path = record["fingerprint"].get("model.path") or config.model.path
+    if record["fingerprint"].get("model.config"):
+        config.model.config = record["fingerprint"]["model.config"]
     out = Path(out)
-    check_new_folder(out)
+    _check_output(out, format, unet_only)
     preset = experiment.get_preset(config.unlearn.method)
     group = config.unlearn.get("params") or preset.params
     # Export needs neither the prompts nor the compute dtype: a float32 UNet, split as trained.
@@ -176,6 +246,6 @@ def export(workdir: str | Path, out: str | Path) -> Path:
         nnx.update(model.pipe.unet, params[UNET])
         nnx.update(model.pipe.text_encoder, params[TEXT_ENCODER])
         components = trained_components(model.split.trainable_names)
-    path = save_pipeline(model.pipe, out, components=components)
+    path = _save(model.pipe, out, format, components, unet_only)
     log.info("exported step %d of %s to %s", step, workdir, path)
     return path
