@@ -199,7 +199,7 @@ def split_prompts(concept: str = CONCEPT) -> dict[str, list[str]]:
 
 
 def demo_config_path() -> Path:
-    """configs/demo.py, the demo's experiment (shipped inside the package as unlearn_jax.configs)."""
+    """configs/demo.py, the demo's experiment (in the package as unlearn_jax.configs)."""
     from importlib import resources
 
     return Path(str(resources.files("unlearn_jax.configs").joinpath("demo.py")))
