@@ -21,7 +21,6 @@ from diffusers import UNet2DConditionModel as TorchUNet
 from diffusers.models.embeddings import get_timestep_embedding as torch_timestep_embedding
 from flax import nnx
 
-from unlearn_jax import planning as plan
 from unlearn_jax.models.convert import (
     WeightMismatchError,
     load_torch_state,
@@ -30,6 +29,7 @@ from unlearn_jax.models.convert import (
 )
 from unlearn_jax.models.unet import UNet2DConditionModel
 from unlearn_jax.models.unet_blocks import get_timestep_embedding
+from unlearn_jax.planning.models import SD15_UNET_CONFIG, SD21_UNET_CONFIG
 
 CONFIGS = {
     "sd1": dict(
@@ -227,7 +227,7 @@ def test_remat_wraps_every_resnet_and_transformer():
 
 
 # The real SD-1.5 / SD-2.1 unet/config.json, as the planner (`unlearn-jax plan`) writes them.
-SD15_CONFIG, SD21_CONFIG = plan.SD15_UNET_CONFIG, plan.SD21_UNET_CONFIG
+SD15_CONFIG, SD21_CONFIG = SD15_UNET_CONFIG, SD21_UNET_CONFIG
 
 
 @pytest.mark.parametrize(

@@ -68,7 +68,7 @@ def test_generated_latents_are_cached(pipe, tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("regenerated although cached")
 
-    monkeypatch.setattr(sources, "generate", fail)
+    monkeypatch.setattr(sources, "denoise", fail)
     again = sources.generated_latents(pipe, ["a cat", "a dog"], **kw)
     np.testing.assert_array_equal(first.x0, again.x0)
     with pytest.raises(AssertionError, match="regenerated"):  # another seed: another file
