@@ -9,9 +9,10 @@ are compared by their fronts on forget-rate x integrity axes.
 
 `DEFAULT` fits `unlearn-jax demo` into 10 minutes on 2 CPU cores with an empty
 compilation cache: three methods, two learning rates each, three points per run, two
-training seeds. `FULL` (`unlearn-jax demo --full`, est. 35-40 minutes) is the complete
-protocol: every preset (gradient ascent, GradDiff, distill_project and ESD + distill
-too), three learning rates each, more steps and three training seeds.
+training seeds. `FULL` (`unlearn-jax demo --full`, 1 h 30 min measured on a shared 2-core
+machine without the attack, est. 50-60 minutes idle) is the complete protocol: every
+preset (gradient ascent, GradDiff, distill_project and ESD + distill too), three
+learning rates each, more steps and three training seeds.
 """
 
 from __future__ import annotations
