@@ -5,7 +5,7 @@ UNet's, or the joint UNet + text-encoder tree when the text encoder trains,
 see `text_encoder`) and an output folder, and yield scalar metrics:
 
   integrity   -- LPIPS between θ0 and θ images from the same noise on held-out
-                 retain prompts (`metrics.integrity.compute_integrity`), with
+                 retain prompts (`metrics.integrity.compare_images`), with
                  PSNR/SSIM and a bootstrap interval; report and image grid on disk.
   forget_rate -- the share of forget-prompt generations a classifier assigns
                  to the concept, for θ and θ0. The classifier is a plug-in:
