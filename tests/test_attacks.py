@@ -24,7 +24,6 @@ from flax import nnx
 
 from unlearn_jax.attacks import objectives
 from unlearn_jax.attacks.evaluation import (
-    Sampling,
     attacked_contexts,
     evaluate_attack,
     sample_contexts,
@@ -38,6 +37,7 @@ from unlearn_jax.attacks.prompts import (
 from unlearn_jax.attacks.run import AttackSettings, run_attack
 from unlearn_jax.data.sources import Latents, encode_prompt_set
 from unlearn_jax.diffusion.forward import DiffusionModel, sample_timesteps_and_noise
+from unlearn_jax.metrics.integrity import IntegritySettings
 from unlearn_jax.models.pipeline import load_pipeline
 
 B, H, W, C, L, D, T, P, V, K = 4, 4, 4, 2, 5, 6, 10, 3, 7, 2
@@ -245,7 +245,7 @@ def test_embedding_attack_draws_a_circle_from_a_prompt_without_the_word(world):
     start = run_attack(
         world, unet, prompts, "circle", x0, AttackSettings(steps=0, init_word="square")
     )
-    sampling = Sampling(seeds=1, steps=10, guidance=4.0, seed=7, batch_size=6)
+    sampling = IntegritySettings(seeds=1, steps=10, guidance=4.0, seed=7, batch_size=6)
     classifier, circle = world_classifier("shape"), attribute_index("shape", "circle")
     before, images = evaluate_attack(world, unet, start, prompts, classifier, circle, sampling)
     after, _ = evaluate_attack(world, unet, learned, prompts, classifier, circle, sampling)
@@ -350,7 +350,7 @@ def test_zero_tokens_and_zero_epsilon_are_exact_no_ops(micro):
         AttackSettings(method="context", epsilon=0.0, steps=2, batch_size=4),
     )
     assert not zero.params.any()
-    sampling = Sampling(steps=3, guidance=2.0, batch_size=2)
+    sampling = IntegritySettings(seeds=1, steps=3, guidance=2.0, batch_size=2)
     attacked = sample_contexts(pipe, unet, attacked_contexts(pipe, zero), sampling)
     plain = sample_contexts(pipe, unet, encode_prompt_set(pipe, prompts), sampling)
     np.testing.assert_array_equal(attacked, plain)

@@ -41,12 +41,13 @@ def run_attack_command(args: argparse.Namespace) -> None:
     from flax import nnx
 
     from unlearn_jax import cli
-    from unlearn_jax.attacks.evaluation import Sampling, evaluate_attack, write_attack_report
+    from unlearn_jax.attacks.evaluation import evaluate_attack, write_attack_report
     from unlearn_jax.attacks.prompts import check_forget_prompts
     from unlearn_jax.attacks.run import AttackSettings, run_attack
     from unlearn_jax.data.cache import model_key
     from unlearn_jax.data.prompts import PromptSetError, read_prompt_file
     from unlearn_jax.data.sources import generated_latents
+    from unlearn_jax.metrics.integrity import IntegritySettings
     from unlearn_jax.trainer.evaluation import forget_classifier
     from unlearn_jax.trainer.sharding import make_mesh
 
@@ -100,7 +101,7 @@ def run_attack_command(args: argparse.Namespace) -> None:
         mesh=mesh,
         progress=print,
     )
-    sampling = Sampling(
+    sampling = IntegritySettings(
         seeds=args.seeds,
         steps=args.eval_steps,
         guidance=args.guidance,

@@ -20,9 +20,10 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from unlearn_jax.attacks.evaluation import Sampling, evaluate_attack, write_attack_report
+from unlearn_jax.attacks.evaluation import evaluate_attack, write_attack_report
 from unlearn_jax.attacks.run import AttackSettings, run_attack
 from unlearn_jax.metrics.forget_rate import Classifier
+from unlearn_jax.metrics.integrity import IntegritySettings
 from unlearn_jax.models.pipeline import StableDiffusion
 
 PyTree = Any
@@ -61,10 +62,10 @@ def attack_settings(config: ml_collections.ConfigDict) -> AttackSettings | None:
     )
 
 
-def eval_sampling(config: ml_collections.ConfigDict) -> Sampling:
+def eval_sampling(config: ml_collections.ConfigDict) -> IntegritySettings:
     """The evaluation's sampler settings (so the attacked images share its noise)."""
     cfg = config.eval
-    return Sampling(
+    return IntegritySettings(
         seeds=int(cfg.seeds),
         steps=int(cfg.steps),
         guidance=float(cfg.guidance),

@@ -33,38 +33,21 @@ from unlearn_jax.attacks.objectives import clip_text_fn
 from unlearn_jax.attacks.prompts import PLACEHOLDER, placeholder_ids
 from unlearn_jax.attacks.run import AttackOutcome
 from unlearn_jax.data.sources import encode_prompt_set
-from unlearn_jax.diffusion.chunks import sample_in_chunks
 from unlearn_jax.diffusion.sampler import uses_guidance
-from unlearn_jax.diffusion.solvers import make_plan
 from unlearn_jax.diffusion.text_to_image import (
     check_finite,
     decode_latents,
+    denoise_contexts,
     initial_noise,
     latent_shape,
-    unet_model_fn,
 )
 from unlearn_jax.metrics.forget_rate import Classifier, forget_rate
+from unlearn_jax.metrics.integrity import IntegritySettings
 from unlearn_jax.models.pipeline import StableDiffusion
 
 PyTree = Any
 TEMPLATE = ("a ", "")  # "a <v*>": the learned tokens with no concept word around them
 GRID_ROWS = 8
-
-
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-    """How attacked and unattacked images are drawn (as the run's evaluation draws them)."""
-
-    seeds: int = 1
-    steps: int = 10
-    guidance: float = 4.0
-    seed: int = 0
-    batch_size: int = 24
-    height: int | None = None
-    width: int | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @functools.cache
@@ -103,7 +86,7 @@ def sample_contexts(
     pipe: StableDiffusion,
     unet_params: PyTree,
     contexts: np.ndarray,
-    sampling: Sampling,
+    sampling: IntegritySettings,
     *,
     noise_prompts: int | None = None,
     mesh=None,
@@ -118,20 +101,19 @@ def sample_contexts(
     shape = latent_shape(pipe, sampling.height, sampling.width)
     noise = initial_noise(sampling.seed, count, sampling.seeds, shape)
     cond = np.repeat(contexts, sampling.seeds * (count // contexts.shape[0]), axis=0)
-    guided = uses_guidance(sampling.guidance)
-    uncond = encode_prompt_set(pipe, [""])[0] if guided else None
-    graphdef, _ = nnx.split(pipe.unet)
-    final = sample_in_chunks(
-        unet_model_fn(graphdef),
-        unet_params,
-        make_plan("ddim", pipe.scheduler_config, sampling.steps),
-        noise,
+    uncond = encode_prompt_set(pipe, [""])[0] if uses_guidance(sampling.guidance) else None
+    final = denoise_contexts(
+        pipe,
         cond,
         uncond,
+        noise,
+        steps=sampling.steps,
+        guidance=sampling.guidance,
+        unet_params=unet_params,
         batch_size=sampling.batch_size,
-        guidance_scale=sampling.guidance,
         mesh=mesh,
         progress=False,
+        scheduler=sampling.scheduler,
     )
     images = decode_latents(pipe, final, sampling.batch_size)
     check_finite(images, [f"prompt {i}" for i in range(count)], sampling.seeds)
@@ -153,7 +135,7 @@ def evaluate_attack(
     prompts: Sequence[str],
     classifier: Classifier,
     concept_index: int | Sequence[int],
-    sampling: Sampling,
+    sampling: IntegritySettings,
     *,
     original_pipe: StableDiffusion | None = None,
     original_unet_params: PyTree | None = None,
@@ -238,7 +220,7 @@ def evaluate_attack(
         "attack_steps": outcome.steps,
         "attack_seconds": outcome.seconds,
         "settings": s.to_json(),
-        "sampling": sampling.to_json(),
+        "sampling": dataclasses.asdict(sampling),
         "prompts": len(prompts),
         "images_per_prompt": sampling.seeds,
         "loss_first": _mean(outcome.losses[:10]),

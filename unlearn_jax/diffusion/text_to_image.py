@@ -228,12 +228,57 @@ def denoise(
     encoded = np.asarray(pipe.encode_prompts(with_empty))
     uncond = encoded[len(prompts)] if uses_guidance(guidance) else None
     cond = np.repeat(encoded[: len(prompts)], num_images_per_prompt, axis=0)
+    return denoise_contexts(
+        pipe,
+        cond,
+        uncond,
+        latents,
+        steps=steps,
+        guidance=guidance,
+        unet_params=unet_params,
+        batch_size=batch_size,
+        eta=eta,
+        seed=seed,
+        mesh=mesh,
+        progress=progress,
+        scheduler=scheduler,
+        trajectory=trajectory,
+    )
+
+
+def denoise_contexts(
+    pipe: StableDiffusion,
+    cond: np.ndarray,
+    uncond: np.ndarray | None,
+    latents: np.ndarray,
+    *,
+    steps: int,
+    guidance: float,
+    unet_params: nnx.State | None = None,
+    batch_size: int = 8,
+    eta: float = 0.0,
+    seed: int = 0,
+    mesh: Mesh | None = None,
+    progress: bool = True,
+    scheduler: str = "ddim",
+    trajectory: bool = False,
+) -> np.ndarray:
+    """The sampler from given text contexts: `denoise` after its prompt encoding.
+
+    Args:
+      cond: [N, L, D] one context per image (e.g. with learned tokens spliced in).
+      uncond: [L, D] the empty prompt's context; needed iff guidance > 1.
+      latents: [N, h, w, C] initial noise.
+      others: as `generate`.
+    Returns:
+      [N, h, w, C] final latents, or [N, steps, h, w, C] with `trajectory`.
+    """
+    check_scheduler(scheduler)
     graphdef, state = nnx.split(pipe.unet)
-    plan = make_plan(scheduler, pipe.scheduler_config, steps)
     return sample_in_chunks(
         unet_model_fn(graphdef),
         state if unet_params is None else unet_params,
-        plan,
+        make_plan(scheduler, pipe.scheduler_config, steps),
         np.asarray(latents, np.float32),
         cond,
         uncond,
