@@ -1,12 +1,13 @@
 """The gradient combiners and SalUn's mask as the train step runs them, against NumPy references.
 
-`trainer.train_step` flattens each term's gradient into one float32 vector
-[padded_size] (`ParamSplit.flatten`: the real entries, then zero padding) and
-calls `step.combine_term_grads(g_f, g_r, preset, hparams, saliency)` inside
-the jitted step; that runs `registry.COMBINERS[preset.combiner](gram, hp)` and
+`trainer.train_step` keeps each term's gradient per parameter ({name: float32
+array shaped like the parameter}) and calls
+`step.combine_term_grads(g_f, g_r, preset, hparams, saliency)` inside the
+jitted step; that runs `registry.COMBINERS[preset.combiner](gram, hp)` and
 `combine.linear_combination`. `trainer.train._saliency_mask` builds the mask
-with `combine.saliency_mask(total, keep_fraction, split.size)`. These tests
-call exactly those, on such vectors, for the presets that use each combiner.
+with `combine.saliency_mask(split.ordered(total), keep_fraction)`. These tests
+call exactly those, on such dicts, for the presets that use each combiner;
+the NumPy references work on the concatenation of the leaves.
 """
 
 from __future__ import annotations
@@ -22,13 +23,24 @@ from unlearn_jax.unlearn import combine, step
 from unlearn_jax.unlearn.hparams import UnlearnHParams
 from unlearn_jax.unlearn.registry import get_preset
 
-SIZE, PADDED = 37, 64  # real entries of the flat vector, and its padded length
+# A gradient as the train step holds it: {name: float32 array shaped like the parameter}.
+SHAPES = {"down.kernel": (3, 4), "down.bias": (4,), "up.kernel": (2, 3, 2), "up.norm": (5,)}
+SIZE = sum(int(np.prod(s)) for s in SHAPES.values())
 
 
-def flat_grad(seed: int) -> jax.Array:
-    """A flat float32 gradient as `ParamSplit.flatten` lays it out: SIZE values, zero padding."""
-    values = np.random.default_rng(seed).normal(size=SIZE)
-    return jnp.asarray(np.concatenate([values, np.zeros(PADDED - SIZE)]), jnp.float32)
+def unflat(values: np.ndarray) -> dict[str, jax.Array]:
+    """{name: float32 array} from the concatenation of the leaves in SHAPES' order."""
+    out, offset = {}, 0
+    for name, shape in SHAPES.items():
+        n = int(np.prod(shape))
+        out[name] = jnp.asarray(np.asarray(values[offset : offset + n]).reshape(shape), jnp.float32)
+        offset += n
+    return out
+
+
+def flat_grad(seed: int) -> dict[str, jax.Array]:
+    """A per-parameter float32 gradient of SIZE random entries."""
+    return unflat(np.random.default_rng(seed).normal(size=SIZE))
 
 
 def random_tree(seed, dtype=jnp.float32):
@@ -43,15 +55,18 @@ def random_tree(seed, dtype=jnp.float32):
 
 
 def np64(tree) -> np.ndarray:
+    """The leaves concatenated (dicts in SHAPES' order), float64."""
+    if isinstance(tree, dict) and set(tree) == set(SHAPES):
+        tree = [tree[name] for name in SHAPES]
     return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
 
 
-def with_sign(g_r: jax.Array, sign: int) -> jax.Array:
-    """A flat g_f (zero padding kept) whose inner product with g_r has the given sign."""
+def with_sign(g_r, sign: int) -> dict[str, jax.Array]:
+    """A g_f whose inner product with g_r has the given sign."""
     g_f, fr = np64(flat_grad(1)), np64(g_r)
     dot = g_f @ fr
     shift = (sign * (abs(dot) + 1.0) - dot) / (fr @ fr)
-    return jnp.asarray(g_f + shift * fr, jnp.float32)
+    return unflat(g_f + shift * fr)
 
 
 def cosine(x: np.ndarray, y: np.ndarray) -> float:
@@ -94,8 +109,8 @@ def test_sum_combiner_of_graddiff():
     g_f, g_r = flat_grad(0), flat_grad(1)
     ff, fr = np64(g_f), np64(g_r)
     grads, metrics = combine_in_step(g_f, g_r, "graddiff", UnlearnHParams(retain_weight=0.25))
-    close(grads, ff + 0.25 * fr)
-    assert not np.any(np.asarray(grads)[SIZE:])  # the padding stays zero
+    close(np64(grads), ff + 0.25 * fr)
+    assert {n: g.shape for n, g in grads.items()} == SHAPES
     close(metrics["grad/forget_norm"], np.linalg.norm(ff))
     close(metrics["grad/retain_norm"], np.linalg.norm(fr))
     close(metrics["grad/cos"], cosine(ff, fr))
@@ -105,7 +120,7 @@ def test_sum_combiner_of_graddiff():
 def test_forget_only_preset_passes_the_forget_gradient_through():
     g_f = flat_grad(0)
     grads, metrics = combine_in_step(g_f, None, "neggrad", UnlearnHParams())
-    np.testing.assert_array_equal(grads, g_f)
+    np.testing.assert_array_equal(np64(grads), np64(g_f))
     close(metrics["grad/forget_norm"], np.linalg.norm(np64(g_f)))
     close(metrics["grad/norm"], np.linalg.norm(np64(g_f)))
     assert "grad/cos" not in metrics
@@ -119,7 +134,8 @@ def test_project_removes_exactly_the_conflicting_component(lam):
     assert ff @ fr < 0
     grads, metrics = combine_in_step(g_f, g_r, "distill_project", UnlearnHParams(retain_weight=lam))
     projected = ff - (ff @ fr) / (fr @ fr) * fr
-    close(grads, projected + lam * fr)
+    close(np64(grads), projected + lam * fr)
+    assert float(metrics["combine/projected"]) == 1.0
     close(metrics["grad/norm"], np.linalg.norm(projected + lam * fr), rtol=1e-4)
     if lam == 0.0:
         # Orthogonal to g_r up to float32 rounding of the inputs' scale.
@@ -131,19 +147,58 @@ def test_project_keeps_agreeing_gradient_unless_strict():
     g_f = with_sign(g_r, +1)
     fr, ff = np64(g_r), np64(g_f)
     grads, _ = combine_in_step(g_f, g_r, "distill_project", UnlearnHParams(retain_weight=0.0))
-    np.testing.assert_array_equal(grads, g_f)
+    np.testing.assert_array_equal(np64(grads), np64(g_f))
     hp = UnlearnHParams(retain_weight=0.0, strict=True)
     strict, _ = combine_in_step(g_f, g_r, "distill_project", hp)
     assert abs(np64(strict) @ fr) < 1e-5 * np.linalg.norm(ff) * np.linalg.norm(fr)
-    close(strict, ff - (ff @ fr) / (fr @ fr) * fr)
+    close(np64(strict), ff - (ff @ fr) / (fr @ fr) * fr)
 
 
 def test_project_with_zero_retain_gradient_is_identity():
     g_f = flat_grad(1)
     hp = UnlearnHParams(retain_weight=1.0, strict=True)
-    grads, metrics = combine_in_step(g_f, jnp.zeros_like(g_f), "distill_project", hp)
-    np.testing.assert_array_equal(grads, g_f)
+    zeros = jax.tree.map(jnp.zeros_like, g_f)
+    grads, metrics = combine_in_step(g_f, zeros, "distill_project", hp)
+    np.testing.assert_array_equal(np64(grads), np64(g_f))
     assert float(metrics["grad/cos"]) == 0.0
+    assert float(metrics["combine/projected"]) == 0.0
+
+
+def project_reference(ff, fr, lam, strict, rounding):
+    """NumPy: the projected update, g_r ignored when ‖g_r‖ <= rounding ‖g_f‖."""
+    ignored = np.linalg.norm(fr) <= rounding * np.linalg.norm(ff)
+    if ignored or not (strict or ff @ fr < 0):
+        return ff + lam * fr, False
+    return ff - (ff @ fr) / (fr @ fr) * fr + lam * fr, True
+
+
+@pytest.mark.parametrize("ratio", [1e-7, 9e-6, 1.2e-5, 1e-3])
+@pytest.mark.parametrize("strict", [False, True])
+def test_project_ignores_a_retain_gradient_at_rounding_level(ratio, strict):
+    """‖g_r‖/‖g_f‖ <= project_rounding (1e-5): rounding, not signal; g_f is kept whole."""
+    g_f = flat_grad(1)
+    ff = np64(g_f)
+    direction = np64(with_sign(flat_grad(0), -1))  # conflicts with g_f: projection would apply
+    direction = -direction if ff @ direction > 0 else direction
+    fr = direction / np.linalg.norm(direction) * ratio * np.linalg.norm(ff)
+    g_r = unflat(fr)
+    fr = np64(g_r)  # as float32 holds it
+    hp = UnlearnHParams(retain_weight=0.5, strict=strict)
+    assert hp.project_rounding == 1e-5
+    grads, metrics = combine_in_step(g_f, g_r, "distill_project", hp)
+    want, projected = project_reference(ff, fr, 0.5, strict, hp.project_rounding)
+    assert projected == (ratio > 1e-5)
+    assert float(metrics["combine/projected"]) == float(projected)
+    close(np64(grads), want, rtol=1e-5, atol=1e-6 * np.linalg.norm(ff))
+    # project_rounding=0 restores projecting on any nonzero g_r.
+    exact = UnlearnHParams(retain_weight=0.5, strict=strict, project_rounding=0.0)
+    _, metrics = combine_in_step(g_f, g_r, "distill_project", exact)
+    assert float(metrics["combine/projected"]) == 1.0
+
+
+def test_project_rounding_out_of_range_is_refused():
+    with pytest.raises(ValueError, match="project_rounding must lie in"):
+        UnlearnHParams(project_rounding=1.5)
 
 
 def test_combination_keeps_the_dtype_of_the_forget_gradient():
@@ -160,10 +215,11 @@ def test_erasediff_lambda_is_max_of_eta_minus_cosine_and_zero(eta):
     lam = max(eta - cosine(ff, fr), 0.0)
     grads, metrics = combine_in_step(g_f, g_r, "erasediff", UnlearnHParams(erasediff_eta=eta))
     close(metrics["combine/lambda"], lam, atol=1e-6)
-    close(grads, lam * ff + fr)  # EraseDiff's outer step: retain + λ forget
+    close(np64(grads), lam * ff + fr)  # EraseDiff's outer step: retain + λ forget
     close(metrics["grad/norm"], np.linalg.norm(lam * ff + fr))
     # Aligned gradients: λ = max(η − 1, 0).
-    _, aligned = combine_in_step(2.0 * g_r, g_r, "erasediff", UnlearnHParams(erasediff_eta=eta))
+    twice = jax.tree.map(lambda g: 2.0 * g, g_r)
+    _, aligned = combine_in_step(twice, g_r, "erasediff", UnlearnHParams(erasediff_eta=eta))
     close(aligned["combine/lambda"], max(eta - 1.0, 0.0), atol=1e-6)
 
 
@@ -171,58 +227,72 @@ def test_erasediff_fixed_lambda_overrides_the_adaptive_one():
     g_f, g_r = flat_grad(0), flat_grad(1)
     grads, metrics = combine_in_step(g_f, g_r, "erasediff", UnlearnHParams(erasediff_lambda=0.3))
     close(metrics["combine/lambda"], 0.3)
-    close(grads, 0.3 * np64(g_f) + np64(g_r))
+    close(np64(grads), 0.3 * np64(g_f) + np64(g_r))
 
 
 # ---------------------------------------------------------------- SalUn's saliency mask
 
 
+def saliency(g, fraction):
+    """`combine.saliency_mask` as `train._saliency_mask` calls it: leaves in the split's order."""
+    masks = combine.saliency_mask([g[name] for name in SHAPES], fraction)
+    assert [m.shape for m in masks] == list(SHAPES.values())
+    assert all(m.dtype == bool for m in masks)
+    return np64(masks).astype(bool)
+
+
 @pytest.mark.parametrize("fraction", [0.0, 0.1, 0.25, 0.5, 0.77, 1.0])
-def test_saliency_mask_keeps_exact_count_of_largest_and_never_the_padding(fraction):
+def test_saliency_mask_keeps_exact_count_of_largest(fraction):
     g = flat_grad(3)
-    magnitudes = np.abs(np64(g)[:SIZE])
-    mask = np.asarray(combine.saliency_mask(g, fraction, SIZE))
-    assert mask.shape == (PADDED,) and mask.dtype == bool
-    assert not mask[SIZE:].any()
+    mask = saliency(g, fraction)
     want_count = int(np.floor(fraction * SIZE + 0.5))
     assert mask.sum() == want_count == combine.saliency_keep_count(fraction, SIZE)
-    # Same set as a NumPy top-k over the real entries (the random values have no ties).
-    want = np.zeros(PADDED, bool)
-    want[np.argsort(-magnitudes, kind="stable")[:want_count]] = True
+    # Same set as a NumPy top-k over all entries of all leaves (random values: no ties).
+    want = np.zeros(SIZE, bool)
+    want[np.argsort(-np.abs(np64(g)), kind="stable")[:want_count]] = True
     np.testing.assert_array_equal(mask, want)
 
 
-def test_saliency_mask_padding_never_competes():
-    # All-zero gradient: every real entry ties with the zero padding; the real ones win.
-    zeros = jnp.zeros((PADDED,), jnp.float32)
-    np.testing.assert_array_equal(combine.saliency_mask(zeros, 0.5, SIZE), np.arange(PADDED) < 19)
-    # Whatever sits after `size` is not a parameter and is never selected.
-    loud_padding = flat_grad(3).at[SIZE:].set(1e6)
-    for fraction in (0.3, 1.0):
-        assert not np.asarray(combine.saliency_mask(loud_padding, fraction, SIZE))[SIZE:].any()
-    # Without `size` every entry competes.
-    assert combine.saliency_mask(flat_grad(3), 1.0).all()
-
-
 def test_saliency_mask_ties_are_deterministic():
-    # All |g| equal: the first k entries are kept.
-    g = jnp.where(flat_grad(4) > 0, 1.0, -1.0).at[SIZE:].set(0.0)
+    # All |g| equal: the first k entries (leaf order, then row-major) are kept.
+    g = unflat(np.where(np64(flat_grad(4)) > 0, 1.0, -1.0))
     k = combine.saliency_keep_count(0.4, SIZE)
-    np.testing.assert_array_equal(combine.saliency_mask(g, 0.4, SIZE), np.arange(PADDED) < k)
+    np.testing.assert_array_equal(saliency(g, 0.4), np.arange(SIZE) < k)
     # A partial tie at the threshold: the larger values first, then the earliest tied ones.
-    leaf = jnp.asarray([0.1, 3.0, 2.0, 2.0, 2.0, 0.2, -2.0, 5.0, 0.0, 0.0])
-    np.testing.assert_array_equal(
-        combine.saliency_mask(leaf, 0.5, 8),
-        [False, True, True, True, False, False, False, True, False, False],
-    )
+    values = np.zeros(SIZE)
+    values[:10] = [0.1, 3.0, 2.0, 2.0, 2.0, 0.2, -2.0, 5.0, 0.0, 0.0]
+    want = np.zeros(SIZE, bool)
+    want[[1, 2, 3, 7]] = True  # 5 and 3, then the first two of the four tied at |2|
+    np.testing.assert_array_equal(saliency(unflat(values), 4 / SIZE), want)
 
 
 def test_salun_update_is_exactly_zero_outside_the_mask():
     g_f, g_r = flat_grad(5), flat_grad(6)
     hp = get_preset("salun").hparams
-    mask = combine.saliency_mask(flat_grad(7), hp.keep_fraction, SIZE)
+    names = list(SHAPES)
+    mask = dict(zip(names, combine.saliency_mask([flat_grad(7)[n] for n in names], 0.5)))
     grads, metrics = combine_in_step(g_f, g_r, "salun", hp, mask)
-    want = np.where(np.asarray(mask), np64(g_f) + hp.retain_weight * np64(g_r), 0.0)
-    close(grads, want)
-    assert not np.any(np.asarray(grads)[~np.asarray(mask)])  # exact zeros, padding included
+    keep = np64(mask).astype(bool)
+    want = np.where(keep, np64(g_f) + hp.retain_weight * np64(g_r), 0.0)
+    close(np64(grads), want)
+    assert not np.any(np64(grads)[~keep])  # exact zeros
     close(metrics["grad/norm"], np.linalg.norm(want))
+
+
+def test_global_sums_compile_once_not_once_per_leaf():
+    """Every leaf of the combination reads the Gram matrix: XLA must not copy its sum into each.
+
+    A Python `sum` over the leaves (or a reduction of their stack, which XLA rewrites
+    into the same chain of adds) is fused into every leaf's update, so the compiled
+    program grows with the square of the number of leaves (`combine._total`).
+    """
+
+    def compiled_lines(leaves: int) -> int:
+        tree = {f"w{i}": jax.ShapeDtypeStruct((4, 3), jnp.float32) for i in range(leaves)}
+        preset, hp = get_preset("distill_project"), UnlearnHParams()
+        project = jax.jit(lambda g_f, g_r: step.combine_term_grads(g_f, g_r, preset, hp))
+        return project.lower(tree, tree).compile().as_text().count("\n")
+
+    small, large = compiled_lines(40), compiled_lines(160)
+    # 4x the leaves: about 4x the program when linear (~10x with a chain of adds).
+    assert large < 6 * small, (small, large)

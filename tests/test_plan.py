@@ -127,15 +127,37 @@ def test_devices_after_jax_started_names_the_fix(monkeypatch):
         jax.config.update("jax_platforms", previous)
 
 
+def config_only_folder(root, block_out_channels: list[int]):
+    """A diffusers folder of configs only (the planner reads nothing else): the tiny model
+    at other widths."""
+    model = plan.resolve_model("tiny")
+    files = {
+        "model_index.json": {"_class_name": "StableDiffusionPipeline"},
+        "unet/config.json": {**model.unet_config, "block_out_channels": block_out_channels},
+        "scheduler/scheduler_config.json": dict(model.scheduler_config),
+        "text_encoder/config.json": {"max_position_embeddings": 16, "hidden_size": 32},
+        "vae/config.json": {"block_out_channels": [8, 8]},
+    }
+    for name, payload in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(json.dumps(payload))
+    return root
+
+
 def test_fsdp_shards_the_state_over_fake_devices(tmp_path):
-    """--devices 2 in a fresh process: FSDP holds less per device than data parallelism."""
+    """--devices 2 in a fresh process: FSDP divides every per-parameter buffer.
+
+    The UNet is the tiny one at 64 channels, so that its kernels exceed
+    `sharding.MIN_FSDP_SIZE` and are sharded (smaller arrays stay replicated).
+    """
     out = tmp_path / "plan.json"
+    folder = config_only_folder(tmp_path / "wide", [64])
     cmd = [
         sys.executable,
         "-m",
         "unlearn_jax.plan",
         "--model",
-        "tiny",
+        str(folder),
         "--devices",
         "2",
         "--only",
@@ -161,8 +183,12 @@ def test_fsdp_shards_the_state_over_fake_devices(tmp_path):
     assert data_parallel["settings"]["mesh"] == {"data": 2, "fsdp": 1}
     assert fsdp["settings"]["mesh"] == {"data": 1, "fsdp": 2}
     assert data_parallel["settings"]["batch_per_device"] == fsdp["settings"]["batch_per_device"]
-    # The optimizer state (two flat vectors) is split in two under FSDP.
-    assert fsdp["memory"]["argument"] < 0.8 * data_parallel["memory"]["argument"]
+    print(json.dumps([data_parallel["memory"], fsdp["memory"]]))
+    # Parameters, θ0 and Adam's moments are split in two under FSDP...
+    assert fsdp["memory"]["argument"] < 0.6 * data_parallel["memory"]["argument"]
+    # ... and so are the step's parameter-sized temporaries (gradients, update).
+    assert fsdp["memory"]["temp"] < 0.8 * data_parallel["memory"]["temp"]
+    assert fsdp["memory"]["peak"] < 0.7 * data_parallel["memory"]["peak"]
 
 
 def test_model_from_a_diffusers_folder_reads_only_its_configs(sd2_folder):

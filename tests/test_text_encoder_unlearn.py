@@ -61,7 +61,7 @@ def train_rows(workdir):
 def restored(cfg, workdir):
     """(model, latest step, θ as the joint tree) of a run."""
     model = experiment.load_model(cfg, experiment.resolve_run(cfg))
-    step, trainable = restore_latest(cfg, model, workdir, with_saliency=False)
+    step, trainable = restore_latest(model, workdir)
     return model, step, model.split.merge(jax.device_get(trainable), model.theta0)
 
 

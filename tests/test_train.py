@@ -12,14 +12,20 @@ import json
 import shutil
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 from tiny_unlearn import make_config, save_micro_pipeline
 
 from unlearn_jax.trainer import commands
-from unlearn_jax.trainer.checkpoints import Checkpoints, FingerprintMismatchError
+from unlearn_jax.trainer.checkpoints import (
+    CheckpointLayoutError,
+    Checkpoints,
+    FingerprintMismatchError,
+)
 from unlearn_jax.trainer.evaluation import register_forget_classifier
+from unlearn_jax.trainer.state import TrainState, make_optimizer
 from unlearn_jax.trainer.train import NonFiniteLossError, evaluate, export, train_and_evaluate
 from unlearn_jax.trainer.writers import read_metrics
 
@@ -202,6 +208,34 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(micro, tmp_path):
     assert last_good is not None and last_good < 4
     out = export(workdir, tmp_path / "out")  # the kept checkpoint is loadable
     assert all(np.isfinite(v).all() for v in load_file(out / UNET_FILE).values())
+
+
+def test_flat_optimizer_state_checkpoint_is_refused_but_still_exports(full_run, micro, tmp_path):
+    """A checkpoint of the earlier layout (Adam's moments over ONE padded vector of all
+    trainable entries): resuming it names the problem and the fix; export and evaluate
+    read its parameters."""
+    workdir = tmp_path / "flat"
+    shutil.copytree(full_run[0], workdir, ignore=shutil.ignore_patterns("checkpoints"))
+    checkpoints = Checkpoints(full_run[0])
+    step = checkpoints.latest_step()
+    params = checkpoints.manager.restore(step)["params"]
+    checkpoints.close()
+    padded = -(-sum(x.size for x in params.values()) // 1024) * 1024
+    optimizer = make_optimizer(config(micro).optim)
+    flat_state = TrainState(jnp.int32(step), params, optimizer.init(jnp.zeros((padded,))))
+    checkpoints = Checkpoints(workdir)
+    checkpoints.save(flat_state)
+    checkpoints.close()
+    with pytest.raises(CheckpointLayoutError, match=r"(?s)one flat vector.*new --workdir"):
+        train_and_evaluate(config(micro, train__steps=step + 2), workdir)
+    exported = load_file(export(workdir, tmp_path / "flat_export") / UNET_FILE)
+    reference = load_file(export(full_run[0], tmp_path / "export") / UNET_FILE)
+    assert exported.keys() == reference.keys()
+    for key, value in reference.items():
+        np.testing.assert_array_equal(exported[key], value, err_msg=key)
+    cfg = config(micro, eval__seeds=1, eval__steps=2)
+    reference_lpips = evaluate(cfg, full_run[0])["integrity_lpips"]
+    assert evaluate(cfg, workdir)["integrity_lpips"] == reference_lpips
 
 
 def test_workdir_of_another_run_is_refused(full_run, micro):

@@ -29,7 +29,7 @@ from unlearn_jax.trainer.state import init_state, make_optimizer
 from unlearn_jax.trainer.train_step import make_train_step
 from unlearn_jax.unlearn import forget, retain, step
 from unlearn_jax.unlearn.hparams import UnlearnHParams
-from unlearn_jax.unlearn.params import PAD_MULTIPLE, ParamSplit, param_paths
+from unlearn_jax.unlearn.params import ParamSplit, param_paths
 from unlearn_jax.unlearn.registry import (
     BATCH_KEYS,
     COMBINERS,
@@ -322,19 +322,12 @@ def test_param_paths_and_split_roundtrip():
     ]
     split = ParamSplit.from_params(THETA, "noxattn")
     assert split.trainable_names == ("block.proj.kernel", "time.embedding")
-    assert split.size == C * C + T * C and split.padded_size == PAD_MULTIPLE
+    assert split.size == C * C + T * C
     trainable = split.select(THETA)
     assert trainable["block.proj.kernel"] is THETA["block"]["proj"]["kernel"]
-    flat = split.flatten(trainable)
-    assert flat.shape == (PAD_MULTIPLE,) and flat.dtype == jnp.float32
-    np.testing.assert_array_equal(
-        flat[: split.size],
-        np.concatenate(
-            [np.ravel(THETA["block"]["proj"]["kernel"]), np.ravel(THETA["time"]["embedding"])]
-        ),
-    )
-    assert not np.any(np.asarray(flat[split.size :]))
-    back = split.unflatten(flat)
+    ordered = split.ordered(trainable)
+    assert ordered == [THETA["block"]["proj"]["kernel"], THETA["time"]["embedding"]]
+    back = split.named([jnp.copy(x) for x in ordered])
     jax.tree.map(np.testing.assert_array_equal, back, trainable)
     # The full tree: θ's trainable leaves, θ0's own frozen ones.
     merged = split.merge(back, THETA0)
@@ -346,10 +339,14 @@ def test_param_paths_and_split_roundtrip():
         ParamSplit.from_mask(THETA, [False, False, False])
 
 
+def trainable_values(split: ParamSplit, named: dict) -> np.ndarray:
+    """{name: array} of the trainable leaves as one float64 vector, in the split's order."""
+    return np.concatenate([np.asarray(x, np.float64).ravel() for x in split.ordered(named)])
+
+
 def trainable_part(split: ParamSplit, tree: dict) -> np.ndarray:
     """The trainable leaves of a full-structure tree as one float64 vector, in the split's order."""
-    leaves = split.ordered(split.select(tree))
-    return np.concatenate([np.asarray(x, np.float64).ravel() for x in leaves])
+    return trainable_values(split, split.select(tree))
 
 
 def micro_batches(*batches: dict) -> dict:
@@ -376,13 +373,13 @@ def test_train_step_gradient_of_graddiff_is_the_sum_of_term_gradients(group, mic
     preset, hp = get_preset("graddiff"), UnlearnHParams(retain_weight=0.3)
     split = ParamSplit.from_params(THETA, group)
     opt = optimizer(lr=1.0)
-    state = init_state(split.select(THETA), split, opt)
+    state = init_state(split.select(THETA), opt)
     batches = [FULL_BATCH, {"forget": make_batch(2), "retain": make_batch(3)}][:micro_steps]
     train_step = jax.jit(make_train_step(MODEL, preset, hp, opt, split))
     new_state, metrics = train_step(state, THETA0, micro_batches(*batches), RNG)
     assert set(new_state.params) == set(split.trainable_names)  # nothing else is trained
-    moved = np.asarray(split.flatten(state.params) - split.flatten(new_state.params), np.float64)
-    assert not np.any(moved[split.size :])
+    assert all(new_state.params[n].shape == p.shape for n, p in state.params.items())
+    moved = trainable_values(split, state.params) - trainable_values(split, new_state.params)
 
     # Reference: each term differentiated on the whole tree θ (THETA's trainable leaves,
     # THETA0's frozen ones), micro-batch i on fold_in(fold_in(train_key, step 0), i).
@@ -399,7 +396,7 @@ def test_train_step_gradient_of_graddiff_is_the_sum_of_term_gradients(group, mic
         g_f += trainable_part(split, grads_f) / micro_steps
         g_r += trainable_part(split, grads_r) / micro_steps
         losses.append(float(loss_f))
-    np.testing.assert_allclose(moved[: split.size], g_f + 0.3 * g_r, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(moved, g_f + 0.3 * g_r, rtol=1e-5, atol=1e-6)
     close(metrics["forget/loss"], np.mean(losses))
     close(metrics["grad/cos"], float(g_f @ g_r / np.linalg.norm(g_f) / np.linalg.norm(g_r)))
     close(metrics["grad/norm"], float(np.linalg.norm(g_f + 0.3 * g_r)))
@@ -410,7 +407,7 @@ def test_train_step_runs_for_presets(name):
     preset = get_preset(name)
     split = ParamSplit.from_params(THETA, preset.params)
     opt = optimizer()
-    state = init_state(split.select(THETA), split, opt)
+    state = init_state(split.select(THETA), opt)
     train_step = jax.jit(make_train_step(MODEL, preset, preset.hparams, opt, split))
     new_state, metrics = train_step(state, THETA0, micro_batches(FULL_BATCH), RNG)
     assert bool(metrics["finite"]) and int(new_state.step) == 1
@@ -441,7 +438,11 @@ def trainer_saliency_mask(split: ParamSplit, keep_fraction: float) -> np.ndarray
         spec=types.SimpleNamespace(hparams=hparams),
     )
     data = types.SimpleNamespace(saliency_chunks=lambda batch_size: SALIENCY_CHUNKS)
-    return np.asarray(train._saliency_mask(run, data))
+    masks = train._saliency_mask(run, data)
+    assert set(masks) == set(split.trainable_names)
+    for name, mask in masks.items():
+        assert mask.dtype == bool and mask.shape == split.select(THETA0)[name].shape
+    return trainable_values(split, masks).astype(bool)
 
 
 def reference_saliency(split: ParamSplit) -> np.ndarray:
@@ -465,10 +466,9 @@ def test_salun_mask_as_the_trainer_builds_it(keep_fraction):
     # Either clearly apart, or tied at exactly zero (time-embedding rows of timesteps
     # not drawn get no gradient): then the earliest entries win, as in a stable sort.
     assert kth - next_one > 1e-4 * magnitudes.max() or kth == next_one == 0.0
-    want = np.zeros(split.padded_size, bool)
+    want = np.zeros(split.size, bool)
     want[order[:keep]] = True
-    assert mask.shape == (split.padded_size,) and mask.dtype == bool
-    assert mask.sum() == keep and not mask[split.size :].any()
+    assert mask.sum() == keep
     np.testing.assert_array_equal(mask, want)
 
 
@@ -480,11 +480,15 @@ def test_salun_train_step_moves_nothing_outside_the_mask():
     preset = get_preset("salun")
     opt = optimizer("adamw", weight_decay=0.5)
     train_step = jax.jit(make_train_step(MODEL, preset, preset.hparams, opt, split))
-    state = init_state(split.select(THETA0), split, opt, jnp.asarray(mask))
-    before = np.asarray(split.flatten(state.params))
+    masks, offset = {}, 0
+    for name, x in split.select(THETA0).items():
+        masks[name] = jnp.asarray(mask[offset : offset + x.size].reshape(x.shape))
+        offset += x.size
+    state = init_state(split.select(THETA0), opt, masks)
+    before = trainable_values(split, state.params)
     for _ in range(2):
         state, metrics = train_step(state, THETA0, micro_batches(FULL_BATCH), RNG)
         assert bool(metrics["finite"])
-    after = np.asarray(split.flatten(state.params))
+    after = trainable_values(split, state.params)
     np.testing.assert_array_equal(after[~mask], before[~mask])
     assert np.all(after[mask] != before[mask])

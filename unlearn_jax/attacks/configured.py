@@ -186,7 +186,7 @@ def attack_checkpoint(
     if workdir is None:
         params = model.theta0
     else:
-        _, trainable = restore_latest(config, model, Path(workdir), spec.preset.saliency, step)
+        _, trainable = restore_latest(model, Path(workdir), step)
         params = model.split.merge(trainable, model.theta0)
     evaluator = Evaluator(
         config,

@@ -204,7 +204,7 @@ def run_ours(spec: dict, workdir: Path) -> dict:
     convert.load_torch_state(unet, tensors, source="start_unet", dtype=jnp.float32)
     start_params = nnx.split(unet)[1].to_pure_dict()
     optimizer = make_optimizer(ml_collections.ConfigDict(OPTIM))
-    state = init_state(model.split.select(start_params), model.split, optimizer)
+    state = init_state(model.split.select(start_params), optimizer)
     frozen = jax.device_put(model.theta0)
     # On the device once, like torch's tensors: the step, not the host transfer, is timed.
     batch = jax.device_put(_our_batch(preset, np.load(workdir / "inputs.npz")))

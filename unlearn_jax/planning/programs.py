@@ -256,7 +256,7 @@ def plan_train_step(
     key = jax.eval_shape(lambda: jax.random.key(0))
     key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(mesh))
     jitted = jax.jit(
-        make_train_step(diffusion, preset, hparams, optimizer, split),
+        make_train_step(diffusion, preset, hparams, optimizer, split, mesh),
         in_shardings=(
             state_shardings,
             theta0_shardings,

@@ -17,6 +17,13 @@ The fingerprint lists every setting that changes what the run computes
 (model, prompt sets, method, trained parameters, hyperparameters, optimizer,
 seed, batch layout); `train.steps` is deliberately not in it, so raising it
 extends a run. Resuming a workdir whose fingerprint differs is refused.
+
+A checkpoint whose arrays are not laid out as this version's `TrainState`
+(names and shapes; e.g. the flat optimizer state of versions before the
+per-parameter state, see `unlearn.params`) is refused with
+`CheckpointLayoutError` before orbax reads it; `restore_params` still reads
+its parameters, which every layout keeps per parameter, so such a run can
+be evaluated and exported.
 """
 
 from __future__ import annotations
@@ -46,6 +53,10 @@ _TMP_MARK = ".orbax-checkpoint-tmp"
 
 class FingerprintMismatchError(ValueError):
     """The workdir holds a different run than the config describes."""
+
+
+class CheckpointLayoutError(ValueError):
+    """A checkpoint's arrays are not laid out as the train state this version resumes."""
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -167,10 +178,18 @@ class Checkpoints:
             create=True,
             enable_async_checkpointing=False,
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        # The handler up front (not inferred at the first save or restore), so that the
+        # saved layout can be read (`saved_shapes`) before anything is restored.
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_handlers=ocp.StandardCheckpointHandler()
+        )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+        """{'/'-joined path: shape} of every array saved at `step`, read from its metadata."""
+        return _leaf_shapes(self.manager.item_metadata(step).tree)
 
     def save(self, state: TrainState) -> int:
         """Writes `state` under its step (replacing nothing); returns the step."""
@@ -221,12 +240,71 @@ class Checkpoints:
         Args:
           target: a TrainState of ShapeDtypeStructs with `.sharding` set (where
             each restored array should live).
+        Raises:
+          CheckpointLayoutError: the saved arrays differ from `target`'s (names or
+            shapes), e.g. a checkpoint of the flat optimizer state.
         """
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        restored = self.manager.restore(step, args=ocp.args.StandardRestore(target.to_checkpoint()))
+        tree = target.to_checkpoint()
+        _check_layout(self.directory / str(step), self.saved_shapes(step), _leaf_shapes(tree))
+        restored = self.manager.restore(step, args=ocp.args.StandardRestore(tree))
         return TrainState.from_checkpoint(restored)
+
+    def restore_params(self, params: dict[str, Any], step: int) -> dict[str, jax.Array]:
+        """The trainable parameters saved at `step`, laid out like `params` (ShapeDtypeStructs).
+
+        The rest of the state is read as it was saved, whatever its layout, so this
+        works for every checkpoint whose parameters match (`evaluate`, `export`).
+        """
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        as_saved = lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)
+        tree = jax.tree.map(as_saved, self.manager.item_metadata(step).tree)
+        tree["params"] = params
+        restored = self.manager.restore(step, args=ocp.args.StandardRestore(tree))
+        return restored["params"]
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """{'/'-joined key path: shape} of the array leaves of a state tree (None: no leaf)."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {
+        jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape)
+        for path, leaf in leaves
+    }
+
+
+def _check_layout(
+    step_dir: Path, saved: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]
+) -> None:
+    """Raises CheckpointLayoutError naming the problem and the fix unless `saved == expected`."""
+    if saved == expected:
+        return
+    # A saved array where this version has one array per parameter under that path.
+    flat = sorted(
+        p for p in saved if p not in expected and any(q.startswith(p + "/") for q in expected)
+    )
+    if flat:
+        what = "optimizer state and SalUn's mask" if "saliency" in flat else "optimizer state"
+        vectors = ", ".join(f"{p} {saved[p]}" for p in flat)
+        raise CheckpointLayoutError(
+            f"{step_dir} holds the {what} as one flat vector of all trainable parameters "
+            f"({vectors}), the layout of unlearn_jax before the train state went per "
+            "parameter; this version keeps one array per parameter and cannot resume from "
+            "it. Fix: run it again from step 0 in a new --workdir; `unlearn-jax export` and "
+            "`unlearn-jax evaluate` still read this checkpoint's parameters."
+        )
+    differing = sorted(p for p in set(saved) | set(expected) if saved.get(p) != expected.get(p))
+    lines = [
+        f"  {p}: {saved.get(p, '<absent>')} -> {expected.get(p, '<absent>')}" for p in differing
+    ]
+    more = f"\n  ... and {len(lines) - 8} more" if len(lines) > 8 else ""
+    raise CheckpointLayoutError(
+        f"{step_dir} does not hold the train state this run resumes; differing arrays "
+        "(saved -> expected):\n" + "\n".join(lines[:8]) + more + "\nFix: resume it with the "
+        "settings and unlearn_jax version that wrote it, or run it again in a new --workdir."
+    )

@@ -33,7 +33,6 @@ from unlearn_jax.trainer.checkpoints import (
 from unlearn_jax.trainer.config_checks import check_config_values
 from unlearn_jax.trainer.evaluation import EVAL_DIR, Evaluator
 from unlearn_jax.trainer.sharding import make_mesh
-from unlearn_jax.trainer.state import TrainState, abstract_state, make_optimizer
 from unlearn_jax.trainer.text_encoder import (
     TEXT_ENCODER,
     UNET,
@@ -46,13 +45,12 @@ log = logging.getLogger(__name__)
 
 
 def restore_latest(
-    config: ml_collections.ConfigDict,
-    model: experiment.Model,
-    workdir: Path,
-    with_saliency: bool,
-    step: int | None = None,
+    model: experiment.Model, workdir: Path, step: int | None = None
 ) -> tuple[int, dict[str, jax.Array]]:
     """(step, trainable params) of checkpoint `step` (default: the latest).
+
+    Reads only what evaluation and export need, the parameters, so it also reads
+    checkpoints whose optimizer state has an older layout (`Checkpoints.restore_params`).
 
     Raises FileNotFoundError naming the saved steps when `step` was not saved. A
     workdir without a checkpoint gives θ0's own values only when its run asked
@@ -74,15 +72,12 @@ def restore_latest(
         step = checkpoints.latest_step() if step is None else step
         if step is None:
             return _without_checkpoint(model, workdir)
-        optimizer = make_optimizer(config.optim)
-        abstract = abstract_state(model.split, model.theta0, optimizer, with_saliency)
-        device = jax.devices()[0]
-        single = jax.sharding.SingleDeviceSharding(device)
-        target = jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=single), abstract
-        )
-        state: TrainState = checkpoints.restore(target, step)
-        return step, state.params
+        single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = {
+            name: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=single)
+            for name, x in model.split.select(model.theta0).items()
+        }
+        return step, checkpoints.restore_params(target, step)
     finally:
         checkpoints.close()
 
@@ -127,7 +122,7 @@ def evaluate(
             "run was trained with (only eval.* may differ)."
         )
     model = experiment.load_model(config, spec)
-    step, trainable = restore_latest(config, model, workdir, spec.preset.saliency, step)
+    step, trainable = restore_latest(model, workdir, step)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
     evaluator = Evaluator(
         config,
@@ -237,7 +232,7 @@ def export(
     text_group = text_encoder_group(config)  # run.json of older runs has no such field
     spec = experiment.RunSpec(preset, group, preset.hparams, [], [], [], [], [], {}, text_group)
     model = experiment.load_model(config, spec)
-    step, trainable = restore_latest(config, model, workdir, preset.saliency)
+    step, trainable = restore_latest(model, workdir)
     params = model.split.merge(jax.device_get(trainable), model.theta0)
     if text_group is None:
         nnx.update(model.pipe.unet, params)

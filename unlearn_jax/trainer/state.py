@@ -1,11 +1,12 @@
 """The train state: the trainable parameters, the optimizer, and what a checkpoint holds.
 
 Only the trainable subset lives in the train state: the parameters as a dict
-keyed by the '.'-joined path, and the optimizer state (and SalUn's mask) over
-the ONE flat float32 vector of those parameters, both as laid out by
-`unlearn.params.ParamSplit` (which also says why: compile time, and state that
-scales with what trains). Everything outside the trainable set is θ0's own
-array, inserted at use by `ParamSplit.merge`.
+keyed by the '.'-joined path (`unlearn.params.ParamSplit`), the optimizer
+state over that same dict in float32 (moments shaped like the parameters;
+Adam's first moment optionally bfloat16, `optim.mu_dtype`), and SalUn's mask
+as bool arrays of the same names and shapes. Every buffer has its
+parameter's shape, hence its parameter's FSDP sharding. Everything outside
+the trainable set is θ0's own array, inserted at use by `ParamSplit.merge`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from unlearn_jax.unlearn.params import NamedParams, ParamSplit
 PyTree = Any
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+MOMENT_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SCHEDULES = ("constant", "cosine", "linear")
 
 
@@ -33,15 +35,15 @@ class TrainState:
     Attributes:
       step: int32 scalar, number of optimizer updates done.
       params: the trainable parameters, {name: array}.
-      opt_state: the optax state of the flat vector of `params` (`ParamSplit.flatten`).
-      saliency: SalUn's mask over the flat vector, bool [padded_size] (fixed
-        before step 0), or None.
+      opt_state: the optax state of `params` in float32 (moments shaped like `params`).
+      saliency: SalUn's mask, {name: bool array shaped like the parameter}
+        (fixed before step 0), or None.
     """
 
     step: jax.Array
     params: NamedParams
     opt_state: optax.OptState
-    saliency: jax.Array | None = None
+    saliency: NamedParams | None = None
 
     def to_checkpoint(self) -> dict[str, Any]:
         """A plain dict for orbax (no custom pytree nodes on disk)."""
@@ -106,14 +108,26 @@ def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransforma
         raise ValueError(f"optim.lr must be > 0, got {optim.lr}")
     shape = schedule_shape(optim)
     clip = float(optim.get("grad_clip", 0.0) or 0.0)
+    mu_name = optim.get("mu_dtype", "float32") or "float32"
+    if mu_name not in MOMENT_DTYPES:
+        raise ValueError(
+            f"optim.mu_dtype {mu_name!r} is unknown; valid: {', '.join(MOMENT_DTYPES)} "
+            "(the dtype of Adam's first moment; bfloat16 halves it)"
+        )
+    mu_dtype = MOMENT_DTYPES[mu_name]
 
     def build(learning_rate):
         lr = lambda count: learning_rate * shape(count)
         if name == "adam":
-            opt = optax.adam(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps)
+            opt = optax.adam(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps, mu_dtype=mu_dtype)
         elif name == "adamw":
             opt = optax.adamw(
-                lr, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay
+                lr,
+                b1=optim.b1,
+                b2=optim.b2,
+                eps=optim.eps,
+                weight_decay=optim.weight_decay,
+                mu_dtype=mu_dtype,
             )
         else:
             opt = optax.sgd(lr, momentum=optim.momentum or None)
@@ -130,15 +144,19 @@ def set_learning_rate(opt_state: optax.OptState, lr: float) -> optax.OptState:
     return opt_state._replace(hyperparams=hyperparams)
 
 
+def float32_tree(named: NamedParams) -> NamedParams:
+    """{name: array} in float32: what the optimizer and the gradient combiners work on."""
+    return {n: x.astype(jnp.float32) for n, x in named.items()}
+
+
 def init_state(
     trainable: NamedParams,
-    split: ParamSplit,
     optimizer: optax.GradientTransformation,
-    saliency: jax.Array | None = None,
+    saliency: NamedParams | None = None,
 ) -> TrainState:
     """Step-0 state; `trainable` is copied so that donating the state never frees θ0's buffers."""
     params = {n: jnp.copy(x) for n, x in trainable.items()}
-    opt_state = optimizer.init(split.flatten(params))
+    opt_state = optimizer.init(float32_tree(params))
     return TrainState(jnp.zeros((), jnp.int32), params, opt_state, saliency)
 
 
@@ -148,7 +166,10 @@ def abstract_state(
     """The state's shapes and dtypes (ShapeDtypeStructs), for sharding and restore targets."""
 
     def build(full):
-        saliency = jnp.zeros((split.padded_size,), bool) if with_saliency else None
-        return init_state(split.select(full), split, optimizer, saliency)
+        trainable = split.select(full)
+        saliency = None
+        if with_saliency:
+            saliency = {n: jnp.zeros(x.shape, bool) for n, x in trainable.items()}
+        return init_state(trainable, optimizer, saliency)
 
     return jax.eval_shape(build, full)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -179,7 +180,7 @@ def _jitted_train_step(run: _Run, batch_shardings: dict) -> Any:
 
     def jit_step():
         step_fn = make_train_step(
-            model.diffusion, spec.preset, spec.hparams, run.optimizer, model.split
+            model.diffusion, spec.preset, spec.hparams, run.optimizer, model.split, mesh
         )
         return jax.jit(
             step_fn,
@@ -223,10 +224,11 @@ class _Run:
     checkpoints: Checkpoints
 
 
-def _saliency_mask(run: _Run, data: UnlearnData) -> jax.Array:
+def _saliency_mask(run: _Run, data: UnlearnData) -> dict[str, jax.Array]:
     """SalUn: top keep_fraction of trainable entries by |forget-loss gradient| over the forget set.
 
-    Returns a bool vector shaped like the flat trainable parameters (padding: False).
+    Returns {name: bool array shaped like the parameter}. Ties at the threshold go
+    to the earlier entries in the split's parameter order (`ParamSplit.ordered`).
     """
     config, split = run.config, run.model.split
     grad_fn = make_saliency_grad_fn(run.model.diffusion, split)
@@ -234,11 +236,13 @@ def _saliency_mask(run: _Run, data: UnlearnData) -> jax.Array:
     total = None
     for i, (weight, chunk) in enumerate(data.saliency_chunks(config.train.batch_size)):
         chunk = jax.device_put(chunk, replicated(run.mesh))
-        grads = weight * grad_fn(run.frozen, chunk, jax.random.fold_in(key, i))
-        total = grads if total is None else total + grads
-    mask = combine.saliency_mask(total, run.spec.hparams.keep_fraction, split.size)
-    log.info("SalUn saliency mask keeps %d of %d trainable entries", int(mask.sum()), split.size)
-    return mask
+        grads = grad_fn(run.frozen, chunk, jax.random.fold_in(key, i))
+        grads = {n: weight * g for n, g in grads.items()}
+        total = grads if total is None else jax.tree.map(jnp.add, total, grads)
+    masks = combine.saliency_mask(split.ordered(total), run.spec.hparams.keep_fraction)
+    kept = sum(int(m.sum()) for m in masks)
+    log.info("SalUn saliency mask keeps %d of %d trainable entries", kept, split.size)
+    return split.named(masks)
 
 
 def _initial_state(run: _Run, data: UnlearnData) -> TrainState:
@@ -246,7 +250,7 @@ def _initial_state(run: _Run, data: UnlearnData) -> TrainState:
     saliency = _saliency_mask(run, data) if run.spec.preset.saliency else None
     split = run.model.split
     build = jax.jit(
-        lambda full, mask: init_state(split.select(full), split, run.optimizer, mask),
+        lambda full, mask: init_state(split.select(full), run.optimizer, mask),
         out_shardings=run.state_shardings,
     )
     return build(run.frozen, saliency)

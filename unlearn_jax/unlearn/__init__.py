@@ -17,14 +17,12 @@ Modules:
   forget    -- forget terms: `neggrad`, `remap`, `esd`, `noise`.
   retain    -- retain terms: `retain_dm`, `retain_distill`, `anchor`.
   combine   -- the algebra of the combiners (Gram matrix, norms, cosine, the
-               projection coefficient, a g_f + b g_r) and SalUn's saliency mask
-               over the flat gradient vector.
+               projection coefficient, a g_f + b g_r) and SalUn's saliency mask,
+               on {name: array} dicts shaped like the parameters.
   registry  -- names -> terms and combiners (a combiner maps the Gram matrix of
                (g_f, g_r) to the coefficients of g = a g_f + b g_r), the named
                presets, `trainable_mask`.
-  params    -- `ParamSplit`: which parameters train, and the flat float32
-               vector (padded to `PAD_MULTIPLE`) their gradients and optimizer
-               state live in; `param_paths`.
+  params    -- `ParamSplit`: which parameters train, by name; `param_paths`.
   step      -- `term_grads` (forget/retain gradients with respect to the
                trainable parameters) and `combine_term_grads` (the preset's
                combiner, then the saliency mask), as `trainer.train_step` calls them.

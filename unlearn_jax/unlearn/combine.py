@@ -6,11 +6,12 @@ holds what they and `step.combine_term_grads` compute with: the Gram matrix,
 norms, the cosine, the projection coefficient, the combination itself, and
 the saliency mask and its application.
 
-The train step calls these on the flat float32 gradient vectors of
-`params.ParamSplit` (a pytree of one leaf); all but `saliency_mask` work on
-any pytree of arrays. Inner products and norms are global across the whole
-pytree and accumulated in float32, whatever the leaf dtype; combined
-gradients keep the dtype of g_f.
+The train step calls these on {name: float32 array} gradients shaped like the
+trainable parameters (`params.ParamSplit`); all work on any pytree of arrays.
+Inner products and norms are global across the whole pytree and accumulated
+in float32, whatever the leaf dtype; combined gradients keep the dtype of g_f.
+Per-leaf reductions never ravel a leaf, so an FSDP-sharded leaf stays a
+per-device partial sum.
 """
 
 from __future__ import annotations
@@ -24,11 +25,34 @@ import jax.numpy as jnp
 PyTree = Any
 
 
+def _leaf_dot(x: jax.Array, y: jax.Array) -> jax.Array:
+    """⟨x, y⟩ of two same-shaped arrays in float32, as a reduction over all axes.
+
+    Not `vdot` of raveled arrays: raveling an array sharded along a minor axis
+    (FSDP) makes XLA gather it whole on every device first.
+    """
+    return jnp.sum(x.astype(jnp.float32) * y.astype(jnp.float32))
+
+
+def _total(parts: list[jax.Array], shape: tuple[int, ...]) -> jax.Array:
+    """The sum of per-leaf partial results (float32 arrays of one shape), computed once.
+
+    Not a Python `sum` (a chain of one add per leaf) nor a bare reduction of
+    their stack, which XLA rewrites into that chain: the chain is cheap, so XLA
+    fuses (copies) it into every per-leaf consumer of the total, e.g. every
+    leaf of `linear_combination` reads the Gram matrix through the combiner's
+    coefficients, and the program grows with the square of the number of
+    leaves. The optimization barrier keeps the stacked partials whole.
+    """
+    if not parts:
+        return jnp.zeros(shape, jnp.float32)
+    return jnp.sum(jax.lax.optimization_barrier(jnp.stack(parts)), axis=0)
+
+
 def _leaf_gram(x: jax.Array, y: jax.Array) -> jax.Array:
     """[[⟨x,x⟩, ⟨x,y⟩], [⟨y,x⟩, ⟨y,y⟩]] of one leaf pair, float32 [2, 2]."""
-    x, y = x.astype(jnp.float32).ravel(), y.astype(jnp.float32).ravel()
-    dot = jnp.vdot(x, y)
-    return jnp.stack([jnp.stack([jnp.vdot(x, x), dot]), jnp.stack([dot, jnp.vdot(y, y)])])
+    dot = _leaf_dot(x, y)
+    return jnp.stack([jnp.stack([_leaf_dot(x, x), dot]), jnp.stack([dot, _leaf_dot(y, y)])])
 
 
 def tree_gram(a: PyTree, b: PyTree) -> jax.Array:
@@ -36,19 +60,14 @@ def tree_gram(a: PyTree, b: PyTree) -> jax.Array:
 
     Everything a combiner needs (norms, inner product, cosine, the norm of
     any combination a g_f + b g_r) in one pass: three reductions per leaf
-    instead of one per leaf and quantity (XLA's compile time grows with the
-    number of separate reductions).
+    instead of one per leaf and quantity.
     """
-    parts = jax.tree.leaves(jax.tree.map(_leaf_gram, a, b))
-    return sum(parts, jnp.zeros((2, 2), jnp.float32))
+    return _total(jax.tree.leaves(jax.tree.map(_leaf_gram, a, b)), (2, 2))
 
 
 def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
     """Global inner product ⟨a, b⟩ of two pytrees of the same structure, float32 scalar."""
-    parts = jax.tree.map(
-        lambda x, y: jnp.vdot(x.astype(jnp.float32).ravel(), y.astype(jnp.float32).ravel()), a, b
-    )
-    return sum(jax.tree.leaves(parts), jnp.zeros((), jnp.float32))
+    return _total(jax.tree.leaves(jax.tree.map(_leaf_dot, a, b)), ())
 
 
 def tree_norm(a: PyTree) -> jax.Array:
@@ -81,23 +100,32 @@ def combination_norm(a: jax.Array, b: jax.Array, gram: jax.Array) -> jax.Array:
     return jnp.sqrt(jnp.maximum(sq, 0.0))
 
 
-def project_coefficient(gram: jax.Array, lam: float | jax.Array, strict: bool = False) -> jax.Array:
-    """c of the projected update g = g_f + c g_r, from the Gram matrix of (g_f, g_r), float32.
+def project_coefficient(
+    gram: jax.Array, lam: float | jax.Array, strict: bool = False, rounding: float = 0.0
+) -> tuple[jax.Array, jax.Array]:
+    """(c, projected) of the projected update g = g_f + c g_r, from the Gram of (g_f, g_r).
 
     g = g_f − [⟨g_f,g_r⟩/‖g_r‖²] g_r + λ g_r, the bracket applied only on
     conflict (⟨g_f, g_r⟩ < 0), or always when `strict`: the component of g_f
     along g_r is removed, so a forget step cannot undo the retain objective
-    to first order (PCGrad-style); otherwise g_f is kept as is. A zero g_r
-    leaves c = λ (and g_f unchanged).
+    to first order (PCGrad-style); otherwise g_f is kept as is. A g_r with
+    ‖g_r‖ ≤ rounding · ‖g_f‖ (zero included) is not projected on: c = λ.
+    Such a g_r is rounding (see `UnlearnHParams.project_rounding`), and its
+    direction says nothing about the retain objective.
 
     Args:
       gram: [2, 2] float32, `tree_gram(g_f, g_r)`.
       lam: λ, the retain weight.
       strict: project whatever the sign of ⟨g_f, g_r⟩.
+      rounding: the ratio ‖g_r‖/‖g_f‖ at or below which g_r is ignored.
+    Returns:
+      c (float32), and whether the g_r component was removed (bool scalar).
     """
     dot, norm_sq = gram[0, 1], gram[1, 1]
-    remove = (norm_sq > 0) & ((dot < 0) | strict)
-    return lam - jnp.where(remove, dot / jnp.where(norm_sq > 0, norm_sq, 1.0), 0.0)
+    significant = norm_sq > jnp.float32(rounding) ** 2 * gram[0, 0]
+    remove = (norm_sq > 0) & significant & ((dot < 0) | strict)
+    c = lam - jnp.where(remove, dot / jnp.where(norm_sq > 0, norm_sq, 1.0), 0.0)
+    return jnp.asarray(c, jnp.float32), remove
 
 
 def saliency_keep_count(keep_fraction: float, total: int) -> int:
@@ -106,27 +134,27 @@ def saliency_keep_count(keep_fraction: float, total: int) -> int:
 
 
 def saliency_mask(
-    accumulated_forget_grad: jax.Array, keep_fraction: float, size: int | None = None
-) -> jax.Array:
-    """SalUn's mask: the entries of the flat gradient with the largest |g|.
+    accumulated_forget_grad: list[jax.Array], keep_fraction: float
+) -> list[jax.Array]:
+    """SalUn's mask: the parameter entries with the largest |g| over all leaves together.
 
-    Only the first `size` entries compete (default: all); the entries after
-    them (`ParamSplit`'s zero padding) are never selected. Exactly
-    `saliency_keep_count(keep_fraction, size)` entries are True. Ties at the
-    threshold go to the earlier entries, so the mask is deterministic. One
-    sort of all |g| values (float32).
+    Exactly `saliency_keep_count(keep_fraction, total entries)` entries are
+    True. Ties at the threshold go to the earlier entries in the order of the
+    leaves, then row-major within a leaf, so the mask is deterministic. One
+    sort of all |g| values (float32); it runs once, before step 0.
 
     Args:
-      accumulated_forget_grad: [n], the forget gradient summed over the forget
-        set, flat (`ParamSplit.flatten`, n = padded_size).
+      accumulated_forget_grad: the forget gradient summed over the forget set,
+        one array per trainable leaf in the split's order (`ParamSplit.ordered`).
       keep_fraction: in [0, 1].
-      size: number of real entries (`ParamSplit.size`), at most n.
     Returns:
-      bool [n].
+      bool arrays shaped like the leaves, in the same order.
     """
-    n = accumulated_forget_grad.shape[0]
-    size = n if size is None else size
-    magnitudes = jnp.abs(accumulated_forget_grad[:size].astype(jnp.float32))
+    shapes = [g.shape for g in accumulated_forget_grad]
+    magnitudes = jnp.concatenate(
+        [jnp.abs(g.astype(jnp.float32)).ravel() for g in accumulated_forget_grad]
+    )
+    size = magnitudes.shape[0]
     keep = saliency_keep_count(keep_fraction, size)
     if keep == 0:
         mask = jnp.zeros((size,), bool)
@@ -139,7 +167,12 @@ def saliency_mask(
         # Of the entries equal to the threshold, take the first ones until `keep` are in.
         room = keep - jnp.sum(above)
         mask = above | (at_threshold & (jnp.cumsum(at_threshold) <= room))
-    return jnp.concatenate([mask, jnp.zeros((n - size,), bool)])
+    out, offset = [], 0
+    for shape in shapes:
+        n = math.prod(shape)
+        out.append(mask[offset : offset + n].reshape(shape))
+        offset += n
+    return out
 
 
 def apply_mask(grads: PyTree, mask: PyTree) -> PyTree:

@@ -29,6 +29,12 @@ class UnlearnHParams:
         the conditional branch has weight 1.
       retain_weight: λ of the `sum` and `project` combiners, g = g_f' + λ g_r.
       strict: `project` always removes the g_r component (not only on conflict).
+      project_rounding: `project` treats g_r as zero (no projection) when
+        ‖g_r‖ ≤ project_rounding · ‖g_f‖. A retain gradient that small is
+        rounding, not signal: retain_distill's gradient at θ = θ0 is exactly 0
+        when student and teacher compile alike, and ~1e-7 of its parts when
+        they do not, and projecting on it would remove g_f's component along
+        a direction that is noise. 1e-5 is ~100 float32 ulps.
       erasediff_eta: η of EraseDiff's adaptive weight λ = max(η − cos(g_r, g_f), 0).
       erasediff_lambda: a fixed EraseDiff λ instead of the adaptive one (None: adaptive).
       keep_fraction: SalUn saliency: fraction of parameters (by |forget gradient|)
@@ -40,6 +46,7 @@ class UnlearnHParams:
     uncond_weight: float = 1.0
     retain_weight: float = 1.0
     strict: bool = False
+    project_rounding: float = 1e-5
     erasediff_eta: float = 1.0
     erasediff_lambda: float | None = None
     keep_fraction: float = 0.5
@@ -52,3 +59,8 @@ class UnlearnHParams:
             )
         if not 0.0 <= self.keep_fraction <= 1.0:
             raise ValueError(f"keep_fraction must lie in [0, 1], got {self.keep_fraction}")
+        if not 0.0 <= self.project_rounding < 1.0:
+            raise ValueError(
+                f"project_rounding must lie in [0, 1), got {self.project_rounding}; it is "
+                "the ratio ‖g_r‖/‖g_f‖ below which `project` ignores g_r (default 1e-5)"
+            )

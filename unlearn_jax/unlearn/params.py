@@ -1,21 +1,18 @@
-"""Which parameters train, and the flat float32 vector the update works on.
+"""Which parameters train, and their names.
 
 `ParamSplit` splits a parameter pytree (e.g. a UNet's pure dict) into the
 trainable leaves, chosen by a group or regex (`registry.trainable_mask`), and
 the rest, which stays θ0's own arrays. The trainable leaves travel as a dict
 keyed by the '.'-joined path (`down_blocks.0.attentions.0....attn2.to_k.kernel`,
-readable in a checkpoint without the model code) and are differentiated as
-such; their gradients are then raveled and concatenated in `jax.tree.leaves`
-order into ONE flat float32 vector, zero-padded to a multiple of
-`PAD_MULTIPLE`. Why both:
-
-  * gradients are taken with respect to the per-leaf parameters (the
-    gradient of slicing a flat vector compiles slowly), then concatenated
-    once; combination, clipping and the optimizer update are then a handful
-    of operations on one vector instead of a handful per leaf: this halves
-    the XLA compile time of a train step (45 s -> 20 s for a tiny UNet on
-    two CPU cores), and at 860M parameters it is fewer, bigger kernels;
-  * optimizer state and checkpoints scale with what trains, not with the UNet.
+readable in a checkpoint without the model code). Their gradients, optimizer
+state and SalUn's mask are dicts of the same names and shapes: every buffer
+of the train step has its parameter's shape, hence its parameter's FSDP
+sharding (`trainer.sharding.param_spec`), and nothing the size of all
+parameters is ever concatenated. (An earlier layout kept the optimizer state
+over ONE flat float32 vector of every trainable entry: the concatenations it
+needed were parameter-sized temporaries, about ten in an SD-1.5 step, and
+under FSDP XLA gathered every leaf whole to build them, so sharding did not
+divide them. `trainer.checkpoints` refuses to resume such a checkpoint.)
 
 Everything outside the trainable set is inserted at use by `ParamSplit.merge`;
 it cannot change, so export writes it back bit for bit. When the text encoder
@@ -29,18 +26,12 @@ import dataclasses
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from unlearn_jax.unlearn.registry import ParamPath, trainable_mask
 
 PyTree = Any
 NamedParams = dict[str, jax.Array]
-
-# The flat vector's length is padded to a multiple of this, so that it shards
-# evenly over any power-of-two number of devices up to it (the padding never
-# reaches the model and has zero gradient).
-PAD_MULTIPLE = 1024
 
 
 def _key_name(entry: Any) -> str | int:
@@ -67,14 +58,14 @@ def param_paths(params: PyTree) -> list[ParamPath]:
 
 @dataclasses.dataclass(frozen=True)
 class ParamSplit:
-    """The trainable/frozen split of a parameter pytree, and the flat layout of the trainable part.
+    """The trainable/frozen split of a parameter pytree, and the names of the trainable leaves.
 
     Attributes:
       treedef: structure of the full parameter pytree (e.g. a UNet's pure dict).
       names: '.'-joined path of every leaf, in `jax.tree.leaves` order.
       mask: per leaf, whether it trains.
       shapes: shape of each trainable leaf, in order.
-      size: number of trainable entries (the unpadded length of the flat vector).
+      size: number of trainable entries.
     """
 
     treedef: Any
@@ -109,10 +100,6 @@ class ParamSplit:
         return cls(jax.tree.structure(params), names, mask, shapes, size)
 
     @property
-    def padded_size(self) -> int:
-        return -(-self.size // PAD_MULTIPLE) * PAD_MULTIPLE
-
-    @property
     def trainable_names(self) -> tuple[str, ...]:
         return tuple(n for n, m in zip(self.names, self.mask) if m)
 
@@ -122,24 +109,12 @@ class ParamSplit:
         return {n: x for n, x, m in zip(self.names, leaves, self.mask) if m}
 
     def ordered(self, named: NamedParams) -> list[jax.Array]:
-        """The values of a {name: array} dict in the split's (flat-vector) order."""
+        """The values of a {name: array} dict in the split's (`jax.tree.leaves`) order."""
         return [named[n] for n in self.trainable_names]
 
-    def flatten(self, trainable: NamedParams | list[jax.Array]) -> jax.Array:
-        """Trainable leaves ({name: array} or an ordered list) -> flat float32 [padded_size]."""
-        leaves = self.ordered(trainable) if isinstance(trainable, dict) else trainable
-        parts = [jnp.ravel(x).astype(jnp.float32) for x in leaves]
-        parts.append(jnp.zeros((self.padded_size - self.size,), jnp.float32))
-        return jnp.concatenate(parts)
-
-    def unflatten(self, flat: jax.Array) -> NamedParams:
-        """{name: array} of the trainable leaves from the flat vector."""
-        out, offset = {}, 0
-        for name, shape in zip(self.trainable_names, self.shapes):
-            n = int(np.prod(shape, dtype=np.int64))
-            out[name] = flat[offset : offset + n].reshape(shape)
-            offset += n
-        return out
+    def named(self, ordered: list[jax.Array]) -> NamedParams:
+        """Inverse of `ordered`: {name: array} from the values in the split's order."""
+        return dict(zip(self.trainable_names, ordered, strict=True))
 
     def merge(self, trainable: NamedParams, full: PyTree) -> PyTree:
         """`full` with its trainable leaves replaced by `trainable` (cast to the leaves' dtypes)."""

@@ -55,7 +55,10 @@ def _sum(gram: jax.Array, hp: UnlearnHParams) -> tuple[jax.Array, jax.Array, dic
 
 
 def _project(gram: jax.Array, hp: UnlearnHParams) -> tuple[jax.Array, jax.Array, dict]:
-    return jnp.float32(1.0), combine.project_coefficient(gram, hp.retain_weight, hp.strict), {}
+    c, projected = combine.project_coefficient(
+        gram, hp.retain_weight, hp.strict, hp.project_rounding
+    )
+    return jnp.float32(1.0), c, {"projected": projected.astype(jnp.float32)}
 
 
 def _erasediff(gram: jax.Array, hp: UnlearnHParams) -> tuple[jax.Array, jax.Array, dict]:

@@ -473,7 +473,7 @@ def write_grids(report: dict[str, Any], workdir: Path, prompts, count: int = 6) 
         preset = get_preset(config.unlearn.method)
         split = ParamSplit.from_params(theta0, config.unlearn.get("params") or preset.params)
         model = experiment.Model(original, theta0, None, split)
-        _, trainable = restore_latest(config, model, run_dir, preset.saliency, entry["step"])
+        _, trainable = restore_latest(model, run_dir, entry["step"])
         unets[method] = split.merge(trainable, theta0)
     for name, every, stride in (
         ("forget", prompts["forget"], 4),
