@@ -112,6 +112,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.unlearn.hparams.uncond_weight = config_dict.placeholder(float)
     config.unlearn.hparams.retain_weight = config_dict.placeholder(float)
     config.unlearn.hparams.strict = config_dict.placeholder(bool)
+    config.unlearn.hparams.project_rounding = config_dict.placeholder(float)
     config.unlearn.hparams.erasediff_eta = config_dict.placeholder(float)
     config.unlearn.hparams.erasediff_lambda = config_dict.placeholder(float)
     config.unlearn.hparams.keep_fraction = config_dict.placeholder(float)
@@ -122,6 +123,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.grad_accum = 1  # micro-batches per step (batch_size must divide)
     config.train.remat = False  # recompute UNet block activations in the backward pass
     config.train.dtype = "float32"  # UNet compute dtype: float32 | bfloat16 (params stay f32)
+    # θ0 (the teacher and the frozen weights) held in float32 or in the compute dtype
+    # ("compute": a bfloat16 θ0 when train.dtype is bfloat16, half its memory; the
+    # network casts parameters to the compute dtype anyway, so results are unchanged).
+    config.train.frozen_dtype = "float32"  # float32 | compute
     config.train.log_every = 10
     config.train.force_resume = False  # resume a workdir although the run's fingerprint changed
     config.train.progress = True
@@ -135,6 +140,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optim.b1 = 0.9
     config.optim.b2 = 0.999
     config.optim.eps = 1e-8
+    config.optim.mu_dtype = "float32"  # Adam's first moment: float32 | bfloat16 (half memory)
     config.optim.weight_decay = 0.0  # adamw only
     config.optim.momentum = 0.0  # sgd only
     config.optim.schedule = "constant"  # constant | cosine | linear

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import types
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -26,7 +27,13 @@ from unlearn_jax.trainer.checkpoints import (
 )
 from unlearn_jax.trainer.evaluation import register_forget_classifier
 from unlearn_jax.trainer.state import TrainState, make_optimizer
-from unlearn_jax.trainer.train import NonFiniteLossError, evaluate, export, train_and_evaluate
+from unlearn_jax.trainer.train import (
+    NonFiniteLossError,
+    evaluate,
+    export,
+    frozen_theta0,
+    train_and_evaluate,
+)
 from unlearn_jax.trainer.writers import read_metrics
 
 UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
@@ -236,6 +243,34 @@ def test_flat_optimizer_state_checkpoint_is_refused_but_still_exports(full_run, 
     cfg = config(micro, eval__seeds=1, eval__steps=2)
     reference_lpips = evaluate(cfg, full_run[0])["integrity_lpips"]
     assert evaluate(cfg, workdir)["integrity_lpips"] == reference_lpips
+
+
+def test_bfloat16_theta0_trains_bit_for_bit_like_float32_theta0(micro, tmp_path):
+    """train.frozen_dtype="compute": θ0 held in bfloat16 when the compute dtype is bfloat16.
+
+    The network casts its parameters to bfloat16 where it reads them, so the
+    same run with a bfloat16 θ0 (half its memory) must give the same weights and
+    metrics, and distillation is still exactly zero at θ0.
+    """
+    stand_in = types.SimpleNamespace(theta0={"w": jnp.ones(3), "ids": jnp.arange(3)})
+    cast = frozen_theta0(
+        config(micro, train__dtype="bfloat16", train__frozen_dtype="compute"), stand_in
+    )
+    assert cast["w"].dtype == jnp.bfloat16 and cast["ids"].dtype == jnp.int32
+    assert frozen_theta0(config(micro, train__dtype="bfloat16"), stand_in) is stand_in.theta0
+    results, weights = {}, {}
+    for frozen_dtype in ("float32", "compute"):
+        workdir = tmp_path / frozen_dtype
+        cfg = config(micro, train__dtype="bfloat16", train__frozen_dtype=frozen_dtype)
+        results[frozen_dtype] = train_and_evaluate(cfg, workdir)
+        assert read_metrics(workdir)[0]["retain/loss"] == 0.0
+        weights[frozen_dtype] = load_file(
+            export(workdir, tmp_path / f"{frozen_dtype}_out") / UNET_FILE
+        )
+    assert results["compute"] == results["float32"]
+    for key, value in weights["float32"].items():
+        assert weights["compute"][key].dtype == value.dtype == np.float32
+        np.testing.assert_array_equal(weights["compute"][key], value, err_msg=key)
 
 
 def test_workdir_of_another_run_is_refused(full_run, micro):

@@ -218,6 +218,11 @@ def plan_train_step(
     graphdef, state = _abstract_unet(model, dtype, remat)
     theta0 = state.to_pure_dict()
     split = ParamSplit.from_params(theta0, group)
+    # As train.frozen_theta0 holds it: float32, or (train.frozen_dtype="compute") `dtype`.
+    frozen_dtype = config.train.get("frozen_dtype", "float32")
+    frozen = theta0
+    if frozen_dtype == "compute":
+        frozen = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.dtype(dtype)), theta0)
     schedule = schedule_from_config(model.scheduler_config)
     diffusion = DiffusionModel(
         lambda p, x_t, t, context: nnx.merge(graphdef, p)(x_t, t, context),
@@ -226,7 +231,7 @@ def plan_train_step(
     )
 
     # As trainer.train jits it: state donated, θ0 separate, batch [micro_steps, B, ...].
-    theta0_shardings = sharding.param_shardings(mesh, theta0)
+    theta0_shardings = sharding.param_shardings(mesh, frozen)
     abstract = abstract_state(split, theta0, optimizer, preset.saliency)
     state_shardings = sharding.param_shardings(mesh, abstract)
     latent = model.latent_shape(height, width)
@@ -269,7 +274,7 @@ def plan_train_step(
     compiled, seconds = _compile(
         jitted,
         _placed(abstract, state_shardings),
-        _placed(theta0, theta0_shardings),
+        _placed(frozen, theta0_shardings),
         example_batch,
         key,
     )
@@ -292,6 +297,8 @@ def plan_train_step(
             "batch_per_device": batch // devices,
             "remat": remat,
             "dtype": dtype,
+            "frozen_dtype": frozen_dtype,
+            "mu_dtype": config.optim.get("mu_dtype", "float32"),
             "latent_shape": list(latent),
         },
         memory=memory_of(compiled),

@@ -55,7 +55,12 @@ def program_label(program: Mapping[str, Any]) -> str:
     mesh = f"{s['mesh']['data']}x{s['mesh']['fsdp']}"
     dtype = {"float32": "f32", "bfloat16": "bf16"}[s["dtype"]]
     if program["kind"] == "train":
-        return f"train {s['method']} {mesh} {dtype}" + (" remat" if s["remat"] else "")
+        extras = [
+            "remat" if s["remat"] else "",
+            f"{dtype} θ0" if s.get("frozen_dtype") == "compute" and dtype != "f32" else "",
+            "bf16 mu" if s.get("mu_dtype") == "bfloat16" else "",
+        ]
+        return " ".join([f"train {s['method']} {mesh} {dtype}", *filter(None, extras)])
     return f"sample {s['steps']} steps cfg {s['guidance']:g} {mesh} {dtype}"
 
 

@@ -66,11 +66,14 @@ RANGES: dict[str, tuple[str, float, float, bool]] = {
     "unlearn.hparams.erasediff_eta": ("float", -_INF, _INF, False),
     "unlearn.hparams.erasediff_lambda": ("float", 0.0, _INF, False),
     "unlearn.hparams.keep_fraction": ("float", 0.0, 1.0, True),
+    "unlearn.hparams.project_rounding": ("float", 0.0, 1.0, False),
 }
 
 # field -> the values it may take (checked when the config has the field).
 CHOICES: dict[str, tuple[str, ...]] = {
     "eval.attack.method": ("", "none", "embedding", "context"),
+    "train.frozen_dtype": ("float32", "compute"),
+    "optim.mu_dtype": ("float32", "bfloat16"),
 }
 
 

@@ -170,6 +170,7 @@ def resolve_run(config: ml_collections.ConfigDict) -> RunSpec:
         "model.path": _model_path_key(config.model.path),
         "model.variant": config.model.get("variant"),
         "train.dtype": config.train.get("dtype", "float32"),
+        # Not "train.frozen_dtype": a θ0 cast to the compute dtype computes the same.
         "forget.prompts": _prompt_summary(forget),
         "forget.anchor": config.forget.anchor,
         "forget.images": config.forget.get("images") or "",

@@ -245,15 +245,32 @@ def _saliency_mask(run: _Run, data: UnlearnData) -> dict[str, jax.Array]:
     return split.named(masks)
 
 
+def frozen_theta0(config: ml_collections.ConfigDict, model: experiment.Model) -> PyTree:
+    """θ0 as the train step and evaluation hold it: float32, or the compute dtype.
+
+    train.frozen_dtype="compute" casts every floating leaf to train.dtype. The
+    network casts its parameters to the compute dtype where it reads them, so a
+    θ0 cast beforehand computes bit for bit the same and takes half the memory
+    in bfloat16. The trainable parameters and the optimizer stay float32 (they
+    start from the float32 θ0, `_initial_state`).
+    """
+    if config.train.get("frozen_dtype", "float32") != "compute":
+        return model.theta0
+    dtype = experiment.DTYPES[config.train.get("dtype", "float32")]
+    cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+    return jax.tree.map(cast, model.theta0)
+
+
 def _initial_state(run: _Run, data: UnlearnData) -> TrainState:
-    """Step 0: a copy of θ0's trainable part, fresh optimizer state, SalUn's mask if needed."""
+    """Step 0: a copy of θ0's trainable part (float32), fresh optimizer state, SalUn's mask."""
     saliency = _saliency_mask(run, data) if run.spec.preset.saliency else None
     split = run.model.split
+    trainable = split.select(run.model.theta0)
     build = jax.jit(
-        lambda full, mask: init_state(split.select(full), run.optimizer, mask),
+        lambda trainable, mask: init_state(trainable, run.optimizer, mask),
         out_shardings=run.state_shardings,
     )
-    return build(run.frozen, saliency)
+    return build(trainable, saliency)
 
 
 # ---------------------------------------------------------------------------
@@ -328,8 +345,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         workdir, spec.fingerprint, _json_config(config), force_resume=config.train.force_resume
     )
     # 2. Placement on the mesh.
-    frozen = jax.device_put(model.theta0, param_shardings(mesh, model.theta0))
-    abstract = abstract_state(model.split, frozen, optimizer, spec.preset.saliency)
+    frozen = jax.device_put(frozen_theta0(config, model), param_shardings(mesh, model.theta0))
+    abstract = abstract_state(model.split, model.theta0, optimizer, spec.preset.saliency)
     state_shardings = param_shardings(mesh, abstract)
     checkpoints = Checkpoints(workdir, keep=config.checkpoint.keep)
     run = _Run(config, workdir, spec, model, mesh, optimizer, frozen, state_shardings, checkpoints)
