@@ -44,6 +44,13 @@ TFLOP per 512x512 UNet image-forward, H100 at ~40% of 989 TFLOP/s bf16):
     ≈ 105 PFLOP ≈ 4.5 min.
   Total on one H100 ≈ 7 min of compute plus a few minutes of compilation: ~10-13 min.
 Expected results: not measured yet at this scale.
+
+Memory per device (planner estimates, XLA:CPU, 8 devices, bf16 compute, batch 1 per
+device; README "Planning a run"): data parallel with --config.train.frozen_dtype=compute
+--config.optim.mu_dtype=bfloat16 peaks at 38.8 GiB, FSDP (--config.mesh.data=1
+--config.mesh.fsdp=8) at 30.2 GiB. Both fit an 80 GB A100/H100; neither fits TPU v4 or
+v5e. The materialised attention probabilities dominate that estimate, and on GPU the
+cuDNN kernel never writes them.
 """
 
 from unlearn_jax.trainer.config_file import import_config_module
