@@ -56,7 +56,7 @@ from pathlib import Path
 import numpy as np
 
 from unlearn_jax.benchmarks.accelerator_report import markdown_table, summarize
-from unlearn_jax.benchmarks.common import cores, run_worker
+from unlearn_jax.benchmarks.common import cores, run_worker, serve_worker
 
 WORKER_MODULE = "unlearn_jax.benchmarks.accelerator"
 DEFAULTS = {  # per model: denoising steps, sampling batch sizes, train batch per term
@@ -268,6 +268,9 @@ def ours_worker(spec: dict, workdir: Path) -> dict:
     }
 
 
+WORKERS = {"diffusers": diffusers_worker, "ours": ours_worker}
+
+
 # ---------------------------------------------------------------------------
 # Parent: the model folder, the workers, the train step, the summary
 # ---------------------------------------------------------------------------
@@ -400,12 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    if args.worker:  # child of common.run_worker(): one JSON line on stdout
-        spec = json.loads((args.workdir / "spec.json").read_text())
-        worker = diffusers_worker if args.worker == "diffusers" else ours_worker
-        result = worker(spec, args.workdir)
-        print(json.dumps(result))
-        return result
+    if args.worker:  # child of common.run_worker()
+        return serve_worker(args.workdir, WORKERS[args.worker])
     result = run_benchmark(args)
     table = markdown_table(result)
     print(table)

@@ -78,6 +78,17 @@ def run_worker(module: str, name: str, workdir: Path, env: dict | None = None) -
     return result
 
 
+def serve_worker(workdir: Path, run) -> dict:
+    """The worker's side of `run_worker`: `run(spec, workdir)` with the spec the parent
+    wrote to workdir/spec.json; its result printed as the last stdout line (JSON)."""
+    import json
+
+    spec = json.loads((workdir / "spec.json").read_text())
+    result = run(spec, workdir)
+    print(json.dumps(result))
+    return result
+
+
 def proc_status_mb(field: str) -> float | None:
     """A memory line of /proc/self/status ('VmRSS', 'VmHWM') in MiB; None where there is none."""
     try:

@@ -68,6 +68,7 @@ from unlearn_jax.benchmarks.common import (
     markdown_rows,
     pin_threads,
     run_worker,
+    serve_worker,
     timed_loop,
 )
 from unlearn_jax.benchmarks.torch_train_step import run_torch, torch_trainable
@@ -465,13 +466,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    if args.worker:  # child of common.run_worker(): one JSON line on stdout
-        spec = json.loads((args.workdir / "spec.json").read_text())
-        pin_threads(spec["threads"])  # before JAX/torch create their thread pools
+    if args.worker:  # child of common.run_worker()
         run = run_ours if args.worker == "ours" else run_torch
-        result = run(spec, args.workdir)
-        print(json.dumps(result))
-        return result
+
+        def pinned(spec: dict, workdir: Path) -> dict:
+            pin_threads(spec["threads"])  # before JAX/torch create their thread pools
+            return run(spec, workdir)
+
+        return serve_worker(args.workdir, pinned)
     result = run_benchmark(args)
     print(markdown_table(result))
     if args.out:

@@ -182,8 +182,6 @@ def save_sd_folder(pipe, path: str | Path, words: Sequence[str], max_length: int
 
 def build_tiny_model(seed: int = 0):
     """The benchmarks' random SD-1.x-architecture `StableDiffusionPipeline` (float32)."""
-    import torch
-
     pipe = build_sd_pipeline(
         seed=seed,
         unet=dict(
@@ -209,15 +207,24 @@ def build_tiny_model(seed: int = 0):
         words=WORDS,
         max_length=MAX_LENGTH,
     )
-    # A random UNet under guidance 7.5 makes sampling chaotic: moving the initial
-    # latents by 1e-5 changes diffusers' own 20-step images by 0.35, so float32
-    # round-off would decide any comparison between two frameworks. Smaller
-    # outputs (eps std ~0.06 instead of ~0.6) keep that sensitivity at ~5e-4
-    # and leave the compute unchanged. A trained model is stable by itself.
+    return scale_unet_output_(pipe)  # float32, as built
+
+
+def scale_unet_output_(pipe):
+    """Scales the UNet's output layer by `UNET_OUTPUT_SCALE`, in place; returns `pipe`.
+
+    A random UNet under guidance 7.5 makes sampling chaotic: moving the initial
+    latents by 1e-5 changes diffusers' own 20-step images by 0.35, so float32
+    round-off would decide any comparison between two frameworks. Smaller
+    outputs (eps std ~0.06 instead of ~0.6) keep that sensitivity at ~5e-4
+    and leave the compute unchanged. A trained model is stable by itself.
+    """
+    import torch
+
     with torch.no_grad():
         pipe.unet.conv_out.weight.mul_(UNET_OUTPUT_SCALE)
         pipe.unet.conv_out.bias.mul_(UNET_OUTPUT_SCALE)
-    return pipe  # float32, as built
+    return pipe
 
 
 def build_sd15_model(seed: int = 0):
@@ -229,7 +236,6 @@ def build_sd15_model(seed: int = 0):
     and overflow fp16), with the UNet's output scaled by `UNET_OUTPUT_SCALE` as in
     `build_tiny_model`, so that 50 guided steps stay far from fp16's range.
     """
-    import torch
 
     from unlearn_jax.planning.models import SD15_UNET_CONFIG
 
@@ -259,10 +265,7 @@ def build_sd15_model(seed: int = 0):
         max_length=MAX_LENGTH,
         perturbation=0.0,
     )
-    with torch.no_grad():
-        pipe.unet.conv_out.weight.mul_(UNET_OUTPUT_SCALE)
-        pipe.unet.conv_out.bias.mul_(UNET_OUTPUT_SCALE)
-    return pipe
+    return scale_unet_output_(pipe)
 
 
 def quiet_hf_logging() -> None:
