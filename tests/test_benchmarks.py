@@ -173,3 +173,39 @@ def test_accelerator_benchmark_names_the_fix_for_an_unknown_model(tmp_path):
 
     with pytest.raises(SystemExit, match="Fix: --model sd15, --model tiny"):
         accelerator._model_folder(str(tmp_path / "nothing"), tmp_path)
+
+
+def test_accelerator_report_keeps_sampling_when_the_train_step_fails():
+    """A failed train step (e.g. out of GPU memory) is reported, the sampling figures kept."""
+    import numpy as np
+
+    from unlearn_jax.benchmarks.accelerator_report import markdown_table, summarize
+
+    device = {"backend": "gpu", "device_kind": "NVIDIA H100 80GB HBM3", "chip": "H100 SXM",
+              "datasheet_bf16_tflops": 989.0, "matmul_dtype": "bfloat16",
+              "measured_matmul_tflops": 790.0}  # fmt: skip
+    batch = {"images_per_s": 6.0, "first_call_s": 40.0, "compile_s": 39.0, "jax_compile_s": 38.0,
+             "compile_by_program_s": {"_sample_loop": 30.0}}  # fmt: skip
+    ours = {"by_batch": {"8": batch}, "best_batch": 8, "images_per_s": 6.0, "dtype": "bfloat16",
+            "skipped_batch_sizes": [16], "device_peak_mb": 9000.0, "flops_per_image": 70.2e12,
+            "flop_count_compile_s": 20.0, "device": device}  # fmt: skip
+    theirs = {"by_batch": {"8": {"images_per_s": 4.0}}, "best_batch": 8, "images_per_s": 4.0,
+              "dtype": "float16", "skipped_batch_sizes": [], "device_peak_mb": 8000.0}  # fmt: skip
+    config = {"model": "sd15", "precision": "half", "steps": 50, "guidance": 7.5, "cores": 16,
+              "load_average": [0.1], "load_average_after": [0.2], "train_method": "distill",
+              "train_batch_per_term": 2}  # fmt: skip
+    images = {"ours": np.zeros((8, 4, 4, 3)), "diffusers": np.full((8, 4, 4, 3), 0.25)}
+    failed = {"error": "the ours worker failed:\n...\nRESOURCE_EXHAUSTED: Out of memory"}
+    result = summarize(config, ours, theirs, failed, images)
+    result["elapsed_s"] = 400.0
+    assert result["sampling"]["speedup_vs_diffusers"] == 1.5
+    assert result["sampling"]["floor_share"]["ours"]["datasheet"] == pytest.approx(
+        70.2e12 * 6.0 / 989e12
+    )
+    assert result["sampling"]["images"]["max_abs_diff"] == 0.25
+    assert result["train_step"] == failed
+    assert any("Out of memory" in note for note in result["not_measured"])
+    table = markdown_table(result)
+    assert "failed (see not measured)" in table and "1.50x" in table
+    assert "42.6%" in table  # 70.2 TFLOP x 6 img/s of 989 TFLOP/s
+    assert "{'ours': [16], 'diffusers': []}" in table  # what the time budget skipped
