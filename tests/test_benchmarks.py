@@ -209,3 +209,22 @@ def test_accelerator_report_keeps_sampling_when_the_train_step_fails():
     assert "failed (see not measured)" in table and "1.50x" in table
     assert "42.6%" in table  # 70.2 TFLOP x 6 img/s of 989 TFLOP/s
     assert "{'ours': [16], 'diffusers': []}" in table  # what the time budget skipped
+
+
+@pytest.mark.parametrize(
+    "kind,chip",
+    [
+        ("NVIDIA H100 80GB HBM3", "H100 SXM"),
+        ("NVIDIA H200", "H200 SXM"),
+        ("NVIDIA A100-SXM4-40GB", "A100 80GB"),
+        ("TPU v4", "TPU v4"),
+        ("TPU v5 lite", "TPU v5e"),
+        ("NVIDIA H100 PCIe", None),  # a lower peak than the planner's SXM card
+        ("cpu", None),
+    ],
+)
+def test_accelerator_benchmark_names_the_planner_chip(kind, chip):
+    from unlearn_jax.benchmarks.accelerator import planner_chip
+
+    found = planner_chip(kind)
+    assert (found.name if found else None) == chip

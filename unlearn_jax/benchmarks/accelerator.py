@@ -180,15 +180,34 @@ def matmul_tflops(dtype_name: str, n: int, repeats: int = 10) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
 
 
+# The planner's chips by the device kinds JAX reports for them (lower case, substrings).
+CHIP_KINDS = {
+    "TPU v4": ("tpu v4",),
+    "TPU v5e": ("tpu v5 lite", "tpu v5e"),
+    "A100 80GB": ("a100",),  # the 40 GB card has the same bf16 peak
+    "H100 SXM": ("h100 80gb hbm3", "h100 sxm"),  # not the PCIe card (a lower peak)
+    "H200 SXM": ("h200",),
+}
+
+
+def planner_chip(device_kind: str):
+    """The planner's `Chip` for a JAX device kind ('NVIDIA H100 80GB HBM3'), else None."""
+    from unlearn_jax.planning.models import CHIPS
+
+    kind = device_kind.lower()
+    for chip in CHIPS:
+        if any(alias in kind for alias in CHIP_KINDS.get(chip.name, ())):
+            return chip
+    return None
+
+
 def device_info(precision: str) -> dict:
     """The default device: backend, kind, the planner's chip (datasheet peak), measured rate."""
     import jax
 
-    from unlearn_jax.planning.models import CHIPS
-
     device = jax.devices()[0]
     kind = device.device_kind
-    chip = next((c for c in CHIPS if c.name.split()[0].lower() in kind.lower()), None)
+    chip = planner_chip(kind)
     accelerator = jax.default_backend() != "cpu"
     dtype = "bfloat16" if precision == "half" else "float32"
     return {
