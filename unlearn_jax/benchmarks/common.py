@@ -35,20 +35,58 @@ def children_cpu_s() -> float:
 
 def jax_compile_seconds(fn) -> tuple[object, float]:
     """(fn(), seconds JAX spent tracing, lowering and compiling while it ran)."""
+    result, by_program = jax_compile_seconds_by_program(fn)
+    return result, sum(by_program.values())
+
+
+def jax_compile_seconds_by_program(fn) -> tuple[object, dict[str, float]]:
+    """(fn(), {jitted function's name: trace + lower + compile seconds} while it ran)."""
     import jax.monitoring
 
-    spent = [0.0]
+    spent: dict[str, float] = {}
 
-    def listener(event: str, duration: float, **_) -> None:
+    def listener(event: str, duration: float, **kwargs) -> None:
         if event.startswith(COMPILE_EVENT_PREFIX):
-            spent[0] += duration
+            name = str(kwargs.get("fun_name") or "other")
+            if name.startswith("jit(") and name.endswith(")"):  # XLA's compile event
+                name = name[4:-1]  # one entry per program with its trace and lowering
+            spent[name] = spent.get(name, 0.0) + duration
 
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         result = fn()
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
-    return result, spent[0]
+    return result, spent
+
+
+def run_worker(module: str, name: str, workdir: Path, env: dict | None = None) -> dict:
+    """`python -m MODULE --worker NAME --workdir DIR` in a fresh process: its last stdout
+    line parsed as JSON, plus its wall and CPU seconds. Each framework in its own process
+    keeps its peak memory (host and device) its own."""
+    import json
+    import subprocess
+
+    command = [sys.executable, "-m", module, "--worker", name, "--workdir", str(workdir)]
+    start, cpu = time.perf_counter(), children_cpu_s()
+    proc = subprocess.run(command, capture_output=True, text=True, env=env or subprocess_env())
+    if proc.returncode:
+        raise RuntimeError(f"the {name} worker failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["process_wall_s"] = time.perf_counter() - start
+    result["process_cpu_s"] = children_cpu_s() - cpu
+    return result
+
+
+def serve_worker(workdir: Path, run) -> dict:
+    """The worker's side of `run_worker`: `run(spec, workdir)` with the spec the parent
+    wrote to workdir/spec.json; its result printed as the last stdout line (JSON)."""
+    import json
+
+    spec = json.loads((workdir / "spec.json").read_text())
+    result = run(spec, workdir)
+    print(json.dumps(result))
+    return result
 
 
 def proc_status_mb(field: str) -> float | None:

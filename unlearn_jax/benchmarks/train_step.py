@@ -53,7 +53,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -64,12 +63,12 @@ import numpy as np
 
 from unlearn_jax.benchmarks.common import (
     PeakMemory,
-    children_cpu_s,
     cores,
     jax_compile_seconds,
     markdown_rows,
     pin_threads,
-    subprocess_env,
+    run_worker,
+    serve_worker,
     timed_loop,
 )
 from unlearn_jax.benchmarks.torch_train_step import run_torch, torch_trainable
@@ -82,6 +81,7 @@ TORCH_FORGET = ("neggrad", "remap", "noise", "esd")
 TORCH_RETAIN = (None, "retain_dm", "retain_distill")
 LOSS_KEYS = ("forget/loss", "retain/loss", "retain/mse_cond", "retain/mse_uncond")
 GRAD_KEYS = ("grad/forget_norm", "grad/retain_norm", "grad/norm")
+WORKER_MODULE = "unlearn_jax.benchmarks.train_step"
 OPTIM = {"name": "adam", "lr": 1e-5, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "grad_clip": 1.0}
 
 
@@ -219,6 +219,9 @@ def run_ours(spec: dict, workdir: Path) -> dict:
     )
     compile_s = time.perf_counter() - c0
     compile_peak = PeakMemory._peak()  # XLA's own memory while compiling shows up here
+    flops = None
+    if spec.get("count_flops"):
+        flops = step_flops(step_fn, state, frozen, batch, train_key)
     draws = _step_draws(train_key, 0, batch, model.diffusion)
     np.savez(workdir / "draws.npz", **draws)
     holder = {"state": state}
@@ -243,12 +246,28 @@ def run_ours(spec: dict, workdir: Path) -> dict:
         "jax_compile_s": jax_compile_s,
         "first_step_s": first_s,
         "trainable_parameters": model.split.size,
+        "flops_per_step": flops,
         **memory.report(),
         "peak_rss_through_compile_mb": compile_peak,
         "device_peak_mb": stats.get("peak_bytes_in_use", 0) / 2**20 or None,
         "backend": jax.default_backend(),
         "step0": metrics,
     }
+
+
+def step_flops(step_fn, *args) -> float:
+    """FLOPs of one train step: XLA's cost analysis of the lowered program, traced with
+    XLA's attention (`accelerator_attention`), as the planner counts: a cuDNN custom call
+    counts 0 FLOPs and the CPU's per-head loop body counts once. Lowering only (the
+    unoptimised program; no second compile of the step)."""
+    import jax
+
+    from unlearn_jax.models.attention import accelerator_attention
+    from unlearn_jax.planning.programs import flops_of
+
+    with accelerator_attention():  # a fresh function: no trace cached without the context
+        lowered = jax.jit(lambda *a: step_fn(*a)).lower(*args)
+    return flops_of(lowered)
 
 
 def _our_batch(preset, inputs) -> dict:
@@ -288,20 +307,6 @@ def _our_batch(preset, inputs) -> dict:
 # ---------------------------------------------------------------------------
 
 
-def _run_worker(name: str, workdir: Path) -> dict:
-    """`python -m ...train_step --worker NAME` in a fresh process; its JSON result."""
-    command = [sys.executable, "-m", "unlearn_jax.benchmarks.train_step"]
-    command += ["--worker", name, "--workdir", str(workdir)]
-    start, cpu = time.perf_counter(), children_cpu_s()
-    proc = subprocess.run(command, capture_output=True, text=True, env=subprocess_env())
-    if proc.returncode:
-        raise RuntimeError(f"the {name} worker failed:\n{proc.stderr[-3000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["process_wall_s"] = time.perf_counter() - start
-    result["process_cpu_s"] = children_cpu_s() - cpu
-    return result
-
-
 def cross_check(ours: dict, theirs: dict, dtype: str) -> dict:
     """Relative differences of the step-0 losses and gradient norms; pass/fail by tolerance."""
     rel = lambda a, b: abs(a - b) / max(abs(b), 1e-30)
@@ -334,8 +339,11 @@ def _check_supported(preset) -> None:
         )
 
 
-def run_benchmark(args) -> dict:
-    """Prepares the inputs, runs both workers, cross-checks; returns the JSON-able results."""
+def run_benchmark(args, count_flops: bool = False) -> dict:
+    """Prepares the inputs, runs both workers, cross-checks; returns the JSON-able results.
+
+    count_flops: our worker also counts the step's FLOPs (`step_flops`; one more trace).
+    """
     import dataclasses
 
     from unlearn_jax.testing.tiny_model import save_tiny_model
@@ -363,12 +371,13 @@ def run_benchmark(args) -> dict:
             "remat": args.remat,
             "seed": args.seed,
             "compilation_cache": str(args.compilation_cache or ""),
+            "count_flops": count_flops,
         }
         (workdir / "spec.json").write_text(json.dumps(spec))
         load_before = [round(x, 2) for x in os.getloadavg()]
         prepare_inputs(folder, spec, workdir)
-        ours = _run_worker("ours", workdir)  # first: it writes the draws torch replays
-        theirs = _run_worker("torch", workdir)
+        ours = run_worker(WORKER_MODULE, "ours", workdir)  # first: it writes the draws
+        theirs = run_worker(WORKER_MODULE, "torch", workdir)  # torch replays
     check = cross_check(ours.pop("step0"), theirs.pop("step0"), args.dtype)
     config = {
         **{k: v for k, v in spec.items() if k != "model"},
@@ -457,13 +466,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    if args.worker:  # child of _run_worker(): one JSON line on stdout
-        spec = json.loads((args.workdir / "spec.json").read_text())
-        pin_threads(spec["threads"])  # before JAX/torch create their thread pools
+    if args.worker:  # child of common.run_worker()
         run = run_ours if args.worker == "ours" else run_torch
-        result = run(spec, args.workdir)
-        print(json.dumps(result))
-        return result
+
+        def pinned(spec: dict, workdir: Path) -> dict:
+            pin_threads(spec["threads"])  # before JAX/torch create their thread pools
+            return run(spec, workdir)
+
+        return serve_worker(args.workdir, pinned)
     result = run_benchmark(args)
     print(markdown_table(result))
     if args.out:

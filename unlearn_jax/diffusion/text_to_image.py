@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -71,19 +71,51 @@ def latent_shape(
 
 
 @functools.partial(jax.jit, static_argnums=2)
-def _draw_noise(key: jax.Array, ids: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape))(ids)
+def _noise_bits(key: jax.Array, ids: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """uint32 bits [len(ids), *shape]: row r is `jax.random.bits(fold_in(key, ids[r]), shape)`."""
+    return jax.vmap(lambda i: jax.random.bits(jax.random.fold_in(key, i), shape, jnp.uint32))(ids)
+
+
+@functools.cache
+def _compiled_noise_bits(count: int, shape: tuple[int, ...]) -> Callable:
+    """`_noise_bits` for `count` rows of `shape`, compiled once per process.
+
+    On CPU without LLVM's optimisations: XLA:CPU spends ~5 s optimising the
+    (partitionable) threefry hash of even a small draw, 0.5 s without, and
+    integer arithmetic gives the same bits either way (the float transform that
+    could differ by an ulp is `_bits_to_normal`, compiled normally).
+    """
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    ids = jax.ShapeDtypeStruct((count,), jnp.uint32)
+    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
+    return _noise_bits.lower(key, ids, shape).compile(compiler_options=options)
+
+
+@jax.jit
+def _bits_to_normal(bits: jax.Array) -> jax.Array:
+    """Standard normal float32 from uint32 bits, as `jax.random.normal` maps its bits.
+
+    Uniform on [nextafter(-1, 0), 1) from the 23 mantissa bits, then sqrt(2) erfinv(u);
+    tests check bit-equality with `jax.random.normal` for the same key.
+    """
+    lo = np.nextafter(np.float32(-1.0), np.float32(0.0))
+    mantissa = jax.lax.shift_right_logical(bits, jnp.uint32(32 - 23))
+    one_to_two = jax.lax.bitcast_convert_type(mantissa | jnp.uint32(0x3F800000), jnp.float32)
+    u = jax.lax.max(lo, (one_to_two - 1.0) * (np.float32(1.0) - lo) + lo)
+    return np.float32(np.sqrt(2)) * jax.lax.erf_inv(u)
 
 
 def initial_noise(seed: int, num_prompts: int, per_prompt: int, shape: Sequence[int]) -> np.ndarray:
-    """Noise [P*S, *shape] float32, prompt-major; entry i*S+j from fold_in(key(seed), i*S+j).
+    """Noise [P*S, *shape] float32, prompt-major; entry i*S+j is
+    `jax.random.normal(fold_in(key(seed), i*S+j), shape)`.
 
     One compiled program per (count, shape), whatever the seed: evaluations of many
     runs in one process (the demo's) draw their noise without compiling again.
     """
-    ids = jnp.arange(num_prompts * per_prompt, dtype=jnp.uint32)
-    draw = _draw_noise(jax.random.key(seed), ids, tuple(int(d) for d in shape))
-    return np.asarray(draw, dtype=np.float32)
+    count, shape = num_prompts * per_prompt, tuple(int(d) for d in shape)
+    ids = jnp.arange(count, dtype=jnp.uint32)
+    bits = _compiled_noise_bits(count, shape)(jax.random.key(seed), ids)
+    return np.asarray(_bits_to_normal(bits), dtype=np.float32)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -1,7 +1,18 @@
 """Scaled dot-product attention for the UNet and VAE, chosen for the backend.
 
-On GPU and TPU this is `jax.nn.dot_product_attention` (XLA fuses it, cuDNN can
-take it over). On CPU, XLA materialises the whole [batch, heads, q, k] logits
+`choose_implementation` picks one of three forms of the same function, from the
+backend, the dtype and the shapes alone (see its docstring for the rules):
+
+  'cudnn'     `jax.nn.dot_product_attention(..., implementation="cudnn")`: cuDNN's
+              fused flash attention, on CUDA GPUs (compute capability >= 8.0) for
+              fp16/bf16 inputs with head dims cuDNN takes. The [q, k] logits are
+              never written to memory.
+  'xla'       `jax.nn.dot_product_attention(..., implementation="xla")`: XLA's own
+              fused form; TPU, other GPUs and inputs cuDNN refuses (float32, SD's
+              one-head VAE attention with head dim 512).
+  'per_head'  the CPU path below.
+
+On CPU, XLA materialises the whole [batch, heads, q, k] logits
 tensor and streams it through memory three times (logits, softmax, weighted
 sum); for SD's 16x16..64x64 latents that tensor outgrows the caches and
 attention alone took ~60% of a tiny UNet's forward pass. The CPU path loops
@@ -17,14 +28,18 @@ examples. (An earlier loop over (example, head) pairs did exactly that, and
 made sampling on 2 CPU devices 1.5x slower than it should be.) Iterating over
 heads and query blocks keeps every device on its own rows.
 
-The arithmetic is the same in both paths: logits accumulated in float32,
-scaled, softmax in float32, probabilities cast to the value dtype.
+The arithmetic is the same in every form: logits accumulated in float32,
+scaled, softmax in float32, probabilities cast to the value dtype (cuDNN keeps
+its running softmax in float32 too). Tests compare the 'xla' and 'per_head'
+forms with a NumPy reference; 'cudnn' can only be selected, not run, on a
+machine without a CUDA GPU.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Iterator
 
 import jax
@@ -35,11 +50,13 @@ _accelerator_path = contextvars.ContextVar("accelerator_attention", default=Fals
 
 @contextlib.contextmanager
 def accelerator_attention() -> Iterator[None]:
-    """Within: trace `jax.nn.dot_product_attention` whatever the default backend.
+    """Within: trace XLA's `jax.nn.dot_product_attention` whatever the backend.
 
     For programs traced on CPU but meant for GPU/TPU (the planner compiles
     the accelerators' program on CPU to count its FLOPs and memory; XLA
-    counts a `lax.map` body once, not once per iteration).
+    counts a `lax.map` body once, not once per iteration), and for FLOP
+    counts on a GPU: XLA's cost analysis counts a cuDNN custom call as 0
+    FLOPs, so the counted program uses the 'xla' form, the same arithmetic.
     """
     token = _accelerator_path.set(True)
     try:
@@ -86,6 +103,75 @@ def per_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float
     return out.transpose(2, 1, 3, 0, 4).reshape(batch, length, heads, v.shape[-1])
 
 
+IMPLEMENTATIONS = ("cudnn", "xla", "per_head")
+CUDNN_DTYPES = ("float16", "bfloat16")
+CUDNN_MIN_COMPUTE_CAPABILITY = (8, 0)  # Ampere: cuDNN's flash attention kernels
+
+
+def cudnn_max_head_dim(compute_capability: tuple[int, int]) -> int:
+    """The largest head dim cuDNN's fp16/bf16 flash attention takes: 256 from Hopper, else 128."""
+    return 256 if compute_capability >= (9, 0) else 128
+
+
+def choose_implementation(
+    backend: str,
+    dtype,
+    q_shape: tuple[int, ...],
+    v_shape: tuple[int, ...],
+    *,
+    compute_capability: tuple[int, int] | None = None,
+    accelerator_program: bool = False,
+) -> str:
+    """Which form of attention runs: 'cudnn', 'xla' or 'per_head' (see module docstring).
+
+    Args:
+      backend: `jax.default_backend()` at trace time ('cpu', 'gpu', 'tpu', ...).
+      dtype: the dtype of q, k and v.
+      q_shape: [B, Tq, H, D]; v_shape: [B, Tk, H, Dv].
+      compute_capability: (major, minor) of the CUDA GPU; None where the GPU is not
+        a CUDA device (ROCm) or the backend is no GPU.
+      accelerator_program: inside `accelerator_attention()`: the program is traced
+        for its FLOP count or for another backend, so always 'xla'.
+
+    Rules: 'xla' for accelerator programs; 'per_head' on CPU; 'cudnn' on a CUDA
+    GPU of compute capability >= 8.0 when the dtype is fp16/bf16 and q's and v's
+    head dims are equal, a multiple of 8 and at most `cudnn_max_head_dim` (SD-1.5:
+    40, 80 and 160 take cuDNN on an H100; on an A100 160 falls back to XLA);
+    'xla' otherwise.
+    """
+    if accelerator_program:
+        return "xla"
+    if backend == "cpu":
+        return "per_head"
+    head_dim, value_head_dim = q_shape[-1], v_shape[-1]
+    if (
+        backend in ("gpu", "cuda")
+        and compute_capability is not None
+        and compute_capability >= CUDNN_MIN_COMPUTE_CAPABILITY
+        and jnp.dtype(dtype).name in CUDNN_DTYPES
+        and head_dim == value_head_dim
+        and head_dim % 8 == 0
+        and head_dim <= cudnn_max_head_dim(compute_capability)
+    ):
+        return "cudnn"
+    return "xla"
+
+
+@functools.cache
+def cuda_compute_capability() -> tuple[int, int] | None:
+    """(major, minor) of the default backend's first device when it is a CUDA GPU, else None."""
+    if jax.default_backend() != "gpu":
+        return None
+    device = jax.devices()[0]
+    if "cuda" not in getattr(device.client, "platform_version", "").lower():
+        return None  # ROCm
+    try:
+        major, minor = str(device.compute_capability).split(".")[:2]
+        return int(major), int(minor)
+    except (AttributeError, ValueError):
+        return None
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float) -> jax.Array:
     """softmax(q k^T * scale) v with float32 logits and softmax.
 
@@ -96,10 +182,17 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: fl
       scale: logit scale, usually D ** -0.5.
 
     Returns:
-      [B, Tq, H, Dv] in v's dtype. The implementation depends on the default
-      backend at trace time (see module docstring) unless `accelerator_attention`
-      is active; both compute the same function.
+      [B, Tq, H, Dv] in v's dtype. The form is `choose_implementation`'s, from the
+      default backend at trace time; all three compute the same function.
     """
-    if jax.default_backend() == "cpu" and not _accelerator_path.get():
+    implementation = choose_implementation(
+        jax.default_backend(),
+        q.dtype,
+        q.shape,
+        v.shape,
+        compute_capability=cuda_compute_capability(),
+        accelerator_program=_accelerator_path.get(),
+    )
+    if implementation == "per_head":
         return per_head_attention(q, k, v, scale=scale)
-    return jax.nn.dot_product_attention(q, k, v, scale=scale)
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)

@@ -18,6 +18,11 @@ Needs torch, diffusers and transformers (the `test` extra).
 
     from unlearn_jax.testing.tiny_model import save_tiny_model
     save_tiny_model("/tmp/tiny_sd")  # then: --model /tmp/tiny_sd
+
+`save_sd15_model` writes a random model of SD-1.5's size instead (860M-parameter
+UNet from the planner's config, SD's 4-level VAE and 12-layer CLIP text
+encoder; only the tokenizer's vocabulary is the small one above), for
+benchmarks on accelerators without downloading weights.
 """
 
 from __future__ import annotations
@@ -91,13 +96,15 @@ def build_sd_pipeline(
     words: Sequence[str],
     max_length: int,
     prediction_type: str = "epsilon",
+    perturbation: float = 0.05,
 ):
     """A random SD-architecture `StableDiffusionPipeline` (float32, PyTorch).
 
     Args:
       seed: seeds torch's global RNG, which initialises the UNet, the VAE and
         the text encoder in that order; then module i of (unet, vae,
-        text_encoder) is perturbed with seed `seed * 10 + i`.
+        text_encoder) is perturbed with seed `seed * 10 + i` by `perturbation`
+        x N(0, 1) (0: left at diffusers' initialisation).
       unet, vae: diffusers `UNet2DConditionModel` / `AutoencoderKL` arguments.
       text_encoder: transformers `CLIPTextConfig` arguments, without the
         vocabulary size, context length and special tokens (from the tokenizer).
@@ -132,7 +139,8 @@ def build_sd_pipeline(
         )
     )
     for i, module in enumerate((unet_model, vae_model, text_model)):
-        perturb_(module, seed * 10 + i)
+        if perturbation:
+            perturb_(module, seed * 10 + i, perturbation)
     scheduler = PNDMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -174,8 +182,6 @@ def save_sd_folder(pipe, path: str | Path, words: Sequence[str], max_length: int
 
 def build_tiny_model(seed: int = 0):
     """The benchmarks' random SD-1.x-architecture `StableDiffusionPipeline` (float32)."""
-    import torch
-
     pipe = build_sd_pipeline(
         seed=seed,
         unet=dict(
@@ -201,15 +207,65 @@ def build_tiny_model(seed: int = 0):
         words=WORDS,
         max_length=MAX_LENGTH,
     )
-    # A random UNet under guidance 7.5 makes sampling chaotic: moving the initial
-    # latents by 1e-5 changes diffusers' own 20-step images by 0.35, so float32
-    # round-off would decide any comparison between two frameworks. Smaller
-    # outputs (eps std ~0.06 instead of ~0.6) keep that sensitivity at ~5e-4
-    # and leave the compute unchanged. A trained model is stable by itself.
+    return scale_unet_output_(pipe)  # float32, as built
+
+
+def scale_unet_output_(pipe):
+    """Scales the UNet's output layer by `UNET_OUTPUT_SCALE`, in place; returns `pipe`.
+
+    A random UNet under guidance 7.5 makes sampling chaotic: moving the initial
+    latents by 1e-5 changes diffusers' own 20-step images by 0.35, so float32
+    round-off would decide any comparison between two frameworks. Smaller
+    outputs (eps std ~0.06 instead of ~0.6) keep that sensitivity at ~5e-4
+    and leave the compute unchanged. A trained model is stable by itself.
+    """
+    import torch
+
     with torch.no_grad():
         pipe.unet.conv_out.weight.mul_(UNET_OUTPUT_SCALE)
         pipe.unet.conv_out.bias.mul_(UNET_OUTPUT_SCALE)
-    return pipe  # float32, as built
+    return pipe
+
+
+def build_sd15_model(seed: int = 0):
+    """A random `StableDiffusionPipeline` of SD-1.5's architecture and size (float32).
+
+    The UNet is the planner's `SD15_UNET_CONFIG`; VAE and text encoder are SD-1.5's
+    (`vae/config.json`, `text_encoder/config.json`). Left at diffusers'/transformers'
+    initialisation (an absolute perturbation would swamp weights of fan-in ~3000
+    and overflow fp16), with the UNet's output scaled by `UNET_OUTPUT_SCALE` as in
+    `build_tiny_model`, so that 50 guided steps stay far from fp16's range.
+    """
+
+    from unlearn_jax.planning.models import SD15_UNET_CONFIG
+
+    pipe = build_sd_pipeline(
+        seed=seed,
+        unet={k: v for k, v in SD15_UNET_CONFIG.items() if not k.startswith("_")},
+        vae=dict(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            latent_channels=4,
+            norm_num_groups=32,
+            sample_size=512,
+            layers_per_block=2,
+        ),
+        text_encoder=dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            projection_dim=768,
+            hidden_act="quick_gelu",
+        ),
+        words=WORDS,
+        max_length=MAX_LENGTH,
+        perturbation=0.0,
+    )
+    return scale_unet_output_(pipe)
 
 
 def quiet_hf_logging() -> None:
@@ -226,3 +282,9 @@ def save_tiny_model(path: str | Path, seed: int = 0) -> Path:
     """Writes the benchmarks' tiny model as a diffusers folder (safetensors); returns it."""
     quiet_hf_logging()
     return save_sd_folder(build_tiny_model(seed), path, WORDS, MAX_LENGTH)
+
+
+def save_sd15_model(path: str | Path, seed: int = 0) -> Path:
+    """Writes `build_sd15_model(seed)` as a diffusers folder (safetensors float32, ~4.3 GB)."""
+    quiet_hf_logging()
+    return save_sd_folder(build_sd15_model(seed), path, WORDS, MAX_LENGTH)
