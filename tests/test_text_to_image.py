@@ -83,16 +83,19 @@ def test_a_second_load_of_the_model_compiles_nothing(sd1_folder):
     the evaluation compiles once per process and shape, not once per method."""
     from unlearn_jax.benchmarks.common import jax_compile_seconds_by_program
 
+    # Batch and image count used by no other test: the programs' caches are per process
+    # (and so shared with the tests before this one), so the first call must compile
+    # at least the noise and the sampler for these shapes.
     def sample(pipe, seed: int) -> np.ndarray:
         return text_to_image.generate(
-            pipe, PROMPTS, steps=2, batch_size=2, seed=seed, num_images_per_prompt=2,
+            pipe, PROMPTS, steps=2, batch_size=3, seed=seed, num_images_per_prompt=3,
             progress=False,
         )  # fmt: skip
 
     # (Loading traces the modules' abstract construction: not counted here.)
     first_pipe, second_pipe = load_pipeline(sd1_folder), load_pipeline(sd1_folder)
     _, first = jax_compile_seconds_by_program(lambda: sample(first_pipe, 0))
-    assert {"_noise_bits", "_sample_loop", "_decode", "_encode_ids"} <= first.keys()
+    assert {"_noise_bits", "_sample_loop"} <= first.keys()
     _, second = jax_compile_seconds_by_program(lambda: sample(second_pipe, 1))
     assert second == {}  # no tracing, lowering or compilation at all
 
