@@ -110,6 +110,15 @@ def _section(config: ml_collections.ConfigDict, name: str) -> dict[str, Any]:
     return json.loads(config[name].to_json_best_effort()) if name in config else {}
 
 
+def _hparams_record(hparams: UnlearnHParams) -> dict[str, Any]:
+    """The hyperparameters for the fingerprint; fields added later appear only when changed,
+    so that runs recorded before them keep their fingerprint."""
+    record = dataclasses.asdict(hparams)
+    if record["project_rounding"] == UnlearnHParams.project_rounding:
+        del record["project_rounding"]
+    return record
+
+
 def resolve_run(config: ml_collections.ConfigDict) -> RunSpec:
     """Validates the config and resolves defaults; raises ValueError with a fix on bad input."""
     preset = get_preset(config.unlearn.method)
@@ -180,7 +189,7 @@ def resolve_run(config: ml_collections.ConfigDict) -> RunSpec:
         "retain.images_per_prompt": config.retain.images_per_prompt,
         "unlearn.method": preset.name,
         "unlearn.params": group,
-        "unlearn.hparams": dataclasses.asdict(hparams),
+        "unlearn.hparams": _hparams_record(hparams),
         "optim": _section(config, "optim"),
         "sample": _section(config, "sample"),
         "seed": config.seed,
