@@ -13,6 +13,7 @@ import shutil
 import types
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from safetensors.numpy import load_file
 from tiny_unlearn import make_config, save_micro_pipeline
 
 from unlearn_jax.trainer import commands
+from unlearn_jax.trainer import train as train_module
 from unlearn_jax.trainer.checkpoints import (
     CheckpointLayoutError,
     Checkpoints,
@@ -245,7 +247,7 @@ def test_flat_optimizer_state_checkpoint_is_refused_but_still_exports(full_run, 
     assert evaluate(cfg, workdir)["integrity_lpips"] == reference_lpips
 
 
-def test_bfloat16_theta0_trains_bit_for_bit_like_float32_theta0(micro, tmp_path):
+def test_bfloat16_theta0_trains_bit_for_bit_like_float32_theta0(micro, tmp_path, monkeypatch):
     """train.frozen_dtype="compute": θ0 held in bfloat16 when the compute dtype is bfloat16.
 
     The network casts its parameters to bfloat16 where it reads them, so the
@@ -258,11 +260,17 @@ def test_bfloat16_theta0_trains_bit_for_bit_like_float32_theta0(micro, tmp_path)
     )
     assert cast["w"].dtype == jnp.bfloat16 and cast["ids"].dtype == jnp.int32
     assert frozen_theta0(config(micro, train__dtype="bfloat16"), stand_in) is stand_in.theta0
+    # What the trainer actually holds as θ0 in each run.
+    held = []
+    spy = lambda cfg, model: held.append(frozen_theta0(cfg, model)) or held[-1]
+    monkeypatch.setattr(train_module, "frozen_theta0", spy)
     results, weights = {}, {}
     for frozen_dtype in ("float32", "compute"):
         workdir = tmp_path / frozen_dtype
         cfg = config(micro, train__dtype="bfloat16", train__frozen_dtype=frozen_dtype)
         results[frozen_dtype] = train_and_evaluate(cfg, workdir)
+        want = jnp.dtype(jnp.bfloat16 if frozen_dtype == "compute" else jnp.float32)
+        assert {x.dtype for x in jax.tree.leaves(held[-1])} == {want}
         assert read_metrics(workdir)[0]["retain/loss"] == 0.0
         weights[frozen_dtype] = load_file(
             export(workdir, tmp_path / f"{frozen_dtype}_out") / UNET_FILE
