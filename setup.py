@@ -6,6 +6,7 @@ TENSORBOARD = ["tensorflow-cpu>=2.16", "tensorboard>=2.16"]
 # importlib_resources: TFDS builders locate their code through etils' resource helpers,
 # which import it; tensorflow-datasets does not declare it.
 TFDS = ["tensorflow-datasets>=4.9", "tensorflow-cpu>=2.16", "importlib_resources"]
+TPU_PLAN = ["jax[tpu]>=0.7.0,<0.11"]  # the same range as install_requires
 
 setup(
     name="unlearn_jax",
@@ -48,9 +49,13 @@ setup(
         "tensorboard": TENSORBOARD,
         # The embedded world as a TFDS dataset (unlearn_jax.world.tfds_builder).
         "tfds": TFDS,
+        # `unlearn-jax plan --tpu v5e:2x4`: libtpu, the TPU compiler, pinned by JAX to its
+        # own version; it compiles for a TPU slice on a machine without one.
+        "tpu-plan": TPU_PLAN,
         "test": [
             *TENSORBOARD,
             *TFDS,
+            *TPU_PLAN,
             # The PyTorch references for parity tests. torch==2.13.0 is a CPU build.
             "torch==2.13.0",
             "diffusers>=0.40,<1",

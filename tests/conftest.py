@@ -10,6 +10,10 @@ import pytest
 
 # Never reach a model hub from a test, whatever the machine.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The tests run on CPU (fake devices where they need several). The test extra installs
+# libtpu for the TPU planner, and JAX would otherwise spend ~10 s probing for a TPU in
+# this process and in every command-line subprocess, which inherits this.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import jax  # noqa: E402

@@ -114,3 +114,43 @@ def test_bfloat16_forms_agree_with_numpy_to_bfloat16_precision():
     ):
         assert got.dtype == jnp.bfloat16
         np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=2e-2)
+
+
+def test_tpu_choice():
+    choose = lambda tq, tk, d=40, dv=40: attention.choose_implementation(
+        "tpu", jnp.bfloat16, (2, tq, 8, d), (2, tk, 8, dv)
+    )
+    assert choose(4096, 4096) == "tpu_flash"  # SD-1.5's 64x64 self-attention
+    assert choose(1024, 1024, 80, 80) == "tpu_flash"  # 32x32
+    assert choose(256, 256, 160, 160) == "xla"  # 16x16: > 128 only in multiples of 128
+    assert choose(256, 256, 256, 256) == "tpu_flash"
+    assert choose(4096, 77) == "xla"  # cross-attention to the 77 text tokens
+    assert choose(64, 64) == "xla"  # 8x8 latents: less than one 128-row block
+    assert choose(4096, 4096, 40, 80) == "xla"  # the kernels need equal head dims
+    assert choose(4096, 4096) != attention.choose_implementation(  # the planner's FLOPs
+        "tpu", jnp.bfloat16, (2, 4096, 8, 40), (2, 4096, 8, 40), accelerator_program=True
+    )
+
+
+def test_tpu_flash_equals_numpy_and_xla_gradients_in_the_tpu_interpreter():
+    """The Pallas kernels (forward and backward) run in Pallas's TPU interpreter on CPU:
+    values against NumPy, gradients against XLA's form; through the dispatcher as a TPU
+    program (`accelerator_attention('tpu')`) traces it."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    keys = jax.random.split(jax.random.key(3), 3)
+    q, k, v = (jax.random.normal(key, (2, 256, 2, 40)) for key in keys)
+    scale = 40**-0.5
+    squares = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) ** 2)
+    flash = lambda q, k, v: attention.dot_product_attention(q, k, v, scale=scale)
+    xla = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")
+    with pltpu.force_tpu_interpret_mode(), attention.accelerator_attention("tpu"):
+        text = jax.jit(flash).lower(q, k, v).as_text()
+        got = jax.jit(flash)(q, k, v)
+        grads = jax.jit(jax.grad(squares(flash), argnums=(0, 1, 2)))(q, k, v)
+    # Blocks of 128 queries x 128 keys, never the whole [256, 256] logits that XLA's has.
+    assert "256x256" not in text and "256x256" in jax.jit(xla).lower(q, k, v).as_text()
+    np.testing.assert_allclose(got, numpy_attention(q, k, v, scale), atol=3e-6)
+    want = jax.grad(squares(xla), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(grads, want):
+        np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-5)

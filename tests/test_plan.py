@@ -198,3 +198,74 @@ def test_model_from_a_diffusers_folder_reads_only_its_configs(sd2_folder):
     assert model.latent_shape() == (unet["sample_size"], unet["sample_size"], 4)
     compiled, _, _ = plan.compile_sampler(model, steps=1, unrolled=True)
     assert plan.flops_of(compiled) > 0 and plan.memory_of(compiled)["peak_estimate"] > 0
+
+
+def test_tpu_topology_and_option_errors_name_the_fix(monkeypatch):
+    from unlearn_jax.planning import targets
+
+    for bad in ("v5e", "v5e:2", "v3:2x2", "tpu:2x4", "v5e:2x4x1x1"):
+        with pytest.raises(ValueError, match="expected GENERATION:SHAPE .* e.g. v5e:2x4"):
+            targets.tpu_devices(bad)
+    assert targets.tpu_chip("V5E:2x4") == "TPU v5e" and targets.tpu_chip("v4:2x2x1") == "TPU v4"
+    assert {targets.tpu_chip(f"{g}:2x2") for g in targets.TPU_GENERATIONS} <= {
+        c.name for c in plan.CHIPS
+    }
+    with pytest.raises(ValueError, match="exclude each other"):
+        plan.main(["--model", "tiny", "--devices", "2", "--tpu", "v5e:2x2"])
+    monkeypatch.setitem(sys.modules, "libtpu", None)  # `import libtpu` raises ImportError
+    with pytest.raises(ValueError, match=r'--tpu needs libtpu.*pip install "jax\[tpu\]=='):
+        targets.tpu_devices("v5e:2x2")
+
+
+def test_tpu_plan_compiles_with_the_tpu_compiler(tmp_path):
+    """--tpu v5e:2x2: compile-only TPU devices from libtpu (the test extra installs it),
+    in a fresh process. The programs are the TPU compiler's: TPU devices, its generated
+    code, the Pallas flash attention kernels a TPU runs (per device, under shard_map
+    over the data or the fsdp axis), and FSDP dividing the state over the four chips."""
+    out = tmp_path / "plan.json"
+    folder = config_only_folder(tmp_path / "wide", [64])
+    cmd = [sys.executable, "-m", "unlearn_jax.plan", "--model", str(folder), "--tpu", "v5e:2x2"]
+    cmd += ["--only", "train", "--method", "neggrad", "--mesh", "4x1", "--mesh", "1x4"]
+    cmd += ["--height", "32", "--width", "32"]  # 16x16 latents: 256 tokens, flash attention
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"  # no TPU here: the host backend stays the CPU
+    result = subprocess.run(
+        [*cmd, "--out", str(out)], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["backend"] == "tpu (compile-only)" and report["tpu_topology"] == "v5e:2x2"
+    assert report["device_kind"] == "TPU v5e" and report["devices"] == 4
+    assert [c["name"] for c in report["chips"]] == ["TPU v5e"]
+    assert any("TPU compiler (libtpu" in n for n in report["notes"])
+    assert not any("XLA:CPU's buffer assignment" in n for n in report["notes"])
+    data_parallel, fsdp = report["programs"]
+    assert fsdp["settings"]["mesh"] == {"data": 1, "fsdp": 4}
+    assert set(fsdp["chips"]) == {"TPU v5e"}
+    for program in (data_parallel, fsdp):
+        assert program["memory"]["generated_code"] > 0 and program["flops"]["per_step"] > 0
+        assert plan.programs.PALLAS_FLOPS_NOTE in program["notes"]
+    assert fsdp["memory"]["argument"] < 0.5 * data_parallel["memory"]["argument"]
+    assert "Plan for" in result.stdout and "TPU v5e (16 GiB, 197 TFLOP/s)" in result.stdout
+
+
+def test_tpu_compiler_out_of_memory_is_reported_as_does_not_fit():
+    """The TPU compiler refuses a program that cannot fit HBM; the planner reports that
+    refusal as the verdict (no memory or FLOP figures), and the tables say so."""
+    from unlearn_jax.planning import targets
+
+    devices = targets.tpu_devices("v5e:1x1")  # one 16 GiB chip
+    # 256 px on the tiny model: 128x128 latents, whose self-attention logits alone are
+    # 1 GiB per head and example in float32; 8 examples cannot fit.
+    program = plan.plan_train_step(
+        TINY, batch_per_device=8, height=256, width=256, data=1, fsdp=1, devices=devices, **CHEAP
+    )
+    assert program.out_of_memory and "RESOURCE_EXHAUSTED" in program.out_of_memory
+    assert program.memory == {} and program.flops == {}
+    assert program.settings["latent_shape"] == [128, 128, 4]
+    report = plan.build_report([program], TINY, tpu="v5e:1x1")
+    assert report["programs"][0]["chips"] == {"TPU v5e": {"floor_ms_per_step": None, "fits": False}}
+    tables = plan.format_tables(report, markdown=True)
+    assert "| out of memory | out of memory |" in tables
+    assert "DOES NOT FIT (the compiler ran out of memory)" in tables
+    assert "the compiler could not fit the train step: RESOURCE_EXHAUSTED" in tables

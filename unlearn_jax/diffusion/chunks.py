@@ -36,6 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from unlearn_jax.diffusion.sampler import ModelFn, Params, checked_options, sample_jit
 from unlearn_jax.diffusion.solvers import SolverPlan
+from unlearn_jax.models.attention import batch_mesh
 from unlearn_jax.program_cache import ProgramCache
 
 DATA_AXIS = "data"
@@ -135,10 +136,13 @@ def _program(
         except BaseException as e:
             fail(e)
 
+    # The rows' mesh: kernels XLA cannot partition (TPU attention) run per device on it.
+    mesh = jax.tree.leaves(args)[-1].sharding.mesh
     try:
-        lowered = sample_jit.lower(
-            model_fn, *args, eta=eta, use_guidance=use_guidance, trajectory=trajectory
-        )
+        with batch_mesh(mesh):
+            lowered = sample_jit.lower(
+                model_fn, *args, eta=eta, use_guidance=use_guidance, trajectory=trajectory
+            )
     except BaseException as e:
         fail(e)
         raise

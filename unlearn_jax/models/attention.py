@@ -1,15 +1,21 @@
 """Scaled dot-product attention for the UNet and VAE, chosen for the backend.
 
-`choose_implementation` picks one of three forms of the same function, from the
+`choose_implementation` picks one of four forms of the same function, from the
 backend, the dtype and the shapes alone (see its docstring for the rules):
 
   'cudnn'     `jax.nn.dot_product_attention(..., implementation="cudnn")`: cuDNN's
               fused flash attention, on CUDA GPUs (compute capability >= 8.0) for
               fp16/bf16 inputs with head dims cuDNN takes. The [q, k] logits are
               never written to memory.
+  'tpu_flash' Pallas's flash attention kernels for TPU (forward and backward,
+              `jax.experimental.pallas.ops.tpu.flash_attention`), for query and key
+              lengths that are multiples of its 128-row blocks and head dims it
+              takes (SD-1.5's self-attention at 64x64 and 32x32 latents). The
+              [q, k] logits never reach HBM.
   'xla'       `jax.nn.dot_product_attention(..., implementation="xla")`: XLA's own
-              fused form; TPU, other GPUs and inputs cuDNN refuses (float32, SD's
-              one-head VAE attention with head dim 512).
+              fused form; TPU attention the kernels do not take (cross-attention to
+              77 tokens, 8x8 latents), other GPUs and inputs cuDNN refuses (float32,
+              SD's one-head VAE attention with head dim 512).
   'per_head'  the CPU path below.
 
 On CPU, XLA materialises the whole [batch, heads, q, k] logits
@@ -29,10 +35,15 @@ made sampling on 2 CPU devices 1.5x slower than it should be.) Iterating over
 heads and query blocks keeps every device on its own rows.
 
 The arithmetic is the same in every form: logits accumulated in float32,
-scaled, softmax in float32, probabilities cast to the value dtype (cuDNN keeps
-its running softmax in float32 too). Tests compare the 'xla' and 'per_head'
-forms with a NumPy reference; 'cudnn' can only be selected, not run, on a
-machine without a CUDA GPU.
+scaled, softmax in float32, probabilities cast to the value dtype (cuDNN and the
+Pallas kernels keep their running softmax in float32 too). Tests compare the 'xla'
+and 'per_head' forms with a NumPy reference, and 'tpu_flash' (values and gradients)
+in Pallas's TPU interpreter; 'cudnn' can only be selected, not run, on a machine
+without a CUDA GPU.
+
+Sharding: a Pallas kernel is opaque to XLA's partitioner, which would gather the
+whole batch onto every device to run it. Under `batch_mesh(mesh)` (the train step
+sets it) 'tpu_flash' runs per device with `shard_map` over the batch axes.
 """
 
 from __future__ import annotations
@@ -45,24 +56,37 @@ from collections.abc import Iterator
 import jax
 import jax.numpy as jnp
 
-_accelerator_path = contextvars.ContextVar("accelerator_attention", default=False)
+_accelerator_path = contextvars.ContextVar("accelerator_attention", default=None)
+_batch_mesh = contextvars.ContextVar("attention_batch_mesh", default=None)
 
 
 @contextlib.contextmanager
-def accelerator_attention() -> Iterator[None]:
-    """Within: trace XLA's `jax.nn.dot_product_attention` whatever the backend.
+def accelerator_attention(backend: str | None = None) -> Iterator[None]:
+    """Within: trace the attention of an accelerator program, whatever the backend.
 
-    For programs traced on CPU but meant for GPU/TPU (the planner compiles
-    the accelerators' program on CPU to count its FLOPs and memory; XLA
-    counts a `lax.map` body once, not once per iteration), and for FLOP
-    counts on a GPU: XLA's cost analysis counts a cuDNN custom call as 0
-    FLOPs, so the counted program uses the 'xla' form, the same arithmetic.
+    Args:
+      backend: None: XLA's `jax.nn.dot_product_attention` (for programs traced on CPU
+        but meant for GPU/TPU, whose FLOPs and memory the planner counts: XLA counts a
+        `lax.map` body once, not once per iteration, and a cuDNN call as 0 FLOPs).
+        'tpu': the form a TPU runs ('tpu_flash' where it applies), for programs
+        compiled for compile-only TPU devices.
     """
-    token = _accelerator_path.set(True)
+    token = _accelerator_path.set(backend or "xla")
     try:
         yield
     finally:
         _accelerator_path.reset(token)
+
+
+@contextlib.contextmanager
+def batch_mesh(mesh) -> Iterator[None]:
+    """Within (at trace time): kernels XLA cannot partition run per device over `mesh`'s
+    batch axes ('data', 'fsdp') with `shard_map`; None: no mesh (one device)."""
+    token = _batch_mesh.set(mesh)
+    try:
+        yield
+    finally:
+        _batch_mesh.reset(token)
 
 
 # Logits of one loop iteration (batch x query block x keys, float32) stay under
@@ -103,7 +127,8 @@ def per_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float
     return out.transpose(2, 1, 3, 0, 4).reshape(batch, length, heads, v.shape[-1])
 
 
-IMPLEMENTATIONS = ("cudnn", "xla", "per_head")
+IMPLEMENTATIONS = ("cudnn", "tpu_flash", "xla", "per_head")
+TPU_FLASH_BLOCK = 128  # query and key rows per Pallas block; lengths must be multiples
 CUDNN_DTYPES = ("float16", "bfloat16")
 CUDNN_MIN_COMPUTE_CAPABILITY = (8, 0)  # Ampere: cuDNN's flash attention kernels
 
@@ -133,7 +158,10 @@ def choose_implementation(
       accelerator_program: inside `accelerator_attention()`: the program is traced
         for its FLOP count or for another backend, so always 'xla'.
 
-    Rules: 'xla' for accelerator programs; 'per_head' on CPU; 'cudnn' on a CUDA
+    Rules: 'xla' for accelerator programs; 'per_head' on CPU; 'tpu_flash' on TPU when
+    q's and v's head dims are equal, at most 128 or a multiple of 128 (SD-1.5's 160 at
+    16x16 latents falls back to XLA), and the query and key lengths are multiples of
+    `TPU_FLASH_BLOCK`; 'cudnn' on a CUDA
     GPU of compute capability >= 8.0 when the dtype is fp16/bf16 and q's and v's
     head dims are equal, a multiple of 8 and at most `cudnn_max_head_dim` (SD-1.5:
     40, 80 and 160 take cuDNN on an H100; on an A100 160 falls back to XLA);
@@ -144,6 +172,11 @@ def choose_implementation(
     if backend == "cpu":
         return "per_head"
     head_dim, value_head_dim = q_shape[-1], v_shape[-1]
+    if backend == "tpu":
+        blocks = q_shape[1] % TPU_FLASH_BLOCK == 0 and v_shape[1] % TPU_FLASH_BLOCK == 0
+        # The kernels take head dims up to 128, and larger ones in multiples of 128.
+        heads = head_dim == value_head_dim and (head_dim <= 128 or head_dim % 128 == 0)
+        return "tpu_flash" if blocks and heads else "xla"
     if (
         backend in ("gpu", "cuda")
         and compute_capability is not None
@@ -185,14 +218,61 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: fl
       [B, Tq, H, Dv] in v's dtype. The form is `choose_implementation`'s, from the
       default backend at trace time; all three compute the same function.
     """
+    target = _accelerator_path.get()
     implementation = choose_implementation(
-        jax.default_backend(),
+        target if target not in (None, "xla") else jax.default_backend(),
         q.dtype,
         q.shape,
         v.shape,
         compute_capability=cuda_compute_capability(),
-        accelerator_program=_accelerator_path.get(),
+        accelerator_program=target == "xla",
     )
     if implementation == "per_head":
         return per_head_attention(q, k, v, scale=scale)
+    if implementation == "tpu_flash":
+        return tpu_flash_attention(q, k, v, scale=scale, mesh=_batch_mesh.get())
     return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
+
+
+def tpu_flash_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, mesh=None
+) -> jax.Array:
+    """Pallas's TPU flash attention in this module's [B, T, H, D] layout.
+
+    Lengths must be multiples of `TPU_FLASH_BLOCK`. With `mesh`, each device runs the
+    kernels on its own rows (`shard_map` over the batch axes the batch divides by).
+    """
+    from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash
+
+    b = TPU_FLASH_BLOCK
+    sizes = pallas_flash.BlockSizes(
+        block_q=b, block_k_major=b, block_k=b, block_b=1,
+        block_q_major_dkv=b, block_k_major_dkv=b, block_k_dkv=b, block_q_dkv=b,
+        block_k_major_dq=b, block_k_dq=b, block_q_dq=b,
+    )  # fmt: skip
+    heads_first = lambda t: t.transpose(0, 2, 1, 3)  # [B, T, H, D] <-> [B, H, T, D]
+
+    def attend(q, k, v):
+        out = pallas_flash.flash_attention(
+            heads_first(q), heads_first(k), heads_first(v), sm_scale=scale, block_sizes=sizes
+        )
+        return heads_first(out)
+
+    axes = _batch_axes(mesh, q.shape[0])
+    if not axes:
+        return attend(q, k, v)
+    rows = jax.sharding.PartitionSpec(axes)
+    return jax.shard_map(
+        attend, mesh=mesh, in_specs=(rows, rows, rows), out_specs=rows, check_vma=False
+    )(q, k, v)
+
+
+def _batch_axes(mesh, batch: int) -> tuple[str, ...]:
+    """The mesh's batch axes of size > 1 that `batch` rows divide over (all or none)."""
+    if mesh is None:
+        return ()
+    axes = tuple(a for a in ("data", "fsdp") if a in mesh.shape and mesh.shape[a] > 1)
+    size = 1
+    for a in axes:
+        size *= mesh.shape[a]
+    return axes if axes and batch % size == 0 else ()

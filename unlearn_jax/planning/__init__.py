@@ -20,6 +20,12 @@ temporaries, generated code; peak estimate = arguments + outputs - donated +
 temporaries + code), FLOPs from the cost analysis, compile time, and per chip in `CHIPS`
 the floor (FLOPs / peak) and whether the peak estimate fits.
 
+TPU without a TPU: `--tpu v5e:2x4` (any GENERATION:SHAPE of v4, v5e, v5p, v6e) compiles
+for that slice with the TPU compiler itself (libtpu, the `tpu-plan` extra) on compile-only
+devices (`targets.tpu_devices`). The memory is then the TPU compiler's buffer assignment
+for the chip, and a program that cannot fit HBM is refused by the compiler, which the
+report gives as its verdict ('out_of_memory').
+
 Devices: `--devices N` plans on N fake CPU devices. It sets
 `XLA_FLAGS=--xla_force_host_platform_device_count=N` and the CPU platform before JAX
 starts its backend, so it must come before any JAX computation in the process (the
@@ -33,13 +39,15 @@ assignment, an estimate of what an accelerator needs, not a measurement of one; 
 analysis counts a loop body once, so the sampler's FLOPs come from one denoising step
 compiled on its own, times the steps.
 
-Modules: `models` (chips and model configs), `programs` (compile and measure the train
-step and the sampler), `report` (JSON and tables), `command` (the command line).
+Modules: `models` (chips and model configs), `targets` (compile-only TPU devices),
+`programs` (compile and measure the train step and the sampler), `report` (JSON and
+tables), `command` (the command line).
 """
 
 from unlearn_jax.planning.command import add_plan_command, main, run_plan, use_fake_cpu_devices
 from unlearn_jax.planning.models import CHIPS, MODELS, Chip, ModelSpec, resolve_model
 from unlearn_jax.planning.programs import (
+    OutOfDeviceMemory,
     ProgramReport,
     compile_sampler,
     flops_of,
@@ -50,12 +58,14 @@ from unlearn_jax.planning.programs import (
     train_config,
 )
 from unlearn_jax.planning.report import build_report, format_tables, markdown_tables, program_label
+from unlearn_jax.planning.targets import tpu_chip, tpu_devices
 
 __all__ = [
     "CHIPS",
     "MODELS",
     "Chip",
     "ModelSpec",
+    "OutOfDeviceMemory",
     "ProgramReport",
     "add_plan_command",
     "build_report",
@@ -71,6 +81,8 @@ __all__ = [
     "program_label",
     "resolve_model",
     "run_plan",
+    "tpu_chip",
+    "tpu_devices",
     "train_config",
     "use_fake_cpu_devices",
 ]

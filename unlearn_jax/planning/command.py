@@ -20,11 +20,13 @@ from unlearn_jax.planning.report import (
     program_label,
     scaled,
 )
+from unlearn_jax.planning.targets import tpu_devices
 
 _DESCRIPTION = (
     "Compile the unlearning train step and the integrity sampler ahead of time on abstract "
     "shapes (no weights) and report per-device memory, FLOPs and compile time, with the "
-    "FLOP floor and fit on TPU v4/v5e, A100, H100 and H200."
+    "FLOP floor and fit on TPU v4/v5e/v5p/v6e, A100, H100 and H200; with --tpu, compiled by "
+    "the TPU compiler for a TPU slice, on a machine without one."
 )
 _REMAT = {"off": [False], "on": [True], "both": [False, True]}
 _DTYPE = {"float32": ["float32"], "bfloat16": ["bfloat16"], "both": list(COMPUTE_DTYPES)}
@@ -71,6 +73,14 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
         help="plan on N fake CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N, "
         "set before JAX starts); default: the devices JAX sees",
     )
+    p.add_argument(
+        "--tpu",
+        default=None,
+        metavar="TOPOLOGY",
+        help="compile for a TPU slice without one, with the TPU compiler (libtpu: pip install "
+        '"jax[tpu]"), e.g. v5e:2x4, v6e:2x2, v4:2x2x1, v5p:2x2x2; the memory is that '
+        "compiler's, not XLA:CPU's estimate",
+    )
     p.add_argument("--only", choices=["train", "sample"], default=None)
     p.add_argument("--dtype", choices=list(_DTYPE), default="float32", help="compute dtype")
     p.add_argument(
@@ -112,8 +122,16 @@ def run_plan(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
     if args.render is not None:
         print(format_tables(json.loads(args.render.read_text("utf-8")), args.markdown))
         return 0
+    if args.devices is not None and args.tpu is not None:
+        raise ValueError(
+            "--devices (fake CPU devices) and --tpu (compile-only TPU devices) exclude each "
+            "other. Fix: drop one; --tpu's slice sets the device count."
+        )
+    devices = None
     if args.devices is not None:
         use_fake_cpu_devices(args.devices)
+    elif args.tpu is not None:
+        devices = tpu_devices(args.tpu)
     model = resolve_model(args.model)
     config = train_config(args.method, config_file=args.config, overrides=overrides)
     size = dict(height=args.height, width=args.width)
@@ -127,6 +145,7 @@ def run_plan(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
             global_batch=args.global_batch,
             params=args.params,
             config=config,
+            devices=devices,
             **size,
         )
         for data, fsdp in args.mesh or [(-1, 1)]:
@@ -148,6 +167,7 @@ def run_plan(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
                     dtype=dtype,
                     data=data,
                     fsdp=fsdp,
+                    devices=devices,
                     **size,
                 )
             )
@@ -155,19 +175,24 @@ def run_plan(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
     for i, job in enumerate(jobs):
         print(f"[plan] compiling {i + 1}/{len(jobs)} ...", file=sys.stderr, flush=True)
         programs.append(job())
-        report = build_report(programs, model)
+        report = build_report(programs, model, args.tpu)
         p = report["programs"][-1]
+        if p.get("out_of_memory"):
+            verdict = "does not fit: the compiler ran out of device memory"
+        else:
+            verdict = (
+                f"peak {scaled(p['memory']['peak_estimate'], BYTE_UNITS)} per device, "
+                f"{scaled(p['flops']['per_step'], FLOP_UNITS)} per step"
+            )
         print(
-            f"[plan] {program_label(p)}: peak {scaled(p['memory']['peak_estimate'], BYTE_UNITS)}"
-            f" per device, {scaled(p['flops']['per_step'], FLOP_UNITS)} per step, compiled in "
-            f"{p['compile_s']:.0f} s",
+            f"[plan] {program_label(p)}: {verdict}, compiled in {p['compile_s']:.0f} s",
             file=sys.stderr,
             flush=True,
         )
         if args.out is not None:  # after every program: a long run keeps what it measured
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(format_tables(build_report(programs, model), markdown=args.markdown))
+    print(format_tables(build_report(programs, model, args.tpu), markdown=args.markdown))
     return 0
 
 

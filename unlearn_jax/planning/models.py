@@ -30,6 +30,10 @@ CHIPS = (
     Chip("TPU v4", 275.0, 32 * GiB),
     # https://cloud.google.com/tpu/docs/v5e: 197 TFLOP/s peak bf16, 16 GiB HBM2 per chip.
     Chip("TPU v5e", 197.0, 16 * GiB),
+    # https://cloud.google.com/tpu/docs/v5p: 459 TFLOP/s peak bf16, 95 GiB HBM2e per chip.
+    Chip("TPU v5p", 459.0, 95 * GiB),
+    # https://cloud.google.com/tpu/docs/v6e: 918 TFLOP/s peak bf16, 32 GiB HBM per chip.
+    Chip("TPU v6e", 918.0, 32 * GiB),
     # https://www.nvidia.com/en-us/data-center/a100/: BF16 Tensor Core 312 TFLOP/s dense
     # (624 with 2:4 sparsity); A100 80GB: 80 GB HBM2e.
     Chip("A100 80GB", 312.0, 80 * GB),

@@ -28,6 +28,8 @@ class ProgramReport:
         body it counts once).
       compile_s: lowering + XLA compilation wall time of the memory-analysed program.
       notes: caveats specific to this program.
+      out_of_memory: the compiler's refusal when it could not fit the program in the
+        device's memory (TPU compiles fail so); `memory` and `flops` are then empty.
     """
 
     kind: str
@@ -36,22 +38,25 @@ class ProgramReport:
     flops: dict[str, float]
     compile_s: float
     notes: list[str] = dataclasses.field(default_factory=list)
+    out_of_memory: str | None = None
 
     def chips(self, chips: Sequence[Chip] = CHIPS) -> dict[str, dict[str, Any]]:
         """Per chip: the floor (FLOPs per step / peak, a lower bound) and whether it fits."""
         out = {}
         for chip in chips:
-            floor_ms = self.flops["per_step"] / (chip.peak_tflops * 1e12) * 1e3
+            per_step = self.flops.get("per_step")
+            floor_ms = None if per_step is None else per_step / (chip.peak_tflops * 1e12) * 1e3
+            peak = self.memory.get("peak_estimate")
             out[chip.name] = {
                 "floor_ms_per_step": floor_ms,
-                "fits": self.memory["peak_estimate"] <= USABLE_HBM_FRACTION * chip.hbm_bytes,
+                "fits": peak is not None and peak <= USABLE_HBM_FRACTION * chip.hbm_bytes,
             }
             if self.kind == "sample":
                 out[chip.name]["floor_s_per_chunk"] = floor_ms * self.settings["steps"] / 1e3
         return out
 
-    def to_json(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "chips": self.chips()}
+    def to_json(self, chips: Sequence[Chip] = CHIPS) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "chips": self.chips(chips)}
 
 
 def memory_of(compiled) -> dict[str, int]:
@@ -90,12 +95,44 @@ def loops_other_than_rng(compiled) -> int:
     return sum(not any(m in line for m in _RNG_OP_NAMES) for line in loops)
 
 
-def _compile(jitted, *args) -> tuple[Any, float]:
-    from unlearn_jax.models.attention import accelerator_attention
+class OutOfDeviceMemory(Exception):
+    """The compiler refused the program: it does not fit the device's memory.
 
+    The TPU compiler fails a program it cannot fit in HBM (after trying to rematerialize),
+    so for a TPU target "does not fit" is the compiler's verdict, not an estimate.
+    """
+
+    def __init__(self, message: str, seconds: float):
+        super().__init__(message)
+        self.seconds = seconds
+
+
+PALLAS_FLOPS_NOTE = (
+    "TPU attention runs as Pallas flash kernels, which XLA's cost analysis counts by "
+    "their own estimates: the forward's, while the backward kernels carry none, so a TPU "
+    "train step's FLOPs are undercounted; plan on CPU (--devices) for the FLOP count"
+)
+# Compiler errors that mean the program does not fit the device's memory.
+_OUT_OF_MEMORY = ("RESOURCE_EXHAUSTED", "Ran out of memory")
+
+
+def _compile(jitted, *args, mesh=None) -> tuple[Any, float]:
+    """(compiled, seconds); raises OutOfDeviceMemory when the compiler cannot fit it.
+
+    The attention traced is an accelerator's, even when planned on CPU: on compile-only
+    TPU devices the TPU's own (Pallas flash kernels per device over `mesh`), else XLA's.
+    """
+    from unlearn_jax.models.attention import accelerator_attention, batch_mesh
+
+    tpu = mesh is not None and mesh.devices.flat[0].platform == "tpu"
     start = time.perf_counter()
-    with accelerator_attention():  # the GPU/TPU program, even when planned on CPU
-        compiled = jitted.lower(*args).compile()
+    try:
+        with accelerator_attention("tpu" if tpu else None), batch_mesh(mesh):
+            compiled = jitted.lower(*args).compile()
+    except Exception as e:  # the backends' error types differ
+        if not any(marker in str(e) for marker in _OUT_OF_MEMORY):
+            raise
+        raise OutOfDeviceMemory(str(e), time.perf_counter() - start) from e
     return compiled, time.perf_counter() - start
 
 
@@ -169,6 +206,7 @@ def plan_train_step(
     height: int | None = None,
     width: int | None = None,
     config=None,
+    devices=None,
 ) -> ProgramReport:
     """Compiles the unlearning train step on abstract shapes and measures it.
 
@@ -186,6 +224,8 @@ def plan_train_step(
       config: the trainer config to start from (default `train_config()`), for the
         optimizer and hyperparameters. Planned with grad_accum = 1: with gradient
         accumulation, plan the micro-batch.
+      devices: the devices of the mesh (default `jax.devices()`); compile-only TPU
+        devices (`targets.tpu_devices`) compile for a TPU slice without one.
     """
     import jax
     import jax.numpy as jnp
@@ -206,9 +246,9 @@ def plan_train_step(
         _check_global_batch(global_batch, data, fsdp)  # before the mesh: the clearer error
     elif batch_per_device < 1:
         raise ValueError(f"--batch must be >= 1 (examples per device), got {batch_per_device}")
-    mesh = sharding.make_mesh(data, fsdp)
-    devices = sharding.batch_devices(mesh)
-    batch = batch_per_device * devices if global_batch is None else global_batch
+    mesh = sharding.make_mesh(data, fsdp, devices)
+    splits = sharding.batch_devices(mesh)
+    batch = batch_per_device * splits if global_batch is None else global_batch
     _check_global_batch(batch, mesh.shape["data"], mesh.shape["fsdp"])
     group = params or config.unlearn.get("params") or preset.params
     hparams = experiment.resolve_hparams(preset, config.unlearn.get("hparams"))
@@ -271,41 +311,60 @@ def plan_train_step(
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=(0,),
     )
-    compiled, seconds = _compile(
-        jitted,
-        _placed(abstract, state_shardings),
-        _placed(frozen, theta0_shardings),
-        example_batch,
-        key,
-    )
-    per_step = flops_of(compiled)
     trainable, total = split.sizes(theta0)
+    settings = {
+        "model": model.name,
+        "method": preset.name,
+        "params": group,
+        "trainable_parameters": trainable,
+        "unet_parameters": total,
+        "optimizer": config.optim.name,
+        "mesh": {"data": mesh.shape["data"], "fsdp": mesh.shape["fsdp"]},
+        "global_batch": batch,
+        "batch_per_device": batch // splits,
+        "remat": remat,
+        "dtype": dtype,
+        "frozen_dtype": frozen_dtype,
+        "mu_dtype": config.optim.get("mu_dtype", "float32"),
+        "latent_shape": list(latent),
+    }
+    try:
+        compiled, seconds = _compile(
+            jitted,
+            _placed(abstract, state_shardings),
+            _placed(frozen, theta0_shardings),
+            example_batch,
+            key,
+            mesh=mesh,
+        )
+    except OutOfDeviceMemory as e:
+        return ProgramReport(
+            kind="train",
+            settings=settings,
+            memory={},
+            flops={},
+            compile_s=e.seconds,
+            notes=[f"the compiler could not fit the train step: {_first_lines(str(e))}"],
+            out_of_memory=str(e),
+        )
+    per_step = flops_of(compiled)
     notes = []
     if loops := loops_other_than_rng(compiled):
         notes.append(f"{loops} while loop(s) in the train step: FLOPs count each body once")
+    if "tpu_custom_call" in (compiled.as_text() or ""):
+        notes.append(PALLAS_FLOPS_NOTE)
     return ProgramReport(
         kind="train",
-        settings={
-            "model": model.name,
-            "method": preset.name,
-            "params": group,
-            "trainable_parameters": trainable,
-            "unet_parameters": total,
-            "optimizer": config.optim.name,
-            "mesh": {"data": mesh.shape["data"], "fsdp": mesh.shape["fsdp"]},
-            "global_batch": batch,
-            "batch_per_device": batch // devices,
-            "remat": remat,
-            "dtype": dtype,
-            "frozen_dtype": frozen_dtype,
-            "mu_dtype": config.optim.get("mu_dtype", "float32"),
-            "latent_shape": list(latent),
-        },
+        settings=settings,
         memory=memory_of(compiled),
-        flops={"per_step": per_step, "per_image": per_step / (batch // devices)},
+        flops={"per_step": per_step, "per_image": per_step / (batch // splits)},
         compile_s=seconds,
         notes=notes,
     )
+
+
+def _first_lines(message: str, count: int = 3) -> str:
+    return " ".join(line.strip() for line in message.strip().splitlines()[:count])
 
 
 def compile_sampler(
@@ -320,6 +379,7 @@ def compile_sampler(
     height: int | None = None,
     width: int | None = None,
     unrolled: bool = False,
+    devices=None,
 ):
     """The sampler for one chunk of prompts, compiled on abstract shapes.
 
@@ -347,7 +407,7 @@ def compile_sampler(
         raise ValueError(
             f"--steps and --sample-batch must be >= 1; got {steps}, {batch_per_device}"
         )
-    mesh = sharding.make_mesh(data, fsdp)
+    mesh = sharding.make_mesh(data, fsdp, devices)
     chunk = batch_per_device * mesh.shape["data"]
     latent = model.latent_shape(height, width)
     graphdef, params = _abstract_unet(model, dtype, remat=False)
@@ -371,6 +431,7 @@ def compile_sampler(
         jax.ShapeDtypeStruct((chunk, *context), jnp.dtype(dtype), sharding=rows),
         uncond if uses_guidance(guidance) else None,
         jax.ShapeDtypeStruct((chunk,), jnp.int32, sharding=rows),
+        mesh=mesh,
     )
     return compiled, seconds, mesh
 
@@ -386,6 +447,7 @@ def plan_sampler(
     fsdp: int = 1,
     height: int | None = None,
     width: int | None = None,
+    devices=None,
 ) -> ProgramReport:
     """Compiles the scan sampler (see `compile_sampler`) and measures it.
 
@@ -402,6 +464,7 @@ def plan_sampler(
         fsdp=fsdp,
         height=height,
         width=width,
+        devices=devices,
     )
     compiled, seconds, mesh = compile_sampler(model, steps=steps, **common)
     one_step, _, _ = compile_sampler(model, steps=1, unrolled=True, **common)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -14,10 +15,16 @@ CPU_NOTE = (
     "accelerator needs, not a measurement. Arguments (parameters, optimizer state, batch) "
     "are exact; temporaries depend on the backend: TPUs pad minor dimensions to (8, 128) "
     "tiles, GPUs add convolution workspaces, fusion and scheduling differ, and XLA:CPU may "
-    "keep bf16 intermediates in f32. Attention: on CPU (and TPU) jax.nn.dot_product_attention "
-    "materialises float32 [rows, heads, N, N] logits (4 GiB for 8 rows of 64x64 SD latents), "
-    "which cuDNN's fused attention on GPUs may avoid. Plan on the accelerator itself for its "
-    "own numbers."
+    "keep bf16 intermediates in f32. Attention: the program planned on CPU uses XLA's "
+    "jax.nn.dot_product_attention, which materialises float32 [rows, heads, N, N] logits "
+    "(4 GiB for 8 rows of 64x64 SD latents); the trainer runs cuDNN's fused attention on "
+    "CUDA GPUs and Pallas flash kernels on TPUs, which do not. Plan with --tpu for a TPU's "
+    "own program and memory, or on the accelerator itself."
+)
+TPU_NOTE = (
+    "Compiled for a TPU {topology} slice by the TPU compiler (libtpu {libtpu}) on "
+    "compile-only devices, without a TPU: the memory is that compiler's buffer assignment "
+    "for this chip (its tiling, fusion and schedule), not a measurement of a run."
 )
 GENERAL_NOTES = (
     "Per device. Peak estimate = arguments + outputs - donated (aliased) + temporaries + "
@@ -32,21 +39,43 @@ GENERAL_NOTES = (
 )
 
 
-def build_report(programs: Sequence[ProgramReport], model: ModelSpec) -> dict[str, Any]:
-    """The JSON-able report of a planning run."""
+def build_report(
+    programs: Sequence[ProgramReport], model: ModelSpec, tpu: str | None = None
+) -> dict[str, Any]:
+    """The JSON-able report of a planning run.
+
+    Args:
+      tpu: the topology the programs were compiled for on compile-only TPU devices
+        (`--tpu`); the report then names that chip alone, whose compiler it measured.
+    """
     import jax
 
-    cpu_note = [CPU_NOTE] if jax.default_backend() == "cpu" else []
+    if tpu is None:
+        backend, kind, count = jax.default_backend(), jax.devices()[0].device_kind, None
+        chips = CHIPS
+        target_note = [CPU_NOTE] if backend == "cpu" else []
+    else:
+        from unlearn_jax.planning.targets import libtpu_version, tpu_chip
+
+        backend, kind, count = "tpu (compile-only)", tpu_chip(tpu), _topology_chips(tpu)
+        chips = [c for c in CHIPS if c.name == tpu_chip(tpu)]
+        target_note = [TPU_NOTE.format(topology=tpu, libtpu=libtpu_version())]
     return {
         "model": model.name,
-        "backend": jax.default_backend(),
-        "device_kind": jax.devices()[0].device_kind,
-        "devices": jax.device_count(),
+        "backend": backend,
+        "device_kind": kind,
+        "devices": count or jax.device_count(),
+        **({"tpu_topology": tpu} if tpu else {}),
         "usable_hbm_fraction": USABLE_HBM_FRACTION,
-        "chips": [dataclasses.asdict(c) for c in CHIPS],
-        "programs": [p.to_json() for p in programs],
-        "notes": [GENERAL_NOTES[0], *cpu_note, *GENERAL_NOTES[1:]],
+        "chips": [dataclasses.asdict(c) for c in chips],
+        "programs": [p.to_json(chips) for p in programs],
+        "notes": [GENERAL_NOTES[0], *target_note, *GENERAL_NOTES[1:]],
     }
+
+
+def _topology_chips(topology: str) -> int:
+    shape = topology.split(":")[1]
+    return math.prod(int(n) for n in shape.split("x"))
 
 
 def program_label(program: Mapping[str, Any]) -> str:
@@ -86,6 +115,16 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], markdown: bool)
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
+def _bytes(program: Mapping[str, Any], key: str) -> str:
+    value = program["memory"].get(key)
+    return "out of memory" if value is None else scaled(value, BYTE_UNITS)
+
+
+def _flops(program: Mapping[str, Any], key: str) -> str:
+    value = program["flops"].get(key)
+    return "n/a" if value is None else scaled(value, FLOP_UNITS)
+
+
 def format_tables(report: Mapping[str, Any], markdown: bool = False) -> str:
     """Memory and FLOPs per program; floor and fit per chip; the notes. Text or Markdown."""
     programs = report["programs"]
@@ -105,10 +144,9 @@ def format_tables(report: Mapping[str, Any], markdown: bool = False) -> str:
         [
             program_label(p),
             str(p["settings"]["batch_per_device"]),
-            *(scaled(p["memory"][k], BYTE_UNITS) for k in ("argument", "output", "alias", "temp")),
-            scaled(p["memory"]["peak_estimate"], BYTE_UNITS),
-            scaled(p["flops"]["per_step"], FLOP_UNITS),
-            scaled(p["flops"]["per_image"], FLOP_UNITS),
+            *(_bytes(p, k) for k in ("argument", "output", "alias", "temp", "peak_estimate")),
+            _flops(p, "per_step"),
+            _flops(p, "per_image"),
             f"{p['compile_s']:.0f} s",
         ]
         for p in programs
@@ -123,6 +161,9 @@ def format_tables(report: Mapping[str, Any], markdown: bool = False) -> str:
         cells = [program_label(p)]
         for c in report["chips"]:
             chip = p["chips"][c["name"]]
+            if p.get("out_of_memory"):
+                cells.append("DOES NOT FIT (the compiler ran out of memory)")
+                continue
             floor = scaled(chip["floor_ms_per_step"] / 1e3, SECOND_UNITS)
             cells.append(f"{floor}, {'fits' if chip['fits'] else 'DOES NOT FIT'}")
         chip_rows.append(cells)

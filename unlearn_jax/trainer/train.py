@@ -38,6 +38,7 @@ import PIL.Image
 import tqdm
 from jax.sharding import Mesh
 
+from unlearn_jax.models.attention import batch_mesh
 from unlearn_jax.program_cache import ProgramCache
 from unlearn_jax.trainer import experiment
 from unlearn_jax.trainer.batches import SHARED_KEYS, UnlearnData
@@ -140,7 +141,8 @@ def _compile_cached(jitted, mesh, *example_args):
     The key is the program text (shapes, shardings, donation and every constant
     are in it) plus the mesh's devices (which the text does not name).
     """
-    lowered = jitted.lower(*example_args)
+    with batch_mesh(mesh):  # kernels XLA cannot partition run per device (TPU attention)
+        lowered = jitted.lower(*example_args)
     devices = ",".join(str(d.id) for d in mesh.devices.flat)
     key = hashlib.sha256((devices + lowered.as_text()).encode()).hexdigest()
 
