@@ -22,6 +22,7 @@ from unlearn_jax.diffusion.forward import (
     DiffusionModel,
     denoising_loss,
     sample_timesteps_and_noise,
+    standard_normal,
 )
 from unlearn_jax.trainer import experiment, train
 from unlearn_jax.trainer.batches import SHARED_KEYS
@@ -200,6 +201,18 @@ def test_esd_target_formula_and_loss():
         THETA
     )
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, want)
+
+
+@pytest.mark.parametrize("partitionable", [True, False])
+def test_standard_normal_is_jax_random_normal_bit_for_bit(partitionable):
+    # The losses draw their noise flat (it compiles faster); the values must not change.
+    key = jax.random.fold_in(jax.random.key(3), 7)
+    with jax.threefry_partitionable(partitionable):
+        for shape in ((2, 3, 5, 4), (3, 8), (5,)):
+            want = jax.random.normal(key, shape, jnp.float32)
+            np.testing.assert_array_equal(
+                jax.jit(standard_normal, static_argnums=1)(key, shape), want
+            )
 
 
 def test_noise_loss_regresses_to_fresh_noise():

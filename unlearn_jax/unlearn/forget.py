@@ -32,6 +32,7 @@ from unlearn_jax.diffusion.forward import (
     mean_squared_error,
     prediction_target,
     sample_timesteps_and_noise,
+    standard_normal,
 )
 from unlearn_jax.unlearn.hparams import UnlearnHParams
 
@@ -145,9 +146,7 @@ def noise_loss(
     x0 = batch["x0"]
     t, eps = sample_timesteps_and_noise(rng, x0, model.num_timesteps)
     x_t = add_noise(model, x0, eps, t)
-    random_noise = jax.random.normal(
-        jax.random.fold_in(rng, TARGET_NOISE_STREAM), x0.shape, jnp.float32
-    )
+    random_noise = standard_normal(jax.random.fold_in(rng, TARGET_NOISE_STREAM), x0.shape)
     prediction = model.apply_fn(params, x_t, t, batch["context"])
     mse = mean_squared_error(prediction, prediction_target(model, x0, random_noise, t))
     return mse, {"mse": mse}
