@@ -269,3 +269,19 @@ def test_tpu_compiler_out_of_memory_is_reported_as_does_not_fit():
     assert "| out of memory | out of memory |" in tables
     assert "DOES NOT FIT (the compiler ran out of memory)" in tables
     assert "the compiler could not fit the train step: RESOURCE_EXHAUSTED" in tables
+
+
+def test_sampler_out_of_memory_is_reported_as_does_not_fit(monkeypatch):
+    """A sampler the compiler refuses becomes a 'does not fit' row, as the train step."""
+
+    def refuse(*args, **kwargs):
+        raise plan.OutOfDeviceMemory("RESOURCE_EXHAUSTED: Ran out of memory on HBM", 1.5)
+
+    monkeypatch.setattr(plan.programs, "compile_sampler", refuse)
+    program = plan.plan_sampler(TINY, steps=2, batch_per_device=1)
+    assert program.out_of_memory.startswith("RESOURCE_EXHAUSTED") and program.compile_s == 1.5
+    assert program.settings["steps"] == 2 and program.settings["mesh"]["data"] >= 1
+    chips = program.to_json()["chips"]
+    assert all(c == {"floor_ms_per_step": None, "fits": False} for c in chips.values())
+    tables = plan.format_tables(plan.build_report([program], TINY))
+    assert "DOES NOT FIT (the compiler ran out of memory)" in tables

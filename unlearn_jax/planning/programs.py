@@ -51,7 +51,7 @@ class ProgramReport:
                 "floor_ms_per_step": floor_ms,
                 "fits": peak is not None and peak <= USABLE_HBM_FRACTION * chip.hbm_bytes,
             }
-            if self.kind == "sample":
+            if self.kind == "sample" and floor_ms is not None:
                 out[chip.name]["floor_s_per_chunk"] = floor_ms * self.settings["steps"] / 1e3
         return out
 
@@ -455,6 +455,7 @@ def plan_sampler(
     well: its FLOPs times `steps` are the total.
     """
     from unlearn_jax.diffusion.sampler import uses_guidance
+    from unlearn_jax.trainer import sharding
 
     common = dict(
         guidance=guidance,
@@ -466,8 +467,31 @@ def plan_sampler(
         width=width,
         devices=devices,
     )
-    compiled, seconds, mesh = compile_sampler(model, steps=steps, **common)
-    one_step, _, _ = compile_sampler(model, steps=1, unrolled=True, **common)
+    mesh = sharding.make_mesh(data, fsdp, devices)
+    settings = {
+        "model": model.name,
+        "steps": steps,
+        "guidance": guidance,
+        "mesh": {"data": mesh.shape["data"], "fsdp": mesh.shape["fsdp"]},
+        "global_batch": batch_per_device * mesh.shape["data"],
+        "batch_per_device": batch_per_device,
+        "unet_batch_per_device": batch_per_device * (2 if uses_guidance(guidance) else 1),
+        "dtype": dtype,
+        "latent_shape": list(model.latent_shape(height, width)),
+    }
+    try:
+        compiled, seconds, mesh = compile_sampler(model, steps=steps, **common)
+        one_step, _, _ = compile_sampler(model, steps=1, unrolled=True, **common)
+    except OutOfDeviceMemory as e:
+        return ProgramReport(
+            kind="sample",
+            settings=settings,
+            memory={},
+            flops={},
+            compile_s=e.seconds,
+            notes=[f"the compiler could not fit the sampler: {_first_lines(str(e))}"],
+            out_of_memory=str(e),
+        )
     per_step = flops_of(one_step)
     notes = [
         "sampler FLOPs: one denoising step compiled on its own, times the steps (XLA's "
@@ -479,17 +503,7 @@ def plan_sampler(
         notes.append("sampler with fsdp > 1: the devices of an fsdp group sample the same rows")
     return ProgramReport(
         kind="sample",
-        settings={
-            "model": model.name,
-            "steps": steps,
-            "guidance": guidance,
-            "mesh": {"data": mesh.shape["data"], "fsdp": mesh.shape["fsdp"]},
-            "global_batch": batch_per_device * mesh.shape["data"],
-            "batch_per_device": batch_per_device,
-            "unet_batch_per_device": batch_per_device * (2 if uses_guidance(guidance) else 1),
-            "dtype": dtype,
-            "latent_shape": list(model.latent_shape(height, width)),
-        },
+        settings=settings,
         memory=memory_of(compiled),
         flops={
             "per_step": per_step,
