@@ -8,6 +8,7 @@ conftest.py makes reruns fast.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -251,18 +252,24 @@ def test_tpu_plan_compiles_with_the_tpu_compiler(tmp_path):
 
 def test_tpu_compiler_out_of_memory_is_reported_as_does_not_fit():
     """The TPU compiler refuses a program that cannot fit HBM; the planner reports that
-    refusal as the verdict (no memory or FLOP figures), and the tables say so."""
+    refusal as the verdict (no memory or FLOP figures), and the tables say so. The same
+    step fits when its self-attention takes the Pallas flash kernels."""
     from unlearn_jax.planning import targets
 
     devices = targets.tpu_devices("v5e:1x1")  # one 16 GiB chip
-    # 256 px on the tiny model: 128x128 latents, whose self-attention logits alone are
-    # 1 GiB per head and example in float32; 8 examples cannot fit.
-    program = plan.plan_train_step(
-        TINY, batch_per_device=8, height=256, width=256, data=1, fsdp=1, devices=devices, **CHEAP
+    step = functools.partial(
+        plan.plan_train_step, TINY, batch_per_device=8, data=1, fsdp=1, devices=devices, **CHEAP
     )
+    # 256 px: 128x128 latents, 16384 tokens, a multiple of the kernels' 128-row blocks.
+    flash = step(height=256, width=256)
+    assert flash.out_of_memory is None and plan.programs.PALLAS_FLOPS_NOTE in flash.notes
+    assert flash.memory["peak_estimate"] <= 0.9 * 16 * 2**30
+    # 250 px: 125x125 latents, 15625 tokens, not a multiple of 128, so XLA's attention,
+    # whose float32 logits alone are ~1 GiB per head and example: 8 examples cannot fit.
+    program = step(height=250, width=250)
     assert program.out_of_memory and "RESOURCE_EXHAUSTED" in program.out_of_memory
     assert program.memory == {} and program.flops == {}
-    assert program.settings["latent_shape"] == [128, 128, 4]
+    assert program.settings["latent_shape"] == [125, 125, 4]
     report = plan.build_report([program], TINY, tpu="v5e:1x1")
     assert report["programs"][0]["chips"] == {"TPU v5e": {"floor_ms_per_step": None, "fits": False}}
     tables = plan.format_tables(report, markdown=True)
