@@ -136,10 +136,9 @@ def _program(
         except BaseException as e:
             fail(e)
 
-    # The rows' mesh: kernels XLA cannot partition (TPU attention) run per device on it.
-    mesh = jax.tree.leaves(args)[-1].sharding.mesh
     try:
-        with batch_mesh(mesh):
+        # The rows' mesh: kernels XLA cannot partition (TPU attention) run per device on it.
+        with batch_mesh(jax.tree.leaves(args)[-1].sharding.mesh):
             lowered = sample_jit.lower(
                 model_fn, *args, eta=eta, use_guidance=use_guidance, trajectory=trajectory
             )
