@@ -208,6 +208,7 @@ def test_tpu_topology_and_option_errors_name_the_fix(monkeypatch):
         with pytest.raises(ValueError, match="expected GENERATION:SHAPE .* e.g. v5e:2x4"):
             targets.tpu_devices(bad)
     assert targets.tpu_chip("V5E:2x4") == "TPU v5e" and targets.tpu_chip("v4:2x2x1") == "TPU v4"
+    assert targets.tpu_chip_count("v5e:2x4") == 8 and targets.tpu_chip_count("v4:2x2x2") == 8
     assert {targets.tpu_chip(f"{g}:2x2") for g in targets.TPU_GENERATIONS} <= {
         c.name for c in plan.CHIPS
     }

@@ -51,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import math
 from collections.abc import Iterator
 
 import jax
@@ -271,8 +272,5 @@ def _batch_axes(mesh, batch: int) -> tuple[str, ...]:
     """The mesh's batch axes of size > 1 that `batch` rows divide over (all or none)."""
     if mesh is None:
         return ()
-    axes = tuple(a for a in ("data", "fsdp") if a in mesh.shape and mesh.shape[a] > 1)
-    size = 1
-    for a in axes:
-        size *= mesh.shape[a]
-    return axes if axes and batch % size == 0 else ()
+    axes = tuple(a for a in ("data", "fsdp") if mesh.shape.get(a, 1) > 1)
+    return axes if axes and batch % math.prod(mesh.shape[a] for a in axes) == 0 else ()

@@ -55,6 +55,21 @@ class ProgramReport:
                 out[chip.name]["floor_s_per_chunk"] = floor_ms * self.settings["steps"] / 1e3
         return out
 
+    @classmethod
+    def refused(cls, kind: str, settings: dict[str, Any], error: OutOfDeviceMemory):
+        """The report of a program the compiler could not fit: no memory or FLOPs."""
+        first_lines = " ".join(line.strip() for line in str(error).strip().splitlines()[:3])
+        program = "the train step" if kind == "train" else "the sampler"
+        return cls(
+            kind=kind,
+            settings=settings,
+            memory={},
+            flops={},
+            compile_s=error.seconds,
+            notes=[f"the compiler could not fit {program}: {first_lines}"],
+            out_of_memory=str(error),
+        )
+
     def to_json(self, chips: Sequence[Chip] = CHIPS) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "chips": self.chips(chips)}
 
@@ -338,15 +353,7 @@ def plan_train_step(
             mesh=mesh,
         )
     except OutOfDeviceMemory as e:
-        return ProgramReport(
-            kind="train",
-            settings=settings,
-            memory={},
-            flops={},
-            compile_s=e.seconds,
-            notes=[f"the compiler could not fit the train step: {_first_lines(str(e))}"],
-            out_of_memory=str(e),
-        )
+        return ProgramReport.refused("train", settings, e)
     per_step = flops_of(compiled)
     notes = []
     if loops := loops_other_than_rng(compiled):
@@ -361,10 +368,6 @@ def plan_train_step(
         compile_s=seconds,
         notes=notes,
     )
-
-
-def _first_lines(message: str, count: int = 3) -> str:
-    return " ".join(line.strip() for line in message.strip().splitlines()[:count])
 
 
 def compile_sampler(
@@ -483,15 +486,7 @@ def plan_sampler(
         compiled, seconds, mesh = compile_sampler(model, steps=steps, **common)
         one_step, _, _ = compile_sampler(model, steps=1, unrolled=True, **common)
     except OutOfDeviceMemory as e:
-        return ProgramReport(
-            kind="sample",
-            settings=settings,
-            memory={},
-            flops={},
-            compile_s=e.seconds,
-            notes=[f"the compiler could not fit the sampler: {_first_lines(str(e))}"],
-            out_of_memory=str(e),
-        )
+        return ProgramReport.refused("sample", settings, e)
     per_step = flops_of(one_step)
     notes = [
         "sampler FLOPs: one denoising step compiled on its own, times the steps (XLA's "

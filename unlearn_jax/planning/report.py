@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -55,10 +54,10 @@ def build_report(
         chips = CHIPS
         target_note = [CPU_NOTE] if backend == "cpu" else []
     else:
-        from unlearn_jax.planning.targets import libtpu_version, tpu_chip
+        from unlearn_jax.planning.targets import libtpu_version, tpu_chip, tpu_chip_count
 
-        backend, kind, count = "tpu (compile-only)", tpu_chip(tpu), _topology_chips(tpu)
-        chips = [c for c in CHIPS if c.name == tpu_chip(tpu)]
+        backend, kind, count = "tpu (compile-only)", tpu_chip(tpu), tpu_chip_count(tpu)
+        chips = [c for c in CHIPS if c.name == kind]
         target_note = [TPU_NOTE.format(topology=tpu, libtpu=libtpu_version())]
     return {
         "model": model.name,
@@ -71,11 +70,6 @@ def build_report(
         "programs": [p.to_json(chips) for p in programs],
         "notes": [GENERAL_NOTES[0], *target_note, *GENERAL_NOTES[1:]],
     }
-
-
-def _topology_chips(topology: str) -> int:
-    shape = topology.split(":")[1]
-    return math.prod(int(n) for n in shape.split("x"))
 
 
 def program_label(program: Mapping[str, Any]) -> str:

@@ -11,6 +11,7 @@ on them.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 
@@ -41,6 +42,17 @@ _QUIET_LIBTPU = {
 def tpu_chip(topology: str) -> str:
     """The `planning.models.CHIPS` name of a topology's chip ('v5e:2x4' -> 'TPU v5e')."""
     return TPU_GENERATIONS[_parse(topology)[0]][0]
+
+
+def tpu_chip_count(topology: str) -> int:
+    """Chips in a topology ('v5e:2x4' -> 8): one device each (megacore on v4 and v5p)."""
+    return math.prod(_dims(_parse(topology)[1]))
+
+
+def _dims(shape: str) -> list[int]:
+    """'2x4' -> [2, 4, 1]: chips per axis, three axes."""
+    dims = [int(n) for n in shape.split("x")]
+    return dims + [1] * (3 - len(dims))
 
 
 def _parse(topology: str) -> tuple[str, str]:
@@ -77,8 +89,7 @@ def tpu_devices(topology: str) -> list:
     chip_config = TPU_GENERATIONS[generation][1]
     options = {"chip_config_name": chip_config} if chip_config else {}
     # libtpu's default host holds 2x2x1 chips; a smaller slice is one smaller host.
-    dims = [int(n) for n in shape.split("x")] + [1] * (3 - len(shape.split("x")))
-    host = [min(d, h) for d, h in zip(dims, _DEFAULT_HOST_BOUNDS)]
+    host = [min(d, h) for d, h in zip(_dims(shape), _DEFAULT_HOST_BOUNDS)]
     if host != list(_DEFAULT_HOST_BOUNDS):
         options["chips_per_host_bounds"] = host
     try:
