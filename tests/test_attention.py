@@ -126,7 +126,9 @@ def test_tpu_choice():
     assert choose(256, 256, 256, 256) == "tpu_flash"
     assert choose(4096, 77) == "xla"  # cross-attention to the 77 text tokens
     assert choose(64, 64) == "xla"  # 8x8 latents: less than one 128-row block
-    assert choose(4096, 4096, 40, 80) == "xla"  # the kernels need equal head dims
+    # The kernels need equal head dims; XLA's logits (1 GiB) would be too large.
+    assert choose(4096, 4096, 40, 80) == "blockwise"
+    assert choose(512, 512, 40, 80) == "xla"
     assert choose(4096, 4096) != attention.choose_implementation(  # the planner's FLOPs
         "tpu", jnp.bfloat16, (2, 4096, 8, 40), (2, 4096, 8, 40), accelerator_program=True
     )
@@ -154,3 +156,136 @@ def test_tpu_flash_equals_numpy_and_xla_gradients_in_the_tpu_interpreter():
     want = jax.grad(squares(xla), argnums=(0, 1, 2))(q, k, v)
     for g, w in zip(grads, want):
         np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-5)
+
+
+def test_blockwise_choice_where_xla_would_hold_large_logits():
+    """'blockwise' replaces 'xla' when the float32 logits per device exceed LOGITS_BYTES."""
+    sd15 = (1, 4096, 8, 40)  # SD-1.5's 64x64 self-attention: 512 MiB of logits per example
+    choose = lambda backend, q=sd15, v=sd15, dtype=jnp.bfloat16, **kw: (
+        attention.choose_implementation(backend, dtype, q, v, **kw)
+    )
+    assert choose("cpu", accelerator_program=True) == "blockwise"  # the planner's programs
+    assert choose("cpu", q=(1, 4096, 8, 40), v=(1, 77, 8, 40), accelerator_program=True) == "xla"
+    assert choose("gpu", dtype=jnp.float32, compute_capability=H100) == "blockwise"
+    assert choose("gpu", compute_capability=H100) == "cudnn"  # the fused kernel comes first
+    assert choose("tpu") == "tpu_flash"
+    assert choose("tpu", q=(1, 4000, 8, 40), v=(1, 4000, 8, 40)) == "blockwise"  # not 128s
+    assert choose("cpu") == "per_head"  # the CPU's own loop bounds its forward's memory
+    # 32x32 latents: 32 MiB per example. Per device it is the local batch that counts.
+    small = dict(q=(8, 1024, 8, 80), v=(8, 1024, 8, 80), accelerator_program=True)
+    assert choose("cpu", **small, local_batch=1) == "xla"
+    assert choose("cpu", **small) == "blockwise"  # 8 examples on one device: 256 MiB
+
+
+def test_blockwise_blocks_fit_the_budget():
+    block = attention.blockwise_block
+    assert block(1, 8, 4096, 4096) == 512  # 8 x 512 x 4096 x 4 bytes = 64 MiB
+    assert block(4, 8, 77, 77) == 77  # everything fits: one block
+    assert block(1, 8, 15625, 15625) == 125  # a divisor near the budget: no padding
+    assert block(2, 8, 16129, 16129) == 64  # 127^2: padded blocks of a multiple of 8
+    assert block(1, 1, 97, 10**9) == 1  # nothing fits: one query at a time
+    for args in [(1, 8, 4096, 4096), (3, 5, 1000, 777), (2, 8, 16129, 16129)]:
+        assert 4 * args[0] * args[1] * block(*args) * args[3] <= attention.LOGITS_BYTES
+
+
+@pytest.mark.parametrize("tq,block", [(96, 32), (100, 24), (64, 64)])  # 24: padded blocks
+def test_blockwise_equals_numpy_and_xla_gradients(tq, block):
+    keys = jax.random.split(jax.random.key(4), 4)
+    q = jax.random.normal(keys[0], (2, tq, 3, 16))
+    k, v = (jax.random.normal(key, (2, 77, 3, 16)) for key in keys[1:3])
+    weights = jax.random.normal(keys[3], (2, tq, 3, 16))
+    blockwise = lambda q, k, v: attention.blockwise_attention(q, k, v, 0.25, block)
+    xla = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=0.25, implementation="xla")
+    np.testing.assert_allclose(
+        jax.jit(blockwise)(q, k, v), numpy_attention(q, k, v, 0.25), atol=3e-6
+    )
+    weighted = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * weights)
+    got = jax.jit(jax.grad(weighted(blockwise), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.grad(weighted(xla), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-5)
+    # bfloat16: the forward is XLA's arithmetic; gradients to bfloat16 precision.
+    qb, kb, vb = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    out = blockwise(qb, kb, vb)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.float32(out), np.float32(xla(qb, kb, vb)), atol=1e-2)
+    got = jax.grad(weighted(blockwise), argnums=(0, 1, 2))(qb, kb, vb)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.float32(g), w, atol=0.05 * float(np.abs(w).max()))
+
+
+def test_blockwise_gradient_keeps_one_block_of_logits():
+    """The gradient program never holds the whole [Tq, Tk] logits, and its temporaries
+    are a fraction of XLA's form, whose backward keeps the probabilities."""
+    q = jnp.ones((1, 2048, 4, 16))
+    loss = lambda f: jax.grad(lambda q: jnp.sum(f(q, q * 2, q) ** 2))
+    blockwise = jax.jit(loss(lambda q, k, v: attention.blockwise_attention(q, k, v, 0.3, 256)))
+    xla = jax.jit(loss(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=0.3)))
+    assert "2048x2048" not in blockwise.lower(q).as_text()
+    assert "2048x2048" in xla.lower(q).as_text()
+    temp = lambda f: f.lower(q).compile().memory_analysis().temp_size_in_bytes
+    assert temp(blockwise) < 0.3 * temp(xla)  # 64 MiB of logits per head set vs 8 MiB blocks
+
+
+def test_loop_flops_count_every_iteration():
+    """The planner's FLOPs: XLA's cost analysis counts a loop body once; `flops_of` adds
+    the other iterations from the jaxpr, within 1% of XLA's count of the loop unrolled."""
+    from unlearn_jax.planning import programs
+
+    keys = jax.random.split(jax.random.key(5), 3)
+    q, k, v = (jax.random.normal(key, (2, 512, 4, 40), jnp.bfloat16) for key in keys)
+    flops = lambda f, *args: programs.flops_of(programs._compile(jax.jit(f), *args)[0])
+    attend = lambda block: lambda q, k, v: attention.blockwise_attention(q, k, v, 0.3, block)
+    one_block = flops(attend(512), q, k, v)
+    assert flops(attend(64), q, k, v) == pytest.approx(one_block, rel=0.01)  # 8 iterations
+    without = programs._compile(jax.jit(attend(64)), q, k, v)[0].cost_analysis()["flops"]
+    assert without < 0.2 * one_block  # what XLA alone counts: one of the 8 blocks
+
+    def body(w, x):
+        return w, jnp.sum(jnp.tanh(x @ w) * 2 + 1, axis=0)
+
+    w, xs = jnp.ones((64, 64)), jnp.ones((16, 32, 64))
+    looped = lambda w, xs: jnp.sum(jax.lax.scan(body, w, xs)[1] ** 2)
+    unrolled = lambda w, xs: jnp.sum(jnp.stack([body(w, x)[1] for x in xs]) ** 2)
+    assert flops(jax.grad(looped), w, xs) == pytest.approx(
+        flops(jax.grad(unrolled), w, xs), rel=0.01
+    )
+
+
+SHARDED_BLOCKWISE = """
+import jax, jax.numpy as jnp, numpy as np
+from unlearn_jax.models import attention
+from unlearn_jax.trainer import sharding
+mesh = sharding.make_mesh(2, 1)
+rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+q = jax.random.normal(jax.random.key(0), (4, 2048, 4, 16))
+attend = lambda q: attention.dot_product_attention(q, q * 0.5, q, scale=0.3)
+loss = jax.jit(jax.grad(lambda q: jnp.sum(attend(q) ** 2)), in_shardings=rows, out_shardings=rows)
+with attention.accelerator_attention(), attention.batch_mesh(mesh):
+    compiled = loss.lower(jax.device_put(q, rows)).compile()
+    assert "while" in compiled.as_text()  # the 'blockwise' loop: 256 MiB of logits in all
+hlo = compiled.as_text()
+for op in ("all-gather", "all-reduce", "all-to-all", "collective-permute"):
+    assert op not in hlo, op
+got = compiled(jax.device_put(q, rows))
+want = jax.grad(lambda q: jnp.sum(jax.nn.dot_product_attention(q, q * 0.5, q, scale=0.3) ** 2))(q)
+np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+print("ok", len(got.sharding.device_set))
+"""
+
+
+def test_blockwise_runs_per_device_on_a_batch_mesh():
+    """Under `batch_mesh`, each device runs the blockwise loops on its own rows
+    (`shard_map`): no collective, and the gradient equals one device's."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "UNLEARN_JAX_CPU_DEVICES"}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    result = subprocess.run(
+        [sys.executable, "-c", SHARDED_BLOCKWISE], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["ok", "2"]

@@ -253,8 +253,9 @@ def test_tpu_plan_compiles_with_the_tpu_compiler(tmp_path):
 
 def test_tpu_compiler_out_of_memory_is_reported_as_does_not_fit():
     """The TPU compiler refuses a program that cannot fit HBM; the planner reports that
-    refusal as the verdict (no memory or FLOP figures), and the tables say so. The same
-    step fits when its self-attention takes the Pallas flash kernels."""
+    refusal as the verdict (no memory or FLOP figures), and the tables say so. Attention
+    never holds whole logits: the Pallas kernels where lengths are multiples of 128,
+    'blockwise' where they are not; it is the activations that stop fitting."""
     from unlearn_jax.planning import targets
 
     devices = targets.tpu_devices("v5e:1x1")  # one 16 GiB chip
@@ -265,12 +266,20 @@ def test_tpu_compiler_out_of_memory_is_reported_as_does_not_fit():
     flash = step(height=256, width=256)
     assert flash.out_of_memory is None and plan.programs.PALLAS_FLOPS_NOTE in flash.notes
     assert flash.memory["peak_estimate"] <= 0.9 * 16 * 2**30
-    # 250 px: 125x125 latents, 15625 tokens, not a multiple of 128, so XLA's attention,
-    # whose float32 logits alone are ~1 GiB per head and example: 8 examples cannot fit.
-    program = step(height=250, width=250)
+    # 250 px: 125x125 latents, 15625 tokens, no multiple of 128. XLA's attention would
+    # hold ~1 GiB of float32 logits per head and example, and did not fit; 'blockwise'
+    # (query blocks in a loop, flash attention's gradient) does.
+    blockwise = step(height=250, width=250)
+    assert (
+        blockwise.out_of_memory is None and plan.programs.PALLAS_FLOPS_NOTE not in blockwise.notes
+    )
+    assert any("'blockwise'" in note for note in blockwise.notes)
+    assert blockwise.memory["peak_estimate"] <= 0.9 * 16 * 2**30
+    # 512 px: 65536 tokens, four times the activations of 256 px: refused.
+    program = step(height=512, width=512)
     assert program.out_of_memory and "RESOURCE_EXHAUSTED" in program.out_of_memory
     assert program.memory == {} and program.flops == {}
-    assert program.settings["latent_shape"] == [125, 125, 4]
+    assert program.settings["latent_shape"] == [256, 256, 4]
     report = plan.build_report([program], TINY, tpu="v5e:1x1")
     assert report["programs"][0]["chips"] == {"TPU v5e": {"floor_ms_per_step": None, "fits": False}}
     tables = plan.format_tables(report, markdown=True)
