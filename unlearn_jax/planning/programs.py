@@ -97,14 +97,19 @@ def memory_of(compiled) -> dict[str, int]:
 _UNCOUNTED_LOOP_FLOPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def flops_of(compiled) -> float:
-    """FLOPs per device of a compiled program: XLA's cost analysis, which counts a loop
-    body once, plus the other iterations of the program's `lax.scan`s (blockwise
-    attention's query blocks) for programs `_compile` built (see `loop_flops`)."""
+def xla_flops(compiled) -> float:
+    """FLOPs per device of a compiled program as XLA's cost analysis counts them: a loop
+    body once."""
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):  # older JAX: one dict per executable
         cost = cost[0]
-    return float(cost.get("flops", 0.0)) + _UNCOUNTED_LOOP_FLOPS.get(compiled, 0.0)
+    return float(cost.get("flops", 0.0))
+
+
+def flops_of(compiled) -> float:
+    """FLOPs per device of a compiled program: `xla_flops` plus, for programs `_compile`
+    built, the other iterations of their `lax.scan`s (see `loop_flops`)."""
+    return xla_flops(compiled) + _UNCOUNTED_LOOP_FLOPS.get(compiled, 0.0)
 
 
 # Elementwise primitives XLA's cost analysis counts as one FLOP per output element
@@ -572,7 +577,7 @@ def plan_sampler(
             "per_step": per_step,
             "per_image": per_step * steps / batch_per_device,
             "total": per_step * steps,
-            "xla_scan_program": flops_of(compiled),
+            "xla_scan_program": xla_flops(compiled),
         },
         compile_s=seconds,
         notes=notes,

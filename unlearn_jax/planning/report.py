@@ -15,10 +15,11 @@ CPU_NOTE = (
     "are exact; temporaries depend on the backend: TPUs pad minor dimensions to (8, 128) "
     "tiles, GPUs add convolution workspaces, fusion and scheduling differ, and XLA:CPU may "
     "keep bf16 intermediates in f32. Attention: the program planned on CPU uses XLA's "
-    "jax.nn.dot_product_attention, which materialises float32 [rows, heads, N, N] logits "
-    "(4 GiB for 8 rows of 64x64 SD latents); the trainer runs cuDNN's fused attention on "
-    "CUDA GPUs and Pallas flash kernels on TPUs, which do not. Plan with --tpu for a TPU's "
-    "own program and memory, or on the accelerator itself."
+    "jax.nn.dot_product_attention, or 'blockwise' (query blocks in a loop, flash "
+    "attention's gradient) where XLA's float32 logits would exceed 64 MiB per device; on "
+    "CUDA GPUs the trainer runs cuDNN's fused attention and on TPUs Pallas flash kernels, "
+    "which hold less. Plan with --tpu for a TPU's own program and memory, or on the "
+    "accelerator itself."
 )
 TPU_NOTE = (
     "Compiled for a TPU {topology} slice by the TPU compiler (libtpu {libtpu}) on "
@@ -34,7 +35,8 @@ GENERAL_NOTES = (
     "Floor: FLOPs per device / the chip's dense bf16 peak, a lower bound on the time per "
     "step; real steps are slower (memory-bound norms and attention, communication, and "
     "float32 compute runs below the bf16 peak).",
-    "FLOPs: XLA's count for one device's share of the program; a loop body counts once.",
+    "FLOPs: XLA's count for one device's share of the program, which counts a loop body "
+    "once; the train step's loop iterations after the first are added from its jaxpr.",
 )
 
 
