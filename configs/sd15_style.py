@@ -45,12 +45,19 @@ TFLOP per 512x512 UNet image-forward, H100 at ~40% of 989 TFLOP/s bf16):
   Total on one H100 ≈ 7 min of compute plus a few minutes of compilation: ~10-13 min.
 Expected results: not measured yet at this scale.
 
-Memory per device (planner estimates, XLA:CPU, 8 devices, bf16 compute, batch 1 per
-device; README "Planning a run"): data parallel with --config.train.frozen_dtype=compute
---config.optim.mu_dtype=bfloat16 peaks at 38.8 GiB, FSDP (--config.mesh.data=1
---config.mesh.fsdp=8) at 30.2 GiB. Both fit an 80 GB A100/H100; neither fits TPU v4 or
-v5e. The materialised attention probabilities dominate that estimate, and on GPU the
-cuDNN kernel never writes them.
+Memory per device (planner estimates, XLA:CPU, 8 devices, 512 px, distill_project, bf16
+compute, batch 1 per device; README "Planning a run"):
+
+  mesh                           arguments  temporaries  peak       fits
+  FSDP (1)                       1.61 GiB   11.53 GiB    13.14 GiB  TPU v5e, v4, v5p, v6e; GPUs
+  data parallel, lean state (2)  9.61 GiB   12.27 GiB    21.88 GiB  TPU v4, v5p, v6e; GPUs (not v5e)
+
+  (1) --config.mesh.data=1 --config.mesh.fsdp=8
+  (2) --config.train.frozen_dtype=compute --config.optim.mu_dtype=bfloat16
+
+"fits": peak <= 90% of the chip's memory; GPUs: A100 80GB, H100, H200. Attention in
+these programs is 'blockwise' (flash attention in plain JAX); on GPU the trainer runs
+cuDNN's kernel and on TPU Pallas's, which do not hold the logits either.
 """
 
 from unlearn_jax.trainer.config_file import import_config_module

@@ -180,7 +180,7 @@ def blockwise_attention(q, k, v, scale: float, block: int) -> jax.Array:
 
     The arithmetic is `dot_product_attention`'s (float32 logits and softmax, the
     probabilities cast to v's dtype for the weighted sum). The gradient is flash
-    attention's: only q, k, v, the output and the float32 log-sum-exp [B, H, Tq] are
+    attention's: only q, k, v, the output and the float32 log-sum-exp [B, Tq, H] are
     kept for it, and each block's probabilities are recomputed from them. The blocks
     are a `lax.scan`, not unrolled: XLA's schedulers may compute unrolled blocks side
     by side (XLA:CPU held ~90 of them live), a loop holds one block at a time.
@@ -223,6 +223,8 @@ def _blockwise_backward(scale, block, saved, d_out):
         d_k += jnp.einsum("bhqk,bqhd->bkhd", d_logits, q_rows, preferred_element_type=jnp.float32)
         return (d_k, d_v), d_q
 
+    # Padding rows: q = 0 gives logits 0 and probabilities exp(0 - 0) = 1, finite, and
+    # d_out = 0 makes their share of every gradient 0.
     rows = tuple(_to_blocks(x, block) for x in (q, d_out, lse, delta))
     zeros = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
     (d_k, d_v), d_qs = jax.lax.scan(one_block, zeros, rows)
@@ -389,19 +391,14 @@ def per_device(attend, mesh, batch: int):
     opaque to it, and it replicated 'blockwise''s loops over the batch, so that every
     device computed every example's attention (1.7x the step's FLOPs on 2 devices).
     """
-    axes = _batch_axes(mesh, batch)
-    if not axes:
+    if not _batch_axes(mesh, batch):
         return attend
-    rows = jax.sharding.PartitionSpec(axes)
-    # Manual over the batch axes only: over the others (size 1, or not the batch's) the
-    # transpose would psum the gradients of inputs it cannot see vary.
+    # The rows' spec names the size-1 batch axis too: over an axis left out, the
+    # transpose would psum the gradients (a no-op all-reduce per call), and leaving it
+    # automatic instead is refused for Pallas kernels.
+    rows = jax.sharding.PartitionSpec(tuple(a for a in ("data", "fsdp") if a in mesh.shape))
     return jax.shard_map(
-        attend,
-        mesh=mesh,
-        in_specs=(rows, rows, rows),
-        out_specs=rows,
-        axis_names=set(axes),
-        check_vma=False,
+        attend, mesh=mesh, in_specs=(rows, rows, rows), out_specs=rows, check_vma=False
     )
 
 
