@@ -83,9 +83,15 @@ def test_a_second_load_of_the_model_compiles_nothing(sd1_folder):
     the evaluation compiles once per process and shape, not once per method."""
     from unlearn_jax.benchmarks.common import jax_compile_seconds_by_program
 
-    # Batch and image count used by no other test: the programs' caches are per process
-    # (and so shared with the tests before this one), so the first call must compile
-    # at least the noise and the sampler for these shapes.
+    # The programs' caches are per process, shared with the tests that ran before this
+    # one in the same worker (which ones depends on pytest-xdist's scheduling): emptied
+    # here, so that the first call must compile at least the noise and the sampler.
+    from unlearn_jax.diffusion import chunks
+
+    text_to_image._compiled_noise_bits.cache_clear()
+    chunks.CHUNK_PROGRAMS.clear()
+    jax.clear_caches()
+
     def sample(pipe, seed: int) -> np.ndarray:
         return text_to_image.generate(
             pipe, PROMPTS, steps=2, batch_size=3, seed=seed, num_images_per_prompt=3,

@@ -159,7 +159,10 @@ def loop_flops(jaxpr) -> float:
     """The FLOPs XLA's cost analysis leaves out of a traced program: every iteration of
     its `lax.scan` loops after the first (XLA counts a while body once). Counted from the
     jaxpr: dot products (2 per multiply-add) and elementwise arithmetic, as XLA counts
-    them, so a loop's share comes within ~1% of XLA's count of the same body unrolled."""
+    them, so a loop's share comes within ~1% of XLA's count of the same body unrolled.
+    Shapes inside `shard_map` are per device, like XLA's count; a loop outside one would
+    be counted for the whole program. The loops of the planner's programs ('blockwise'
+    attention) run per device under `shard_map` wherever the batch divides over the mesh."""
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
     return _jaxpr_flops(jaxpr, every_iteration=True) - _jaxpr_flops(jaxpr, every_iteration=False)
 
