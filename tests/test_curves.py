@@ -106,26 +106,29 @@ def _first_update(micro, workdir: Path, lr: float) -> dict:
 
 
 def test_one_compiled_train_step_serves_two_learning_rates(micro, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "COMPILED_TRAIN_STEPS", ProgramCache("test", 4))
+    monkeypatch.setattr(train, "COMPILED_TRAIN_STEPS", ProgramCache("test", 8))
     monkeypatch.setattr(train, "TRAIN_STEPS", ProgramCache("test", 4))
     traced = []
-    make_train_step = train.make_train_step
+    make_step_parts = train.make_step_parts
     monkeypatch.setattr(
-        train, "make_train_step", lambda *a, **k: traced.append(1) or make_train_step(*a, **k)
+        train, "make_step_parts", lambda *a, **k: traced.append(1) or make_step_parts(*a, **k)
     )
     compiled = []
     original_compile = jax.stages.Lowered.compile
+    step_programs = ("jit_forget_grads", "jit_retain_grads", "jit_combine_and_update")
 
     def counting_compile(self, *args, **kwargs):
-        if "jit_train_step" in self.as_text()[:2000]:
-            compiled.append(1)
+        head = self.as_text()[:2000]
+        compiled.extend(name for name in step_programs if name in head)
         return original_compile(self, *args, **kwargs)
 
     monkeypatch.setattr(jax.stages.Lowered, "compile", counting_compile)
     slow = _first_update(micro, tmp_path / "slow", 1e-3)
+    # On CPU the step is split (train.step_programs="auto"): each part compiled once.
+    assert sorted(compiled) == sorted(step_programs)
     fast = _first_update(micro, tmp_path / "fast", 3e-3)
-    # The second learning rate reused the first's traced step and its executable.
-    assert len(traced) == len(compiled) == 1
+    # The second learning rate reused the first's traced step and its executables.
+    assert len(traced) == 1 and len(compiled) == 3
     assert float(fast["opt_state"]["hyperparams"]["learning_rate"]) == pytest.approx(3e-3)
 
     # Adam's first update is -lr * g / (|g| + eps), about -lr * sign(g): the same

@@ -27,7 +27,15 @@ from unlearn_jax.diffusion.forward import (
 from unlearn_jax.trainer import experiment, train
 from unlearn_jax.trainer.batches import SHARED_KEYS
 from unlearn_jax.trainer.state import init_state, make_optimizer
-from unlearn_jax.trainer.train_step import make_train_step
+from unlearn_jax.trainer.train_step import (
+    compile_all,
+    jit_step_parts,
+    lower_step_parts,
+    make_step_parts,
+    make_train_step,
+    resolve_step_programs,
+    split_step,
+)
 from unlearn_jax.unlearn import forget, retain, step
 from unlearn_jax.unlearn.hparams import UnlearnHParams
 from unlearn_jax.unlearn.params import ParamSplit, param_paths
@@ -374,13 +382,24 @@ def micro_batches(*batches: dict) -> dict:
     }
 
 
+def jitted_step(programs: str, *args):
+    """The train step of `make_step_parts(*args)` as the trainer runs it: one program
+    ('fused') or its parts compiled on their own ('split')."""
+    if programs == "fused":
+        return jax.jit(make_train_step(*args))
+    train_step = jit_step_parts(make_step_parts(*args)).step()
+    # The update donates the state: a copy, so that the test's arrays (and THETA's) live on.
+    return lambda state, *rest: train_step(jax.tree.map(jnp.copy, state), *rest)
+
+
 def optimizer(name: str = "sgd", **fields):
     config = dict(name=name, lr=0.1, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, momentum=0.0)
     return make_optimizer(ml_collections.ConfigDict({**config, **fields}))
 
 
+@pytest.mark.parametrize("programs", ["fused", "split"])
 @pytest.mark.parametrize(("group", "micro_steps"), [("full", 1), ("noxattn", 2)])
-def test_train_step_gradient_of_graddiff_is_the_sum_of_term_gradients(group, micro_steps):
+def test_train_step_gradient_of_graddiff_is_the_sum_of_term_gradients(group, micro_steps, programs):
     """One `train_step` with SGD at learning rate 1 moves θ by exactly −g: g must be the
     micro-batch mean of g_f + λ g_r over the trainable leaves, each term on its own key."""
     preset, hp = get_preset("graddiff"), UnlearnHParams(retain_weight=0.3)
@@ -388,7 +407,7 @@ def test_train_step_gradient_of_graddiff_is_the_sum_of_term_gradients(group, mic
     opt = optimizer(lr=1.0)
     state = init_state(split.select(THETA), opt)
     batches = [FULL_BATCH, {"forget": make_batch(2), "retain": make_batch(3)}][:micro_steps]
-    train_step = jax.jit(make_train_step(MODEL, preset, hp, opt, split))
+    train_step = jitted_step(programs, MODEL, preset, hp, opt, split)
     new_state, metrics = train_step(state, THETA0, micro_batches(*batches), RNG)
     assert set(new_state.params) == set(split.trainable_names)  # nothing else is trained
     assert all(new_state.params[n].shape == p.shape for n, p in state.params.items())
@@ -485,14 +504,15 @@ def test_salun_mask_as_the_trainer_builds_it(keep_fraction):
     np.testing.assert_array_equal(mask, want)
 
 
-def test_salun_train_step_moves_nothing_outside_the_mask():
+@pytest.mark.parametrize("programs", ["fused", "split"])
+def test_salun_train_step_moves_nothing_outside_the_mask(programs):
     """Two `train_step`s of SalUn with its mask: bit for bit nothing moves outside it,
     adamw's weight decay included; everything inside moves."""
     split = ParamSplit.from_params(THETA0, "noxattn")
     mask = trainer_saliency_mask(split, 0.3)
     preset = get_preset("salun")
     opt = optimizer("adamw", weight_decay=0.5)
-    train_step = jax.jit(make_train_step(MODEL, preset, preset.hparams, opt, split))
+    train_step = jitted_step(programs, MODEL, preset, preset.hparams, opt, split)
     masks, offset = {}, 0
     for name, x in split.select(THETA0).items():
         masks[name] = jnp.asarray(mask[offset : offset + x.size].reshape(x.shape))
@@ -505,3 +525,52 @@ def test_salun_train_step_moves_nothing_outside_the_mask():
     after = trainable_values(split, state.params)
     np.testing.assert_array_equal(after[~mask], before[~mask])
     assert np.all(after[mask] != before[mask])
+
+
+@pytest.mark.parametrize("name", ["distill_project", "neggrad"])
+def test_split_step_programs_compute_what_the_fused_step_computes(name):
+    """The three programs compiled side by side (`lower_step_parts`, `compile_all`), two
+    Adam steps with two micro-batches: the same parameters, optimizer state and metrics
+    as the step compiled as one program, to float32 rounding."""
+    preset = get_preset(name)
+    split = ParamSplit.from_params(THETA, preset.params)
+    opt = optimizer("adam", lr=1e-3)
+    args = (MODEL, preset, preset.hparams, opt, split)
+    batch = micro_batches(FULL_BATCH, {"forget": make_batch(2), "retain": make_batch(3)})
+    fused = jax.jit(make_train_step(*args))
+    jitted = jit_step_parts(make_step_parts(*args))
+    state = init_state(split.select(THETA), opt)
+    lowered = dict(lower_step_parts(jitted, state, THETA0, batch, RNG))
+    assert set(lowered) == (
+        {"forget", "update"} if name == "neggrad" else {"forget", "retain", "update"}
+    )
+    split_fn = split_step(compile_all(lowered.items()))
+    states, metrics = {}, {}
+    for programs, train_step in (("fused", fused), ("split", split_fn)):
+        s = init_state(split.select(THETA), opt)
+        for _ in range(2):
+            s, m = train_step(s, THETA0, batch, RNG)
+        states[programs], metrics[programs] = s, m
+    assert list(metrics["split"]) == list(metrics["fused"])  # same metrics, same order
+    for key, value in metrics["fused"].items():
+        np.testing.assert_allclose(metrics["split"][key], value, rtol=2e-5, atol=1e-7, err_msg=key)
+    assert int(states["split"].step) == 2
+    flat = lambda s: np.concatenate([np.ravel(x) for x in jax.tree.leaves(s)]).astype(float)
+    moved = flat(states["fused"].params) - flat(init_state(split.select(THETA), opt).params)
+    assert np.abs(moved).max() > 1e-4  # the steps did move the parameters
+    np.testing.assert_allclose(
+        flat(states["split"].params), flat(states["fused"].params), rtol=0, atol=1e-7
+    )
+    np.testing.assert_allclose(
+        flat(states["split"].opt_state), flat(states["fused"].opt_state), rtol=1e-5, atol=1e-9
+    )
+
+
+def test_step_programs_setting():
+    assert resolve_step_programs("auto", "cpu") == "split"
+    assert resolve_step_programs("auto", "gpu") == "fused"
+    assert resolve_step_programs("auto", "tpu") == "fused"
+    assert resolve_step_programs("split", "gpu") == "split"
+    assert resolve_step_programs("fused", "cpu") == "fused"
+    with pytest.raises(ValueError, match="train.step_programs='one': expected one of auto"):
+        resolve_step_programs("one", "cpu")

@@ -20,6 +20,7 @@ resumed from step k equals the uninterrupted run bit for bit on one device.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -65,7 +66,17 @@ from unlearn_jax.trainer.state import (
     make_optimizer,
     set_learning_rate,
 )
-from unlearn_jax.trainer.train_step import make_saliency_grad_fn, make_train_step, merged_params
+from unlearn_jax.trainer.train_step import (
+    StepShardings,
+    compile_all,
+    jit_step_parts,
+    lower_step_parts,
+    make_saliency_grad_fn,
+    make_step_parts,
+    merged_params,
+    resolve_step_programs,
+    split_step,
+)
 from unlearn_jax.trainer.writers import create_writer
 from unlearn_jax.unlearn import combine
 
@@ -128,29 +139,43 @@ def _check_batch_layout(config: ml_collections.ConfigDict, mesh) -> None:
         )
 
 
-# Compiled train steps by the hash of their lowered program. Runs in one
-# process that differ in nothing the program depends on (tests, sweeps over
-# the learning rate, a resume) skip XLA compilation, which dominates short
-# runs (about a minute for a tiny UNet's two-term step on two CPU cores).
-COMPILED_TRAIN_STEPS = ProgramCache("compiled train steps", max_size=4)
+# Compiled train-step programs by the hash of their lowered text. Runs in one
+# process that differ in nothing a program depends on (tests, sweeps over the
+# learning rate, a resume) skip XLA compilation, which dominates short runs; with
+# split programs, methods that share a term (ablation's and distill's remap term)
+# share its compiled gradient program too.
+COMPILED_TRAIN_STEPS = ProgramCache("compiled train steps", max_size=8)
 
 
-def _compile_cached(jitted, mesh, *example_args):
-    """`jitted` compiled for `example_args`' shapes and shardings; reused if the program repeats.
+def _compile_cached(lowered: jax.stages.Lowered, mesh, name: str):
+    """`lowered` compiled; reused if the same program (text and devices) was compiled before.
 
     The key is the program text (shapes, shardings, donation and every constant
-    are in it) plus the mesh's devices (which the text does not name).
+    are in it) plus the mesh's devices (which the text does not name). The cache
+    holds a future, so that programs compile side by side on other threads and a
+    second thread wanting the same program waits for the first.
     """
-    with batch_mesh(mesh):  # kernels XLA cannot partition run per device (TPU attention)
-        lowered = jitted.lower(*example_args)
     devices = ",".join(str(d.id) for d in mesh.devices.flat)
     key = hashlib.sha256((devices + lowered.as_text()).encode()).hexdigest()
+    future, created = COMPILED_TRAIN_STEPS.get_or_create(key, concurrent.futures.Future)
+    if created:
+        log.info("compiling %s (first run of this program; cached afterwards)", name)
+        try:
+            future.set_result(lowered.compile())
+        except BaseException as e:
+            COMPILED_TRAIN_STEPS.discard(key)
+            future.set_exception(e)
+    return future.result()
 
-    def compile_step():
-        log.info("compiling the train step (first run of this program; cached afterwards)")
-        return lowered.compile()
 
-    return COMPILED_TRAIN_STEPS.get_or_create(key, compile_step)[0]
+def _compile_step(jitted: Any, programs: str, mesh, *example_args):
+    """The runnable train step: one compiled program ('fused') or the split parts'."""
+    compile_one = lambda name, program: _compile_cached(program, mesh, f"the train step's {name}")
+    with batch_mesh(mesh):  # kernels XLA cannot partition run per device (TPU attention)
+        if programs == "fused":
+            return compile_one("program", jitted.lower(*example_args))
+        # Each part compiles on a worker thread while the next is traced.
+        return split_step(compile_all(lower_step_parts(jitted, *example_args), compile_one))
 
 
 # The jitted train steps themselves, by everything their closure computes with. A
@@ -160,12 +185,14 @@ def _compile_cached(jitted, mesh, *example_args):
 TRAIN_STEPS = ProgramCache("jitted train steps", max_size=4)
 
 
-def _jitted_train_step(run: _Run, batch_shardings: dict) -> Any:
-    """`jax.jit(make_train_step(...))` with the run's shardings, shared by equal runs."""
+def _jitted_train_step(run: _Run, batch_shardings: dict, programs: str) -> Any:
+    """The run's step jitted with its shardings ('fused': one `jax.jit`; 'split': the
+    jitted `StepParts`), shared by equal runs."""
     model, spec, mesh = run.model, run.spec, run.mesh
     optim = {k: v for k, v in _json_config(run.config)["optim"].items() if k != "lr"}
     frozen_shardings = param_shardings(mesh, run.frozen)
     key = (
+        programs,
         model.program_key,
         spec.preset,
         spec.hparams,
@@ -181,11 +208,16 @@ def _jitted_train_step(run: _Run, batch_shardings: dict) -> Any:
     )
 
     def jit_step():
-        step_fn = make_train_step(
+        parts = make_step_parts(
             model.diffusion, spec.preset, spec.hparams, run.optimizer, model.split, mesh
         )
+        if programs == "split":
+            shardings = StepShardings(
+                run.state_shardings, frozen_shardings, batch_shardings, replicated(mesh)
+            )
+            return jit_step_parts(parts, shardings)
         return jax.jit(
-            step_fn,
+            parts.step(),
             in_shardings=(
                 run.state_shardings,
                 frozen_shardings,
@@ -420,8 +452,12 @@ def _train_loop(
     batch_size, micro_steps = config.train.batch_size, config.train.grad_accum
     first = data.batch(start, batch_size, micro_steps, config.seed)
     batch_shardings = _batch_shardings(mesh, first)
-    train_step = _compile_cached(
-        _jitted_train_step(run, batch_shardings),
+    programs = resolve_step_programs(
+        str(config.train.get("step_programs", "auto")), jax.default_backend()
+    )
+    train_step = _compile_step(
+        _jitted_train_step(run, batch_shardings, programs),
+        programs,
         mesh,
         state,
         run.frozen,

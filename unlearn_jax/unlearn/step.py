@@ -44,6 +44,36 @@ def _term_value_and_grad(term, model, merge: Merge, frozen_original, hp):
     return jax.value_and_grad(objective, has_aux=True)
 
 
+TERM_PARTS = {"forget": (FORGET_TERMS, FORGET_STREAM), "retain": (RETAIN_TERMS, RETAIN_STREAM)}
+
+
+def term_grad(
+    part: str,
+    params_trainable: PyTree,
+    merge: Merge,
+    frozen_original: PyTree,
+    batch: dict[str, jax.Array],
+    rng: jax.Array,
+    preset: Preset,
+    model: DiffusionModel,
+    hparams: UnlearnHParams | None = None,
+) -> tuple[PyTree, dict[str, jax.Array]]:
+    """One term's gradient: `part` 'forget' (the preset's forget term) or 'retain'.
+
+    The term gets fold_in(rng, FORGET_STREAM / RETAIN_STREAM); `batch` is that
+    part's batch ({} for a retain term that reads none, such as 'anchor').
+    Returns (gradient shaped like params_trainable, metrics '<part>/loss' and
+    '<part>/<aux>'). Each term is differentiated on its own, so a train step can
+    compile each as its own program (`trainer.train_step.make_step_parts`).
+    """
+    hp = preset.hparams if hparams is None else hparams
+    table, stream = TERM_PARTS[part]
+    name = preset.forget if part == "forget" else preset.retain
+    value_and_grad = _term_value_and_grad(table[name], model, merge, frozen_original, hp)
+    (loss, aux), grads = value_and_grad(params_trainable, batch, jax.random.fold_in(rng, stream))
+    return grads, {f"{part}/loss": loss, **{f"{part}/{k}": v for k, v in aux.items()}}
+
+
 def term_grads(
     params_trainable: PyTree,
     merge: Merge,
@@ -54,7 +84,7 @@ def term_grads(
     model: DiffusionModel,
     hparams: UnlearnHParams | None = None,
 ) -> tuple[PyTree, PyTree | None, dict[str, jax.Array]]:
-    """The forget and retain gradients of one batch, not yet combined.
+    """The forget and retain gradients of one batch, not yet combined (`term_grad` of each).
 
     Split from the combination so that gradient accumulation can average each
     term's gradient over micro-batches first and combine once (combiners such
@@ -77,24 +107,13 @@ def term_grads(
       params_trainable; metrics: 'forget/loss', 'forget/<aux>', 'retain/loss',
       'retain/<aux>').
     """
-    hp = preset.hparams if hparams is None else hparams
-    value_and_grad_f = _term_value_and_grad(
-        FORGET_TERMS[preset.forget], model, merge, frozen_original, hp
-    )
-    (loss_f, aux_f), g_f = value_and_grad_f(
-        params_trainable, batch["forget"], jax.random.fold_in(rng, FORGET_STREAM)
-    )
-    metrics = {"forget/loss": loss_f, **{f"forget/{k}": v for k, v in aux_f.items()}}
+    args = (params_trainable, merge, frozen_original)
+    rest = (rng, preset, model, hparams)
+    g_f, metrics = term_grad("forget", *args, batch["forget"], *rest)
     if preset.retain is None:
         return g_f, None, metrics
-    value_and_grad_r = _term_value_and_grad(
-        RETAIN_TERMS[preset.retain], model, merge, frozen_original, hp
-    )
-    (loss_r, aux_r), g_r = value_and_grad_r(
-        params_trainable, batch.get("retain", {}), jax.random.fold_in(rng, RETAIN_STREAM)
-    )
-    metrics.update({"retain/loss": loss_r, **{f"retain/{k}": v for k, v in aux_r.items()}})
-    return g_f, g_r, metrics
+    g_r, retain_metrics = term_grad("retain", *args, batch.get("retain", {}), *rest)
+    return g_f, g_r, {**metrics, **retain_metrics}
 
 
 def combine_term_grads(
