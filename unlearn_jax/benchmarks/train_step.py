@@ -12,9 +12,11 @@ anchors per example, as the trainer pairs one anchor with each forget prompt)
 and the same optimizer (Adam with global-norm clipping 1.0, as `configs/base.py`):
 
   ours   the trainer's own step: `experiment.load_model` (θ0, the split, the
-         pure model), `state.init_state`, `train_step.make_train_step`,
-         `jax.jit(..., donate_argnums=0)`, compiled ahead of time (the
-         compile is timed on its own, then the first call, then the steady state).
+         pure model), `state.init_state`, `train_step.make_step_parts`, compiled
+         ahead of time as the trainer compiles it (`--step-programs`, default
+         `auto` as `train.step_programs`: on CPU three programs compiled side by
+         side, elsewhere one `jax.jit` with the state donated). The compile is
+         timed on its own, then the first call, then the steady state.
   torch  a trainable diffusers `UNet2DConditionModel` and a frozen copy (no
          grad), the same term definitions and weights written in PyTorch,
          `torch.optim.Adam`, `clip_grad_norm_`, `loss.backward(); opt.step()`
@@ -64,7 +66,7 @@ import numpy as np
 from unlearn_jax.benchmarks.common import (
     PeakMemory,
     cores,
-    jax_compile_seconds,
+    jax_compile_seconds_by_program,
     markdown_rows,
     pin_threads,
     run_worker,
@@ -178,7 +180,14 @@ def run_ours(spec: dict, workdir: Path) -> dict:
     from unlearn_jax.models.unet import UNet2DConditionModel
     from unlearn_jax.trainer import experiment
     from unlearn_jax.trainer.state import init_state, make_optimizer
-    from unlearn_jax.trainer.train_step import make_train_step
+    from unlearn_jax.trainer.train_step import (
+        compile_all,
+        jit_step_parts,
+        lower_step_parts,
+        make_step_parts,
+        resolve_step_programs,
+        split_step,
+    )
     from unlearn_jax.unlearn import registry
 
     memory = PeakMemory()
@@ -211,13 +220,21 @@ def run_ours(spec: dict, workdir: Path) -> dict:
     train_key = jax.random.fold_in(jax.random.key(spec["seed"]), experiment.TRAIN_STREAM)
     loaded = time.perf_counter()
 
-    step_fn = make_train_step(model.diffusion, preset, preset.hparams, optimizer, model.split)
-    jitted = jax.jit(step_fn, donate_argnums=(0,))
+    parts = make_step_parts(model.diffusion, preset, preset.hparams, optimizer, model.split)
+    step_fn = parts.step()
+    programs = resolve_step_programs(spec.get("step_programs", "auto"), jax.default_backend())
+
+    def build():  # as the trainer compiles it (`train._compile_step`)
+        if programs == "fused":
+            jitted = jax.jit(step_fn, donate_argnums=(0,))
+            return jitted.lower(state, frozen, batch, train_key).compile()
+        lowered = lower_step_parts(jit_step_parts(parts), state, frozen, batch, train_key)
+        return split_step(compile_all(lowered))
+
     c0 = time.perf_counter()
-    compiled, jax_compile_s = jax_compile_seconds(
-        lambda: jitted.lower(state, frozen, batch, train_key).compile()
-    )
+    compiled, compile_by_program = jax_compile_seconds_by_program(build)
     compile_s = time.perf_counter() - c0
+    jax_compile_s = sum(compile_by_program.values())
     compile_peak = PeakMemory._peak()  # XLA's own memory while compiling shows up here
     flops = None
     if spec.get("count_flops"):
@@ -244,6 +261,8 @@ def run_ours(spec: dict, workdir: Path) -> dict:
         "load_s": loaded - t0,
         "compile_s": compile_s,
         "jax_compile_s": jax_compile_s,
+        "compile_by_program_s": compile_by_program,
+        "step_programs": programs,
         "first_step_s": first_s,
         "trainable_parameters": model.split.size,
         "flops_per_step": flops,
@@ -374,6 +393,7 @@ def run_benchmark(args, count_flops: bool = False) -> dict:
             "seed": args.seed,
             "compilation_cache": str(args.compilation_cache or ""),
             "count_flops": count_flops,
+            "step_programs": args.step_programs,
         }
         (workdir / "spec.json").write_text(json.dumps(spec))
         load_before = [round(x, 2) for x in os.getloadavg()]
@@ -417,14 +437,16 @@ def markdown_table(result: dict) -> str:
         *markdown_rows(
             header,
             [
-                row("ours: jitted step, state donated", ours, ours["compile_s"]),
+                row(f"ours: {ours['step_programs']} step, state donated", ours, ours["compile_s"]),
                 row(f"PyTorch + diffusers ({theirs['device']})", theirs, None),
             ],
         ),
         "",
         f"ours / torch steps per second: **{result['speedup_vs_torch']:.2f}x** "
         f"(compile {ours['compile_s']:.1f} s not counted; JAX's own compile events "
-        f"{ours['jax_compile_s']:.1f} s); trainable parameters: ours "
+        f"{ours['jax_compile_s']:.1f} s: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in ours["compile_by_program_s"].items())
+        + "); trainable parameters: ours "
         f"{ours['trainable_parameters']}, torch {theirs['trainable_parameters']}",
         "",
         "cross-check at step 0 (same θ, θ0, batch, t and noise):",
@@ -452,6 +474,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=cores(), help="cores/threads for both")
     p.add_argument("--dtype", choices=tuple(LOSS_RTOL), default="float32", help="compute dtype")
     p.add_argument("--remat", action="store_true", help="recompute activations in backward")
+    p.add_argument(
+        "--step-programs",
+        choices=("auto", "fused", "split"),
+        default="auto",
+        help="our step as one program or three (train.step_programs; auto: split on CPU)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--compilation-cache",
