@@ -76,6 +76,10 @@ def test_train_step_benchmark_cross_checks_loss_against_pytorch(tmp_path, capsys
     assert result.keys() == returned.keys()
     assert result["ours"]["steps_per_s"] > 0 and result["torch"]["steps_per_s"] > 0
     assert result["ours"]["compile_s"] > 0
+    # Compiled as the trainer compiles it on CPU (train.step_programs="auto"): three programs.
+    assert result["ours"]["step_programs"] == "split"
+    programs = {"forget_grads", "retain_grads", "combine_and_update"}
+    assert programs <= result["ours"]["compile_by_program_s"].keys()
     assert result["ours"]["trainable_parameters"] == result["torch"]["trainable_parameters"]
     check = result["cross_check"]
     # distill: the remap forget term and both retain_distill branches are compared.
