@@ -42,12 +42,12 @@ cross-check tolerance widens for bf16. Timings are wall clock over `--steps`
 steps after `--warmup` steps. Run it on a quiet machine; the JSON records the
 load average.
 
-Measured on the tiny default (batch 4 per term, float32) on this project's
-2-core machine while other jobs ran (load average 5-11, so noisy): with
-`--threads 1` ours 1.20 s/step, torch 0.98 s/step (0.81x), losses equal to
-7e-7; our compile 110 s and peak RSS 3.3 GiB against torch's 0.64 GiB. At the
-default `--threads 2` on the busy machine torch's OpenMP threads spin (14.6
-s/step, "9.8x" for ours): a number about the machine, not the frameworks.
+Measured on the tiny default (batch 4 per term, float32, `--steps 30`) on this
+project's 2-core machine, quiet, both frameworks on both cores: ours 0.98 steps/s
+(split, compile 73.2 s), torch 0.96 (1.03x); with `--step-programs fused` 1.03
+against 1.04 (0.99x), compile 115.1 s. Peak RSS 3.1 GiB against torch's 0.64 GiB.
+On a busy machine torch's OpenMP threads spin (14.6 s/step once at load 5-11):
+a number about the machine, not the frameworks; the JSON records the load.
 """
 
 from __future__ import annotations

@@ -20,8 +20,9 @@ Jitted whole they are one program ('fused': what accelerators run and the
 planner measures); `jit_step_parts` compiles each as its own program
 ('split': the CPU default, `train.step_programs`), and the step runs them in
 turn with the same results. On CPU the three compile side by side in less
-time than the one (the embedded model's distill step on 2 cores: 61 s against
-78 s), and methods that share a term share its compiled program.
+time than the one (distill on 2 cores: 61 s against 78 s for the embedded model,
+73 s against 115 s for the tiny test model), and methods that share a term share
+its compiled program.
 
 Gradients, the combination, the optimizer update and the saliency mask stay
 per parameter ({name: float32 array}): each has its parameter's shape and
@@ -226,9 +227,9 @@ def resolve_step_programs(setting: str, backend: str) -> str:
     """'fused' or 'split' for `train.step_programs` on `backend`.
 
     'auto' is 'split' on CPU and 'fused' on accelerators. On CPU the split step
-    compiles in 22% less time (module docstring) and runs 6% slower: it comes out
-    ahead on that model's runs shorter than about 1,700 steps, and a method whose
-    term another method already compiled skips that program. On GPUs and TPUs
+    compiles in 22-36% less time (module docstring) and runs 5-6% slower: on the
+    embedded model it comes out ahead on runs shorter than about 1,700 steps, and a
+    method whose term another method already compiled skips that program. On GPUs and TPUs
     one program lets XLA schedule the whole step, and it is what the planner
     measures.
     """
