@@ -207,10 +207,8 @@ def make_train_step(
 ) -> TrainStep:
     """The (unjitted) train step for a method; see the module docstring for its contract.
 
-    `mesh`: the mesh the step is jitted for; under FSDP the parameters are
-    gathered at use (`gather_at_use`). None: no constraint (one device, or
-    data parallelism). Jitted whole, it is one program ('fused');
-    `jit_step_parts` compiles its parts separately ('split').
+    Arguments as `make_step_parts`. Jitted whole, it is one program ('fused');
+    `jit_step_parts` compiles the parts separately ('split').
 
     Returns:
       train_step(state, frozen_original, batch, train_key) -> (new state, metrics) where
