@@ -1,4 +1,4 @@
-"""Shared model parts: CPU attention path and shape-only module construction."""
+"""Shared model parts: CPU attention path, GroupNorm and shape-only module construction."""
 
 import json
 import os
@@ -15,6 +15,7 @@ from unlearn_jax.models import attention
 from unlearn_jax.models.abstract import abstract_module
 from unlearn_jax.models.clip import CLIPTextModel
 from unlearn_jax.models.unet import UNet2DConditionModel
+from unlearn_jax.models.unet_blocks import group_norm
 from unlearn_jax.models.vae import AutoencoderKL
 from unlearn_jax.testing.tiny_model import save_tiny_model
 
@@ -111,6 +112,59 @@ def test_per_head_attention_bfloat16_keeps_float32_softmax():
     assert got.dtype == jnp.bfloat16
     want = jax.nn.dot_product_attention(q, k, v, scale=8**-0.5)
     np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), atol=2e-2)
+
+
+def _norm_and_input(dtype, mean: float):
+    norm = group_norm(32, 8, 1e-6, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=jnp.float32)
+    rng = np.random.default_rng(0)
+    norm.scale.value = jnp.asarray(rng.standard_normal(32), jnp.float32)
+    norm.bias.value = jnp.asarray(rng.standard_normal(32), jnp.float32)
+    x = (mean + 0.5 * rng.standard_normal((3, 6, 5, 32))).astype(np.float32)
+    return norm, x
+
+
+@pytest.mark.parametrize("mean", [0.0, 1e3])
+def test_group_norm_equals_torch(mean):
+    """torch's two-pass statistics: a large mean (E[x^2] - E[x]^2 would lose the
+    variance of 0.25 next to 1e6) still normalises to torch's values."""
+    torch = pytest.importorskip("torch")
+    norm, x = _norm_and_input(jnp.float32, mean)
+    want = torch.nn.functional.group_norm(
+        torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(),  # NCHW, as diffusers runs
+        8,
+        torch.tensor(np.array(norm.scale.value)),
+        torch.tensor(np.array(norm.bias.value)),
+        1e-6,
+    )
+    got = norm(jnp.asarray(x))
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want.permute(0, 2, 3, 1).numpy(), atol=1e-3 if mean else 2e-6)
+
+
+def test_group_norm_matches_nnx_values_gradients_and_bfloat16():
+    norm, x = _norm_and_input(jnp.float32, 3.0)
+    reference = nnx.GroupNorm(32, num_groups=8, epsilon=1e-6, use_fast_variance=False,
+                              rngs=nnx.Rngs(0))  # fmt: skip
+    nnx.update(reference, nnx.state(norm))
+
+    def loss(module, x):
+        return jnp.sum(jnp.sin(module(x)))
+
+    for module in (norm, reference):
+        assert module(jnp.asarray(x)).shape == x.shape
+    (grads, d_x), (want_grads, want_d_x) = (
+        nnx.grad(loss, argnums=(0, 1))(module, jnp.asarray(x)) for module in (norm, reference)
+    )
+    np.testing.assert_allclose(norm(x), reference(x), atol=1e-5)
+    for got, want in zip(
+        jax.tree.leaves((d_x, grads)), jax.tree.leaves((want_d_x, want_grads)), strict=True
+    ):  # sums of ~100 terms: float32 rounding relative to the largest
+        np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max())
+
+    half, _ = _norm_and_input(jnp.bfloat16, 3.0)
+    out = half(jnp.asarray(x, jnp.bfloat16))
+    assert out.dtype == jnp.bfloat16  # statistics in float32, the result in the compute dtype
+    np.testing.assert_allclose(out.astype(np.float32), reference(x), atol=5e-2)
 
 
 @pytest.fixture(scope="module")

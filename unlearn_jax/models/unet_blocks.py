@@ -102,6 +102,43 @@ class TimestepEmbedding(nnx.Module):
         return self.linear_2(jax.nn.silu(self.linear_1(sample)))
 
 
+class GroupNorm(nnx.GroupNorm):
+    """torch's GroupNorm over channels-last activations: two-pass variance, statistics
+    and normalisation in float32, the result in the compute dtype.
+
+    The parameters (`scale`, `bias`) and the arithmetic are `nnx.GroupNorm`'s with
+    `use_fast_variance=False`; only the order of the reductions differs. nnx reduces a
+    [B, H, W, groups, C/groups] view over axes (1, 2, 4) at once, which keeps a
+    strided axis in the middle: XLA:CPU spent 1.9 ms on one [16, 16, 16, 32] norm,
+    ~10% of a tiny UNet's forward. Here each channel is summed over the positions
+    first (a contiguous reduction), then the channels of each group: 0.45 ms.
+    nnx options this project never sets (masks, explicit reduction axes, statistics
+    across devices) are refused.
+    """
+
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+        if mask is not None or self.reduction_axes is not None or self.axis_name is not None:
+            raise NotImplementedError("GroupNorm: masks, reduction_axes and axis_name")
+        batch, channels = x.shape[0], x.shape[-1]
+        per_group = channels // self.num_groups
+        flat = x.reshape(batch, -1, channels).astype(jnp.float32)
+        count = flat.shape[1] * per_group
+
+        def over_groups(per_channel: jax.Array) -> jax.Array:  # [B, C] -> [B, 1, C]
+            by_group = per_channel.reshape(batch, self.num_groups, per_group).sum(-1) / count
+            return jnp.repeat(by_group, per_group, axis=-1)[:, None, :]
+
+        centred = flat - over_groups(flat.sum(1))
+        variance = over_groups(jnp.square(centred).sum(1))
+        multiplier = jax.lax.rsqrt(variance + self.epsilon)
+        if self.scale is not None:
+            multiplier = multiplier * self.scale[...].astype(jnp.float32)
+        y = centred * multiplier
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.reshape(x.shape).astype(self.dtype or x.dtype)
+
+
 def group_norm(
     num_channels: int,
     num_groups: int,
@@ -110,9 +147,9 @@ def group_norm(
     rngs: nnx.Rngs,
     dtype: Dtype,
     param_dtype: Dtype,
-) -> nnx.GroupNorm:
+) -> GroupNorm:
     """A torch-equivalent GroupNorm: two-pass variance (torch's), stats in float32."""
-    return nnx.GroupNorm(
+    return GroupNorm(
         num_channels,
         num_groups=num_groups,
         epsilon=eps,

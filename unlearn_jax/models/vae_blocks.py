@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unlearn_jax.models.attention import dot_product_attention
+from unlearn_jax.models.unet_blocks import GroupNorm
 
 _EPS = 1e-6  # diffusers hard-codes this for every VAE norm.
 
@@ -45,10 +46,10 @@ class LayerBuilder:
             **self.dtypes,
         )
 
-    def norm(self, channels: int) -> nnx.GroupNorm:
+    def norm(self, channels: int) -> GroupNorm:
         # Two-pass variance, like torch: E[x^2]-E[x]^2 loses digits on activations
         # with a large mean. Statistics are computed in float32 whatever `dtype`.
-        return nnx.GroupNorm(
+        return GroupNorm(
             channels,
             num_groups=self.groups,
             epsilon=_EPS,
