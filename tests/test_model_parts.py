@@ -13,6 +13,7 @@ from flax import nnx
 
 from unlearn_jax.models import attention
 from unlearn_jax.models.abstract import abstract_module
+from unlearn_jax.models.activations import gelu
 from unlearn_jax.models.clip import CLIPTextModel
 from unlearn_jax.models.unet import UNet2DConditionModel
 from unlearn_jax.models.unet_blocks import group_norm
@@ -53,6 +54,7 @@ SHARDED_ATTENTION = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from unlearn_jax.models import attention
+from unlearn_jax.models.activations import gelu
 q = jax.random.normal(jax.random.key(0), (4, 256, 4, 8))
 rows = NamedSharding(Mesh(np.asarray(jax.devices()), ("data",)), P("data"))
 fn = jax.jit(lambda x: attention.dot_product_attention(x, x, x, scale=0.3), out_shardings=rows)
@@ -69,6 +71,7 @@ print("ok", len(got.sharding.device_set))
 SHARDED_BLOCKWISE = """
 import jax, jax.numpy as jnp, numpy as np
 from unlearn_jax.models import attention
+from unlearn_jax.models.activations import gelu
 from unlearn_jax.trainer import sharding
 mesh = sharding.make_mesh(2, 1)
 rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
@@ -112,6 +115,18 @@ def test_per_head_attention_bfloat16_keeps_float32_softmax():
     assert got.dtype == jnp.bfloat16
     want = jax.nn.dot_product_attention(q, k, v, scale=8**-0.5)
     np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), atol=2e-2)
+
+
+def test_gelu_is_torchs_erf_gelu():
+    torch = pytest.importorskip("torch")
+    x = np.linspace(-12, 12, 4001, dtype=np.float32)
+    want = torch.nn.functional.gelu(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(gelu(jnp.asarray(x)), want, rtol=1e-6, atol=1e-6)
+    exact = lambda x: jax.nn.gelu(x, approximate=False)
+    np.testing.assert_allclose(gelu(x), exact(x), atol=2e-6)
+    d_gelu = jax.vmap(jax.grad(gelu))(jnp.asarray(x))
+    np.testing.assert_allclose(d_gelu, jax.vmap(jax.grad(exact))(x), atol=1e-5)
+    assert gelu(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16
 
 
 def _norm_and_input(dtype, mean: float):

@@ -27,11 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from unlearn_jax.models.activations import gelu
 from unlearn_jax.models.config import FrozenConfig
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # SD 1.x (OpenAI CLIP)
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # SD 2.x (OpenCLIP): exact erf GELU
+    "gelu": gelu,  # SD 2.x (OpenCLIP): exact erf GELU
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "relu": jax.nn.relu,

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from unlearn_jax.models.activations import gelu
 from unlearn_jax.models.attention import dot_product_attention
 from unlearn_jax.models.unet_blocks import Dtype, conv2d, group_norm
 
@@ -84,7 +85,7 @@ class GEGLU(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """[..., dim_in] -> [..., dim_out]."""
         value, gate = jnp.split(self.proj(x), 2, axis=-1)
-        return value * jax.nn.gelu(gate, approximate=False)
+        return value * gelu(gate)
 
 
 class FeedForward(nnx.Module):

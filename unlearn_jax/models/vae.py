@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from unlearn_jax.models.activations import gelu
 from unlearn_jax.models.config import FrozenConfig
 from unlearn_jax.models.vae_blocks import Decoder, Encoder, LayerBuilder
 
@@ -58,7 +59,7 @@ _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,
     "relu": jax.nn.relu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # torch nn.GELU() is the erf form
+    "gelu": gelu,  # torch nn.GELU() is the erf form
     "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
 }
 
