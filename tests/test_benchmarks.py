@@ -22,8 +22,11 @@ def _run(tmp_path, *extra: str) -> dict:
     return written
 
 
-def test_sampling_benchmark_in_process(tmp_path, capsys):
-    result = _run(tmp_path, "--skip-subprocess")
+@pytest.mark.parametrize("levels", ["3", "2"])
+def test_sampling_benchmark_in_process(tmp_path, capsys, levels):
+    result = _run(tmp_path, "--skip-subprocess", "--tiny-levels", levels)
+    assert result["config"]["model"].startswith(f"random {levels}-level tiny_model")
+    assert result["config"]["unet_block_out_channels"] == [32, 64, 64][: int(levels)]
     assert {"config", "diffusers", "ours_in_process"} <= result.keys()
     assert {"num_images", "steps", "guidance", "batch_size", "load_average"} <= result[
         "config"

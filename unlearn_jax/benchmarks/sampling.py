@@ -303,12 +303,20 @@ def run_benchmark(args) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="unlearn_jax_bench_") as tmp:
         workdir = Path(tmp)
-        folder = Path(args.model) if args.model else save_tiny_model(workdir / "tiny_model")
+        folder = (
+            Path(args.model)
+            if args.model
+            else save_tiny_model(workdir / "tiny_model", levels=args.tiny_levels)
+        )
         prompts, latents_nchw = _inputs(folder, args.num_images, args.seed)
         cpu_devices = _split_cpu_like_the_cli(folder, args.batch_size)
         result = {
             "config": {
-                "model": args.model or "random tiny_model (unlearn_jax.testing.tiny_model)",
+                "model": args.model
+                or f"random {args.tiny_levels}-level tiny_model (unlearn_jax.testing.tiny_model)",
+                "unet_block_out_channels": json.loads(
+                    (folder / "unet" / "config.json").read_text()
+                )["block_out_channels"],
                 "num_images": args.num_images,
                 "steps": args.steps,
                 "guidance": args.guidance,
@@ -366,6 +374,13 @@ def run_benchmark(args) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="diffusers folder (default: build tiny_model)")
+    p.add_argument(
+        "--tiny-levels",
+        type=int,
+        choices=(2, 3),
+        default=3,
+        help="UNet levels of the built tiny model: 3 (32/64/64) or 2 (32/64, a smaller workload)",
+    )
     p.add_argument("--num-images", type=int, default=64, help="prompts, one image each")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=7.5)

@@ -180,18 +180,36 @@ def save_sd_folder(pipe, path: str | Path, words: Sequence[str], max_length: int
 # ----------------------------------------------------------------------------- the benchmark model
 
 
-def build_tiny_model(seed: int = 0):
-    """The benchmarks' random SD-1.x-architecture `StableDiffusionPipeline` (float32)."""
+# UNet levels of the benchmarks' tiny models: (block_out_channels, down, up block types).
+TINY_UNET_LEVELS = {
+    3: (
+        (32, 64, 64),
+        ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    ),
+    2: ((32, 64), ("CrossAttnDownBlock2D", "DownBlock2D"), ("UpBlock2D", "CrossAttnUpBlock2D")),
+}
+
+
+def build_tiny_model(seed: int = 0, levels: int = 3):
+    """The benchmarks' random SD-1.x-architecture `StableDiffusionPipeline` (float32).
+
+    levels: 3 (UNet 32/64/64, the default model) or 2 (UNet 32/64: a smaller held-out
+    workload, to check a speed claim on more than the model it was tuned on).
+    """
+    if levels not in TINY_UNET_LEVELS:
+        raise ValueError(f"levels={levels}: expected one of {sorted(TINY_UNET_LEVELS)}")
+    channels, down, up = TINY_UNET_LEVELS[levels]
     pipe = build_sd_pipeline(
         seed=seed,
         unet=dict(
             sample_size=IMAGE_SIZE // 2,
             in_channels=4,
             out_channels=4,
-            block_out_channels=(32, 64, 64),
+            block_out_channels=channels,
             layers_per_block=2,
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            down_block_types=down,
+            up_block_types=up,
             cross_attention_dim=64,
             attention_head_dim=4,  # SD 1.x semantics: the number of heads
             norm_num_groups=8,
@@ -278,10 +296,10 @@ def quiet_hf_logging() -> None:
         logging.disable_progress_bar()
 
 
-def save_tiny_model(path: str | Path, seed: int = 0) -> Path:
+def save_tiny_model(path: str | Path, seed: int = 0, levels: int = 3) -> Path:
     """Writes the benchmarks' tiny model as a diffusers folder (safetensors); returns it."""
     quiet_hf_logging()
-    return save_sd_folder(build_tiny_model(seed), path, WORDS, MAX_LENGTH)
+    return save_sd_folder(build_tiny_model(seed, levels), path, WORDS, MAX_LENGTH)
 
 
 def save_sd15_model(path: str | Path, seed: int = 0) -> Path:
