@@ -107,11 +107,14 @@ class GroupNorm(nnx.GroupNorm):
     and normalisation in float32, the result in the compute dtype.
 
     The parameters (`scale`, `bias`) and the arithmetic are `nnx.GroupNorm`'s with
-    `use_fast_variance=False`; only the order of the reductions differs. nnx reduces a
-    [B, H, W, groups, C/groups] view over axes (1, 2, 4) at once, which keeps a
-    strided axis in the middle: XLA:CPU spent 1.9 ms on one [16, 16, 16, 32] norm,
-    ~10% of a tiny UNet's forward. Here each channel is summed over the positions
-    first (a contiguous reduction), then the channels of each group: 0.45 ms.
+    `use_fast_variance=False`, with two differences. The input and the parameters
+    enter in float32 (nnx first rounds them to the compute dtype; torch's autocast
+    runs the norm in float32, as here). And the reductions run in another order:
+    nnx reduces a [B, H, W, groups, C/groups] view over axes (1, 2, 4) at once,
+    which keeps a strided axis in the middle: XLA:CPU spent 1.9 ms on one
+    [16, 16, 16, 32] norm, ~10% of a tiny UNet's forward. Here each channel is
+    summed over the positions first (a contiguous reduction), then the channels of
+    each group: 0.45 ms.
     nnx options this project never sets (masks, explicit reduction axes, statistics
     across devices) are refused.
     """
