@@ -74,9 +74,12 @@ def test_sampler_flops_scale_with_steps():
     assert per_step > 0 and report.flops["total"] == 4 * per_step
     # XLA counts the scan body once: the scan program's own count is about one step.
     assert report.flops["xla_scan_program"] == pytest.approx(per_step, rel=0.01)
-    # Three steps unrolled by the Python loop cost three one-step programs.
+    # Three steps unrolled by the Python loop cost three one-step programs, less the
+    # step-invariant work XLA computes once for all three (1.6% of a step here, such
+    # as the cross-attention keys and values of the fixed text context).
     unrolled, _, _ = plan.compile_sampler(TINY, steps=3, batch_per_device=2, unrolled=True)
-    assert plan.flops_of(unrolled) == pytest.approx(3 * per_step, rel=0.01)
+    assert plan.flops_of(unrolled) == pytest.approx(3 * per_step, rel=0.02)
+    assert plan.flops_of(unrolled) < 3 * per_step
     assert report.settings["unet_batch_per_device"] == 4  # guidance doubles the UNet batch
     unguided, _, _ = plan.compile_sampler(
         TINY, steps=1, batch_per_device=2, guidance=1.0, unrolled=True
