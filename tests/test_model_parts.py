@@ -54,7 +54,6 @@ SHARDED_ATTENTION = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from unlearn_jax.models import attention
-from unlearn_jax.models.activations import gelu
 q = jax.random.normal(jax.random.key(0), (4, 256, 4, 8))
 rows = NamedSharding(Mesh(np.asarray(jax.devices()), ("data",)), P("data"))
 fn = jax.jit(lambda x: attention.dot_product_attention(x, x, x, scale=0.3), out_shardings=rows)
@@ -71,7 +70,6 @@ print("ok", len(got.sharding.device_set))
 SHARDED_BLOCKWISE = """
 import jax, jax.numpy as jnp, numpy as np
 from unlearn_jax.models import attention
-from unlearn_jax.models.activations import gelu
 from unlearn_jax.trainer import sharding
 mesh = sharding.make_mesh(2, 1)
 rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
@@ -165,8 +163,6 @@ def test_group_norm_matches_nnx_values_gradients_and_bfloat16():
     def loss(module, x):
         return jnp.sum(jnp.sin(module(x)))
 
-    for module in (norm, reference):
-        assert module(jnp.asarray(x)).shape == x.shape
     (grads, d_x), (want_grads, want_d_x) = (
         nnx.grad(loss, argnums=(0, 1))(module, jnp.asarray(x)) for module in (norm, reference)
     )

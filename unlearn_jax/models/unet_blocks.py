@@ -117,12 +117,15 @@ class GroupNorm(nnx.GroupNorm):
     summed over the positions first (a contiguous reduction), then the channels of
     each group: 0.45 ms.
     nnx options this project never sets (masks, explicit reduction axes, statistics
-    across devices) are refused.
+    across devices, the one-pass variance) are refused.
     """
 
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
-        if mask is not None or self.reduction_axes is not None or self.axis_name is not None:
-            raise NotImplementedError("GroupNorm: masks, reduction_axes and axis_name")
+        unsupported = (mask, self.reduction_axes, self.axis_name, self.use_fast_variance or None)
+        if any(option is not None for option in unsupported):
+            raise NotImplementedError(
+                "GroupNorm: masks, reduction_axes, axis_name and use_fast_variance"
+            )
         dtype = self.dtype or x.dtype
         read = lambda param: param[...].astype(dtype).astype(jnp.float32)
         batch, channels = x.shape[0], x.shape[-1]

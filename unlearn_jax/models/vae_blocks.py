@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unlearn_jax.models.attention import dot_product_attention
-from unlearn_jax.models.unet_blocks import GroupNorm
+from unlearn_jax.models.unet_blocks import GroupNorm, group_norm
 
 _EPS = 1e-6  # diffusers hard-codes this for every VAE norm.
 
@@ -47,16 +47,7 @@ class LayerBuilder:
         )
 
     def norm(self, channels: int) -> GroupNorm:
-        # Two-pass variance, like torch: E[x^2]-E[x]^2 loses digits on activations
-        # with a large mean. Statistics are computed in float32 whatever `dtype`.
-        return GroupNorm(
-            channels,
-            num_groups=self.groups,
-            epsilon=_EPS,
-            use_fast_variance=False,
-            rngs=self.rngs,
-            **self.dtypes,
-        )
+        return group_norm(channels, self.groups, _EPS, rngs=self.rngs, **self.dtypes)
 
 
 class ResnetBlock2D(nnx.Module):
