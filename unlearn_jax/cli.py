@@ -179,12 +179,15 @@ def _load(path: str | Path, args: argparse.Namespace, structure=None):
     )
 
 
-def _load_while_compiling(folder: Path, args: argparse.Namespace, num_images: int, mesh):
-    """Loads a pipeline while its sampler and decoder compile on a worker thread.
+def _load_while_compiling(
+    folder: Path, args: argparse.Namespace, num_images: int, mesh, num_prompts: int | None = None
+):
+    """Loads a pipeline while its sampler, decoder and (given `num_prompts`) text
+    encoder compile on worker threads.
 
     The programs are compiled from the folder's configs alone (shapes), for
     exactly the settings `generate` is then called with, so that XLA's compile
-    time overlaps reading the weights and encoding the prompts.
+    time overlaps reading the weights and tokenizing the prompts.
     """
     from unlearn_jax.diffusion import text_to_image
     from unlearn_jax.models.pipeline import read_structure
@@ -195,7 +198,9 @@ def _load_while_compiling(folder: Path, args: argparse.Namespace, num_images: in
         single_file_options=single_file_options(args),
         allow_pickle=args.allow_pickle,
     )
-    text_to_image.precompile(structure, num_images, **_sampler_settings(args, mesh))
+    text_to_image.precompile(
+        structure, num_images, num_prompts=num_prompts, **_sampler_settings(args, mesh)
+    )
     return _load(folder, args, structure)
 
 
@@ -282,7 +287,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     _fresh_output(args.out, ["images.npz", *(f"{i:05d}.png" for i in range(count))])
     latents = None if args.latents is None else _read_latents(args.latents)
     (folder,), mesh = _devices_for([args.model], args)
-    pipe = _load_while_compiling(folder, args, count, mesh)
+    pipe = _load_while_compiling(folder, args, count, mesh, num_prompts=len(prompts))
     images = text_to_image.generate(
         pipe,
         prompts,
@@ -340,7 +345,9 @@ def cmd_integrity(args: argparse.Namespace) -> None:
     prompts = _prompts(args)
     _fresh_output(args.out, list(INTEGRITY_FILES))
     folders, mesh = _devices_for([args.original, args.unlearned], args)
-    original = _load_while_compiling(folders[0], args, len(prompts) * args.seeds, mesh)
+    original = _load_while_compiling(
+        folders[0], args, len(prompts) * args.seeds, mesh, num_prompts=len(prompts)
+    )
     unlearned = _load(folders[1], args)
     if dict(original.unet.config) != dict(unlearned.unet.config):
         raise SystemExit(

@@ -34,7 +34,13 @@ import tqdm
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from unlearn_jax.diffusion.sampler import ModelFn, Params, checked_options, sample_jit
+from unlearn_jax.diffusion.sampler import (
+    ModelFn,
+    Params,
+    checked_options,
+    placeholder_key,
+    sample_jit,
+)
 from unlearn_jax.diffusion.solvers import SolverPlan
 from unlearn_jax.models.attention import batch_mesh
 from unlearn_jax.program_cache import ProgramCache
@@ -47,10 +53,10 @@ CHUNK_PROGRAMS = ProgramCache("sampler chunk programs", max_size=16)
 
 @functools.cache
 def _worker() -> concurrent.futures.ThreadPoolExecutor:
-    """The precompile threads, started on first use. Two: XLA compiles a program on one
-    thread, and the sampler should not wait behind a smaller program (e.g. the VAE
-    decoder) queued with it."""
-    return concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="precompile")
+    """The precompile threads, started on first use. Three: XLA compiles a program on
+    one thread, and the sampler should not wait behind the smaller programs (the text
+    encoder and the VAE decoder) queued before it."""
+    return concurrent.futures.ThreadPoolExecutor(max_workers=3, thread_name_prefix="precompile")
 
 
 def data_mesh(devices: list[jax.Device] | None = None) -> Mesh:
@@ -185,7 +191,7 @@ def precompile_chunks(
         plan,
         guidance_scale,
         eta,
-        jax.random.key(0),  # generate()'s keys are jax.random.key(seed): the same spec
+        placeholder_key(),  # generate()'s keys are jax.random.key(seed): the same spec
         jax.ShapeDtypeStruct(context_shape, context_dtype),
     )
     cache_key, args = _program_key_and_args(
@@ -317,7 +323,11 @@ def sample_in_chunks(
     replicated = NamedSharding(mesh, PartitionSpec())
     params, plan = _replicate_on(mesh, (params, plan))
     if uncond_context is not None:
-        uncond_context = jax.device_put(jnp.asarray(uncond_context), replicated)
+        # Host arrays go straight to the devices: jnp.asarray would compile (and, while
+        # the sampler compiles on a worker, wait for) an identity program per new shape.
+        if not isinstance(uncond_context, jax.Array):
+            uncond_context = np.asarray(uncond_context)
+        uncond_context = jax.device_put(uncond_context, replicated)
     # Scalars stay uncommitted: the program places them (device_put of a host
     # value onto devices of other processes is not allowed).
     guidance = jnp.float32(guidance_scale)
