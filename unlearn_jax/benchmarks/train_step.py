@@ -178,6 +178,7 @@ def run_ours(spec: dict, workdir: Path) -> dict:
 
     from unlearn_jax.models import convert, weights
     from unlearn_jax.models.unet import UNet2DConditionModel
+    from unlearn_jax.program_cache import compile_program
     from unlearn_jax.trainer import experiment
     from unlearn_jax.trainer.state import init_state, make_optimizer
     from unlearn_jax.trainer.train_step import (
@@ -227,7 +228,7 @@ def run_ours(spec: dict, workdir: Path) -> dict:
     def build():  # as the trainer compiles it (`train._compile_step`)
         if programs == "fused":
             jitted = jax.jit(step_fn, donate_argnums=(0,))
-            return jitted.lower(state, frozen, batch, train_key).compile()
+            return compile_program(jitted.lower(state, frozen, batch, train_key))
         lowered = lower_step_parts(jit_step_parts(parts), state, frozen, batch, train_key)
         return split_step(compile_all(lowered))
 

@@ -43,7 +43,7 @@ from unlearn_jax.diffusion.sampler import (
 )
 from unlearn_jax.diffusion.solvers import SolverPlan
 from unlearn_jax.models.attention import batch_mesh
-from unlearn_jax.program_cache import ProgramCache
+from unlearn_jax.program_cache import ProgramCache, compile_program
 
 DATA_AXIS = "data"
 
@@ -136,9 +136,9 @@ def _program(
         CHUNK_PROGRAMS.discard(key)
         future.set_exception(e)
 
-    def compile_program(lowered) -> None:
+    def compile_into_future(lowered) -> None:
         try:
-            future.set_result(lowered.compile())
+            future.set_result(compile_program(lowered))
         except BaseException as e:
             fail(e)
 
@@ -152,9 +152,9 @@ def _program(
         fail(e)
         raise
     if background:
-        _worker().submit(compile_program, lowered)
+        _worker().submit(compile_into_future, lowered)
     else:
-        compile_program(lowered)
+        compile_into_future(lowered)
     return future
 
 

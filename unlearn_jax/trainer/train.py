@@ -40,7 +40,7 @@ import tqdm
 from jax.sharding import Mesh
 
 from unlearn_jax.models.attention import batch_mesh
-from unlearn_jax.program_cache import ProgramCache
+from unlearn_jax.program_cache import ProgramCache, compile_program
 from unlearn_jax.trainer import experiment
 from unlearn_jax.trainer.batches import SHARED_KEYS, UnlearnData
 from unlearn_jax.trainer.checkpoints import (
@@ -161,7 +161,7 @@ def _compile_cached(lowered: jax.stages.Lowered, mesh, name: str):
     if created:
         log.info("compiling %s (first run of this program; cached afterwards)", name)
         try:
-            future.set_result(lowered.compile())
+            future.set_result(compile_program(lowered))
         except BaseException as e:
             COMPILED_TRAIN_STEPS.discard(key)
             future.set_exception(e)

@@ -53,6 +53,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from unlearn_jax.diffusion.forward import DiffusionModel
+from unlearn_jax.program_cache import compile_program
 from unlearn_jax.trainer.batches import SHARED_KEYS
 from unlearn_jax.trainer.state import TrainState, float32_tree
 from unlearn_jax.unlearn import combine
@@ -305,8 +306,8 @@ def compile_all(
     """{name: compiled program} of (name, lowered) pairs, each compiled on a worker thread
     as soon as it arrives, one thread per core (XLA releases the GIL while it compiles,
     so the next program is traced meanwhile). `compile_one(name, lowered)`: default
-    `lowered.compile()`."""
-    compile_one = compile_one or (lambda name, program: program.compile())
+    `program_cache.compile_program(lowered)`."""
+    compile_one = compile_one or (lambda name, program: compile_program(program))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     with concurrent.futures.ThreadPoolExecutor(max(1, cores or 1)) as pool:
         futures = {name: pool.submit(compile_one, name, program) for name, program in lowered}
