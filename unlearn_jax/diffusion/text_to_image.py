@@ -136,9 +136,8 @@ def decode_latents(pipe: StableDiffusion, latents: np.ndarray, batch_size: int) 
     if n == 0:
         return np.zeros((0,), np.float32)
     graphdef, state = nnx.split(pipe.vae)
-    decode = lambda rows: _decode(
-        graphdef, state, np.asarray(rows)
-    )  # no jnp.asarray: see encode_prompts
+    # NumPy rows, not jnp.asarray: see `StableDiffusion.encode_prompts`.
+    decode = lambda rows: _decode(graphdef, state, np.asarray(rows))
     return map_in_chunks(decode, latents, size=_decode_chunk(n, batch_size))
 
 
