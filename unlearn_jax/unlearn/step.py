@@ -6,7 +6,7 @@ memory scale with them): the caller passes them (e.g. `ParamSplit.select`'s
 `lambda tr: split.merge(tr, frozen_original)`) for `apply_fn`.
 
     g_f, g_r, metrics = term_grads(trainable, merge, frozen_original, batch, rng, preset, model)
-    grads, more_metrics = combine_term_grads(flat(g_f), flat(g_r), preset, hparams, saliency)
+    grads, more_metrics = combine_term_grads(g_f, g_r, preset, hparams, saliency)
 
 The two are separate so that gradient accumulation can average each term's
 gradient over micro-batches and combine once. The optimizer update,
@@ -125,8 +125,8 @@ def combine_term_grads(
 ) -> tuple[PyTree, dict[str, jax.Array]]:
     """The preset's combiner applied to (g_f, g_r), then the saliency mask if given.
 
-    The train step calls it on flat float32 vectors [padded_size]
-    (`ParamSplit.flatten`); any pytrees of one structure work.
+    The train step calls it on {name: float32 array} gradients shaped like the
+    trainable parameters (`ParamSplit.select`); any pytrees of one structure work.
 
     Args:
       g_f, g_r: the forget and retain gradients (g_r None: forget-only preset).
