@@ -192,18 +192,16 @@ def precompile(
     """
     check_scheduler(scheduler)
     shape = latent_shape(structure, height, width)
+    # denoise()'s one text-encoder call: the prompts and, when guided, the empty prompt.
+    # Lowered in any case: its output is the sampler's context shape.
+    rows = 1 if num_prompts is None else num_prompts + int(uses_guidance(guidance))
     text_graphdef, text_state = nnx.split(structure.text_encoder)
-    token_ids = (1, structure.text_encoder.config["max_position_embeddings"])
-    text_encoder = None
-    if num_prompts is not None:
-        # denoise()'s one call: the prompts and, when guided, the empty prompt.
-        rows = num_prompts + 1 if uses_guidance(guidance) else num_prompts
-        text_args = (
-            text_graphdef,
-            _abstract(text_state),
-            jax.ShapeDtypeStruct((rows, token_ids[1]), jnp.int32),
-        )
-        text_encoder = in_background(encode_ids.lower(*text_args).compile)
+    tokens = structure.text_encoder.config["max_position_embeddings"]
+    text_lowered = encode_ids.lower(
+        text_graphdef, _abstract(text_state), jax.ShapeDtypeStruct((rows, tokens), jnp.int32)
+    )
+    context = text_lowered.out_info
+    text_encoder = None if num_prompts is None else in_background(text_lowered.compile)
     vae_graphdef, vae_state = nnx.split(structure.vae)
     decoder_args = (
         vae_graphdef,
@@ -211,11 +209,6 @@ def precompile(
         jax.ShapeDtypeStruct((_decode_chunk(num_images, batch_size), *shape), jnp.float32),
     )
     decoder = in_background(_decode.lower(*decoder_args).compile)
-    context = jax.eval_shape(
-        lambda s, ids: nnx.merge(text_graphdef, s)(ids)[0],
-        _abstract(text_state),
-        jax.ShapeDtypeStruct(token_ids, jnp.int32),
-    )
     graphdef, state = nnx.split(structure.unet)
     sampler = precompile_chunks(
         unet_model_fn(graphdef),
