@@ -7,10 +7,12 @@ Never timed: only the structure of the results and the agreement of the images
 from __future__ import annotations
 
 import json
+import platform
 
 import pytest
 
 from unlearn_jax.benchmarks import sampling
+from unlearn_jax.benchmarks.common import cpu_name
 
 
 def _run(tmp_path, *extra: str) -> dict:
@@ -36,7 +38,9 @@ def test_sampling_benchmark_in_process(tmp_path, capsys, levels):
     expected = {"first_call_s", "steady_s", "compile_s", "jax_compile_s", "images_per_s"}
     assert expected | {"speedup_vs_diffusers", "max_abs_diff_vs_diffusers"} <= ours.keys()
     assert ours["max_abs_diff_vs_diffusers"] < 2e-3  # the same work in both frameworks
-    assert "| method |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| method |" in printed
+    assert f"cores of {cpu_name()}," in printed  # every result names its machine
 
 
 @pytest.mark.slow
@@ -91,7 +95,9 @@ def test_train_step_benchmark_cross_checks_loss_against_pytorch(tmp_path, capsys
     assert check["max_loss_rel_diff"] < 1e-4, check["values"]  # the same loss in both
     assert check["max_grad_rel_diff"] < 1e-3, check["values"]
     assert check["passed"]
-    assert "| framework |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| framework |" in printed
+    assert f"cores ({cpu_name()})" in printed and result["config"]["cpu"] == cpu_name()
 
 
 def test_accelerator_benchmark_on_cpu(tmp_path, capsys):
@@ -182,6 +188,16 @@ def test_accelerator_benchmark_names_the_fix_for_an_unknown_model(tmp_path):
         accelerator._model_folder(str(tmp_path / "nothing"), tmp_path)
 
 
+def test_cpu_name_reads_the_model_name_and_falls_back(monkeypatch):
+    cpuinfo = "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9454 48-Core\n"
+    assert cpu_name(cpuinfo) == "AMD EPYC 9454 48-Core"
+    monkeypatch.setattr(platform, "processor", lambda: "arm")
+    assert cpu_name("processor\t: 0\nmodel name\t:\n") == "arm"  # empty, as on some VMs
+    monkeypatch.setattr(platform, "processor", lambda: "")
+    assert cpu_name("") == "unknown"
+    assert cpu_name()  # this machine
+
+
 def test_accelerator_report_keeps_sampling_when_the_train_step_fails():
     """A failed train step (e.g. out of GPU memory) is reported, the sampling figures kept."""
     import numpy as np
@@ -199,8 +215,8 @@ def test_accelerator_report_keeps_sampling_when_the_train_step_fails():
     theirs = {"by_batch": {"8": {"images_per_s": 4.0}}, "best_batch": 8, "images_per_s": 4.0,
               "dtype": "float16", "skipped_batch_sizes": [], "device_peak_mb": 8000.0}  # fmt: skip
     config = {"model": "sd15", "precision": "half", "steps": 50, "guidance": 7.5, "cores": 16,
-              "load_average": [0.1], "load_average_after": [0.2], "train_method": "distill",
-              "train_batch_per_term": 2}  # fmt: skip
+              "cpu": "AMD EPYC 9454", "load_average": [0.1], "load_average_after": [0.2],
+              "train_method": "distill", "train_batch_per_term": 2}  # fmt: skip
     images = {"ours": np.zeros((8, 4, 4, 3)), "diffusers": np.full((8, 4, 4, 3), 0.25)}
     failed = {"error": "the ours worker failed:\n...\nRESOURCE_EXHAUSTED: Out of memory"}
     result = summarize(config, ours, theirs, failed, images)
@@ -216,6 +232,7 @@ def test_accelerator_report_keeps_sampling_when_the_train_step_fails():
     assert "failed (see not measured)" in table and "1.50x" in table
     assert "42.6%" in table  # 70.2 TFLOP x 6 img/s of 989 TFLOP/s
     assert "{'ours': [16], 'diffusers': []}" in table  # what the time budget skipped
+    assert "16 cores of AMD EPYC 9454" in table  # the host is named beside the card
 
 
 @pytest.mark.parametrize(

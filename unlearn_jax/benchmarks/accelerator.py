@@ -60,7 +60,7 @@ from pathlib import Path
 import numpy as np
 
 from unlearn_jax.benchmarks.accelerator_report import markdown_table, summarize
-from unlearn_jax.benchmarks.common import cores, run_worker, serve_worker
+from unlearn_jax.benchmarks.common import cores, cpu_name, run_worker, serve_worker
 
 WORKER_MODULE = "unlearn_jax.benchmarks.accelerator"
 DEFAULTS = {  # per model: denoising steps, sampling batch sizes, train batch per term
@@ -366,6 +366,7 @@ def run_benchmark(args) -> dict:
         "train_batch_per_term": args.train_batch,
         "train_steps": args.train_steps,
         "cores": cores(),
+        "cpu": cpu_name(),
         "load_average": load_before,
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
     }

@@ -150,8 +150,8 @@ def markdown_table(result: dict) -> str:
     lines = [
         f"{d['device_kind']} ({d['backend']}), model {c['model']}, precision {c['precision']} "
         f"(ours {ours['dtype']}, diffusers {theirs['dtype']}), {c['steps']} DDIM steps, "
-        f"guidance {c['guidance']}, {c['cores']} cores, load average {c['load_average']} -> "
-        f"{c['load_average_after']}, {result['elapsed_s']:.0f} s in all",
+        f"guidance {c['guidance']}, {c['cores']} cores of {c['cpu']}, load average "
+        f"{c['load_average']} -> {c['load_average_after']}, {result['elapsed_s']:.0f} s in all",
         "",
         *markdown_rows(["figure", "ours (JAX)", "diffusers / PyTorch", "ours / theirs"], rows),
         "",

@@ -4,6 +4,7 @@ timed loops and Markdown tables."""
 from __future__ import annotations
 
 import os
+import platform
 import resource
 import sys
 import time
@@ -14,6 +15,25 @@ COMPILE_EVENT_PREFIX = "/jax/core/compile/"  # trace, lower-to-MLIR and XLA comp
 
 def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def cpu_name(cpuinfo: str | None = None) -> str:
+    """The CPU's model name, so that every result names the machine it came from.
+
+    Linux's /proc/cpuinfo 'model name' (`cpuinfo`: that file's text, for tests),
+    else `platform.processor()`, else 'unknown'. CPU speed ratios between the two
+    frameworks differ from one CPU to another (see the README's speed section).
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and value.strip():
+            return value.strip()
+    return platform.processor() or "unknown"
 
 
 def subprocess_env(compilation_cache: Path | None = None) -> dict:

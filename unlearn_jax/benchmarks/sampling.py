@@ -63,6 +63,7 @@ import numpy as np
 from unlearn_jax.benchmarks.common import (
     children_cpu_s,
     cores,
+    cpu_name,
     jax_compile_seconds,
     markdown_rows,
     subprocess_env,
@@ -266,7 +267,8 @@ def markdown_table(result: dict) -> str:
         )  # fmt: skip
     lines = [
         f"{c['num_images']} images x {c['steps']} steps, guidance {c['guidance']}, batch "
-        f"{c['batch_size']}, {c['cores']} cores, load average {c['load_average']}",
+        f"{c['batch_size']}, {c['cores']} cores of {c['cpu']}, load average "
+        f"{c['load_average']}",
         "",
         *markdown_rows(
             ["method", "images/s", "wall s", "cpu s", "load s", "compile s", "vs diffusers"], rows
@@ -323,6 +325,7 @@ def run_benchmark(args) -> dict:
                 "batch_size": args.batch_size,
                 "threads": args.threads,
                 "cores": cores(),
+                "cpu": cpu_name(),
                 "jax_cpu_devices": cpu_devices or None,
                 "latent_shape_nchw": list(latents_nchw.shape[1:]),
                 "load_average": [round(x, 2) for x in os.getloadavg()],

@@ -66,6 +66,7 @@ import numpy as np
 from unlearn_jax.benchmarks.common import (
     PeakMemory,
     cores,
+    cpu_name,
     jax_compile_seconds_by_program,
     markdown_rows,
     pin_threads,
@@ -406,6 +407,7 @@ def run_benchmark(args, count_flops: bool = False) -> dict:
         **{k: v for k, v in spec.items() if k != "model"},
         "model": args.model or "random tiny_model (unlearn_jax.testing.tiny_model)",
         "cores": cores(),
+        "cpu": cpu_name(),
         "load_average": load_before,
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
     }
@@ -432,8 +434,8 @@ def markdown_table(result: dict) -> str:
     lines = [
         f"{c['method']} ({c['forget']} + {c['retain']}, {c['combiner']}), batch {c['batch_size']} "
         f"per term, {c['steps']} steps after {c['warmup']} warm-up, {c['dtype']}, remat "
-        f"{'on' if c['remat'] else 'off'}, {c['threads']} threads of {c['cores']} cores, "
-        f"load average {c['load_average']} -> {c['load_average_after']}",
+        f"{'on' if c['remat'] else 'off'}, {c['threads']} threads of {c['cores']} cores "
+        f"({c['cpu']}), load average {c['load_average']} -> {c['load_average_after']}",
         "",
         *markdown_rows(
             header,
