@@ -140,6 +140,8 @@ def make_step_parts(
     data parallelism).
     """
     model = gather_at_use(model, mesh)
+    # Any optax transformation: those of `state.make_optimizer` take the clip's norm.
+    optimizer = optax.with_extra_args_support(optimizer)
 
     def term_part(part: str) -> Callable:
         def grads(params, step, frozen_original, batch, train_key):
@@ -182,7 +184,9 @@ def make_step_parts(
     def combine_and_update(state: TrainState, g_f, g_r, term_metrics):
         grads, combine_metrics = combine_term_grads(g_f, g_r, preset, hparams, state.saliency)
         params32 = float32_tree(state.params)
-        updates, opt_state = optimizer.update(grads, state.opt_state, params32)
+        # The clip's norm is the one combine_term_grads computed (`state.clip_by_global_norm`).
+        norm = combine_metrics["grad/norm"]
+        updates, opt_state = optimizer.update(grads, state.opt_state, params32, global_norm=norm)
         if state.saliency is not None:
             # Weight decay or momentum must not move parameters outside the mask either.
             updates = combine.apply_mask(updates, state.saliency)
