@@ -127,10 +127,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # ("compute": a bfloat16 θ0 when train.dtype is bfloat16, half its memory; the
     # network casts parameters to the compute dtype anyway, so results are unchanged).
     config.train.frozen_dtype = "float32"  # float32 | compute
-    # The step as one XLA program ("fused") or three compiled side by side ("split": the
-    # forget and retain gradients, then the update); "auto": split on CPU, where XLA's
-    # compile time grows faster than the program, fused on GPUs and TPUs.
-    config.train.step_programs = "auto"  # auto | fused | split
+    # The step as one XLA program ("fused"), three compiled side by side ("split": the
+    # forget and retain gradients, then the update), or "staged": one compiled UNet
+    # forward and backward that every network call of the step runs through (least
+    # compilation, slower steps). "auto": fused on GPUs and TPUs; on CPU, where XLA's
+    # compile time grows faster than the program, staged for runs of <= 200 steps and
+    # split for longer ones.
+    config.train.step_programs = "auto"  # auto | fused | split | staged
     config.train.log_every = 10
     config.train.force_resume = False  # resume a workdir although the run's fingerprint changed
     config.train.progress = True

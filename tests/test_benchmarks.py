@@ -83,9 +83,10 @@ def test_train_step_benchmark_cross_checks_loss_against_pytorch(tmp_path, capsys
     assert result.keys() == returned.keys()
     assert result["ours"]["steps_per_s"] > 0 and result["torch"]["steps_per_s"] > 0
     assert result["ours"]["compile_s"] > 0
-    # Compiled as the trainer compiles it on CPU (train.step_programs="auto"): three programs.
-    assert result["ours"]["step_programs"] == "split"
-    programs = {"forget_grads", "retain_grads", "combine_and_update"}
+    # Compiled as the trainer compiles a 2-step run on CPU (train.step_programs="auto"):
+    # staged, one UNet forward and backward shared by the terms' calls.
+    assert result["ours"]["step_programs"] == "staged"
+    programs = {"forget_prepare", "unet_forward", "unet_backward", "combine_and_update"}
     assert programs <= result["ours"]["compile_by_program_s"].keys()
     assert result["ours"]["trainable_parameters"] == result["torch"]["trainable_parameters"]
     check = result["cross_check"]

@@ -115,7 +115,11 @@ def test_one_compiled_train_step_serves_two_learning_rates(micro, tmp_path, monk
     )
     compiled = []
     original_compile = jax.stages.Lowered.compile
-    step_programs = ("jit_forget_grads", "jit_retain_grads", "jit_combine_and_update")
+    step_programs = tuple(
+        f"jit_{name}"
+        for name in ("forget_prepare", "forget_finish", "retain_prepare", "retain_finish")
+        + ("unet_forward", "unet_backward", "combine_and_update")
+    )
 
     def counting_compile(self, *args, **kwargs):
         head = self.as_text()[:2000]
@@ -124,11 +128,11 @@ def test_one_compiled_train_step_serves_two_learning_rates(micro, tmp_path, monk
 
     monkeypatch.setattr(jax.stages.Lowered, "compile", counting_compile)
     slow = _first_update(micro, tmp_path / "slow", 1e-3)
-    # On CPU the step is split (train.step_programs="auto"): each part compiled once.
+    # On CPU a 1-step run is staged (train.step_programs="auto"): each program compiled once.
     assert sorted(compiled) == sorted(step_programs)
     fast = _first_update(micro, tmp_path / "fast", 3e-3)
     # The second learning rate reused the first's traced step and its executables.
-    assert len(traced) == 1 and len(compiled) == 3
+    assert len(traced) == 1 and len(compiled) == len(step_programs)
     assert float(fast["opt_state"]["hyperparams"]["learning_rate"]) == pytest.approx(3e-3)
 
     # Adam's first update is -lr * g / (|g| + eps), about -lr * sign(g): the same

@@ -281,32 +281,40 @@ def test_bfloat16_theta0_trains_bit_for_bit_like_float32_theta0(micro, tmp_path,
         np.testing.assert_array_equal(weights["compute"][key], value, err_msg=key)
 
 
-def test_one_program_step_trains_like_the_split_step(full_run, micro, tmp_path, caplog):
-    """train.step_programs="fused" (the GPU/TPU default: one program) against full_run
-    (CPU's default, the step as three programs): the same four steps, the same losses
-    and weights to float32 rounding, and distillation exactly zero at θ0 in both."""
-    workdir = tmp_path / "fused"
+@pytest.mark.parametrize("programs", ["fused", "split"])
+def test_one_program_and_split_steps_train_like_the_staged_step(
+    programs, full_run, micro, tmp_path, caplog
+):
+    """train.step_programs="fused" (the GPU/TPU default: one program) and "split" (CPU's
+    default for long runs: three programs) against full_run (CPU's default for a 4-step
+    run: staged, every network call one shared forward and backward): the same four
+    steps, the same losses and weights to float32 rounding, and distillation exactly
+    zero at θ0 in all three."""
+    workdir = tmp_path / programs
     with caplog.at_level("INFO", logger=train_module.__name__):
-        train_and_evaluate(config(micro, train__step_programs="fused"), workdir)
+        train_and_evaluate(config(micro, train__step_programs=programs), workdir)
     compiled = [r.getMessage() for r in caplog.records if r.getMessage().startswith("compiling")]
+    # The split step's update is the staged step's, compiled by full_run already.
+    names = ["program"] if programs == "fused" else ["forget", "retain"]
     assert compiled == [
-        "compiling the train step's program (first run of this program; cached afterwards)"
+        f"compiling the train step's {name} (first run of this program; cached afterwards)"
+        for name in names
     ]
-    fused, split = train_rows(workdir), train_rows(full_run[0])
-    assert [r["step"] for r in fused] == [r["step"] for r in split] == [1, 2, 3, 4]
-    assert fused[0]["retain/loss"] == split[0]["retain/loss"] == 0.0
-    for row_fused, row_split in zip(fused, split, strict=True):
+    other, staged = train_rows(workdir), train_rows(full_run[0])
+    assert [r["step"] for r in other] == [r["step"] for r in staged] == [1, 2, 3, 4]
+    assert other[0]["retain/loss"] == staged[0]["retain/loss"] == 0.0
+    for row_other, row_staged in zip(other, staged, strict=True):
         for key in ("forget/loss", "retain/loss", "grad/norm", "param/norm"):
-            np.testing.assert_allclose(row_fused[key], row_split[key], rtol=1e-4, err_msg=key)
+            np.testing.assert_allclose(row_other[key], row_staged[key], rtol=1e-4, err_msg=key)
     start = load_file(micro / UNET_FILE)
     weights = {
         name: load_file(export(w, tmp_path / f"{name}_out") / UNET_FILE)
-        for name, w in (("fused", workdir), ("split", full_run[0]))
+        for name, w in ((programs, workdir), ("staged", full_run[0]))
     }
-    moved = max(np.abs(weights["split"][k] - start[k]).max() for k in start)
+    moved = max(np.abs(weights["staged"][k] - start[k]).max() for k in start)
     assert moved > 0
-    for key, value in weights["split"].items():
-        np.testing.assert_allclose(weights["fused"][key], value, rtol=0, atol=1e-3 * moved)
+    for key, value in weights["staged"].items():
+        np.testing.assert_allclose(weights[programs][key], value, rtol=0, atol=1e-3 * moved)
 
 
 def test_workdir_of_another_run_is_refused(full_run, micro):

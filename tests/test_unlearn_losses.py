@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from unlearn_jax.diffusion.forward import (
@@ -26,8 +27,10 @@ from unlearn_jax.diffusion.forward import (
 )
 from unlearn_jax.trainer import experiment, train
 from unlearn_jax.trainer.batches import SHARED_KEYS
+from unlearn_jax.trainer.staged_step import compile_staged_step
 from unlearn_jax.trainer.state import init_state, make_optimizer
 from unlearn_jax.trainer.train_step import (
+    STAGED_MAX_STEPS,
     compile_all,
     jit_step_parts,
     lower_step_parts,
@@ -382,12 +385,28 @@ def micro_batches(*batches: dict) -> dict:
     }
 
 
+def staged(model, preset, hp, opt, split):
+    """The staged step (`staged_step.compile_staged_step`), compiled at its first call."""
+    jitted, built = jit_step_parts(make_step_parts(model, preset, hp, opt, split)), []
+
+    def train_step(state, frozen, batch, key):
+        if not built:
+            example = (state, frozen, batch, key)
+            built.append(compile_staged_step(model, preset, hp, split, jitted, None, *example))
+        return built[0](state, frozen, batch, key)
+
+    return train_step
+
+
 def jitted_step(programs: str, *args):
     """The train step of `make_step_parts(*args)` as the trainer runs it: one program
-    ('fused') or its parts compiled on their own ('split')."""
+    ('fused'), its parts compiled on their own ('split'), or staged ('staged')."""
     if programs == "fused":
         return jax.jit(make_train_step(*args))
-    train_step = jit_step_parts(make_step_parts(*args)).step()
+    if programs == "staged":
+        train_step = staged(*args)
+    else:
+        train_step = jit_step_parts(make_step_parts(*args)).step()
     # The update donates the state: a copy, so that the test's arrays (and THETA's) live on.
     return lambda state, *rest: train_step(jax.tree.map(jnp.copy, state), *rest)
 
@@ -397,7 +416,7 @@ def optimizer(name: str = "sgd", **fields):
     return make_optimizer(ml_collections.ConfigDict({**config, **fields}))
 
 
-@pytest.mark.parametrize("programs", ["fused", "split"])
+@pytest.mark.parametrize("programs", ["fused", "split", "staged"])
 @pytest.mark.parametrize(("group", "micro_steps"), [("full", 1), ("noxattn", 2)])
 def test_train_step_gradient_of_graddiff_is_the_sum_of_term_gradients(group, micro_steps, programs):
     """One `train_step` with SGD at learning rate 1 moves θ by exactly −g: g must be the
@@ -504,7 +523,7 @@ def test_salun_mask_as_the_trainer_builds_it(keep_fraction):
     np.testing.assert_array_equal(mask, want)
 
 
-@pytest.mark.parametrize("programs", ["fused", "split"])
+@pytest.mark.parametrize("programs", ["fused", "split", "staged"])
 def test_salun_train_step_moves_nothing_outside_the_mask(programs):
     """Two `train_step`s of SalUn with its mask: bit for bit nothing moves outside it,
     adamw's weight decay included; everything inside moves."""
@@ -566,11 +585,105 @@ def test_split_step_programs_compute_what_the_fused_step_computes(name):
     )
 
 
-def test_step_programs_setting():
-    assert resolve_step_programs("auto", "cpu") == "split"
-    assert resolve_step_programs("auto", "gpu") == "fused"
-    assert resolve_step_programs("auto", "tpu") == "fused"
-    assert resolve_step_programs("split", "gpu") == "split"
-    assert resolve_step_programs("fused", "cpu") == "fused"
+# Presets covering every staged term: remap to the frozen and to the current model,
+# ESD, the fresh-noise target, retain_dm and retain_distill; and 'anchor', which is
+# not staged (its own program beside the staged forget term).
+STAGED_PRESETS = {
+    name: get_preset(name) for name in ("distill_project", "salun", "esd_distill", "neggrad")
+}
+STAGED_PRESETS["noise_anchor"] = dataclasses.replace(
+    get_preset("graddiff"), name="noise_anchor", forget="noise", retain="anchor"
+)
+
+
+@pytest.mark.parametrize("name", sorted(STAGED_PRESETS))
+def test_staged_step_computes_what_the_fused_step_computes(name):
+    """The staged step (every network call one shared forward and backward, `staged_step`),
+    two Adam steps with two micro-batches of 3 examples (each two-context call runs as two
+    chunks of 3 rows): the same parameters, optimizer state and metrics as the step
+    compiled as one program, to float32 rounding."""
+    preset = STAGED_PRESETS[name]
+    split = ParamSplit.from_params(THETA, preset.params)
+    opt = optimizer("adam", lr=1e-3)
+    args = (MODEL, preset, preset.hparams, opt, split)
+    batch = micro_batches(FULL_BATCH, {"forget": make_batch(2), "retain": make_batch(3)})
+    states, metrics = {}, {}
+    for programs in ("fused", "staged"):
+        train_step, s = jitted_step(programs, *args), init_state(split.select(THETA), opt)
+        for _ in range(2):
+            s, m = train_step(s, THETA0, batch, RNG)
+        states[programs], metrics[programs] = s, m
+    assert list(metrics["staged"]) == list(metrics["fused"])
+    for key, value in metrics["fused"].items():
+        np.testing.assert_allclose(metrics["staged"][key], value, rtol=2e-5, atol=1e-7, err_msg=key)
+    for a, b in zip(jax.tree.leaves(states["staged"]), jax.tree.leaves(states["fused"])):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
+    flat = lambda s: np.concatenate([np.ravel(x) for x in jax.tree.leaves(s)]).astype(float)
+    moved = flat(states["fused"].params) - flat(init_state(split.select(THETA), opt).params)
+    assert np.abs(moved).max() > 1e-4
+
+
+def test_staged_retain_distill_is_exactly_zero_at_theta0():
+    """Student and teacher run through the same compiled forward on the same rows: at
+    θ = θ0 the retain term and its gradient are exactly 0, as in the one-program step."""
+    preset = get_preset("distill")
+    split = ParamSplit.from_params(THETA0, preset.params)
+    opt = optimizer()
+    train_step = jitted_step("staged", MODEL, preset, preset.hparams, opt, split)
+    _, metrics = train_step(
+        init_state(split.select(THETA0), opt), THETA0, micro_batches(FULL_BATCH), RNG
+    )
+    assert float(metrics["retain/loss"]) == 0.0 and float(metrics["grad/retain_norm"]) == 0.0
+    assert float(metrics["forget/loss"]) > 0.0
+
+
+@pytest.mark.parametrize("programs", ["fused", "staged"])
+def test_clipping_uses_the_logged_gradient_norm_as_optax_would(programs):
+    """With clipping active, one graddiff step equals optax's own chain
+    (clip_by_global_norm, then SGD) applied to g_f + λ g_r: the step clips with the
+    norm it logs as grad/norm (from the terms' Gram matrix), not another pass. (SGD:
+    Adam's first step would hide the clip's scale.)"""
+    preset, hp = get_preset("graddiff"), UnlearnHParams(retain_weight=0.3)
+    split = ParamSplit.from_params(THETA, "full")
+    opt = optimizer("sgd", lr=1.0, grad_clip=0.05)
+    state = init_state(split.select(THETA), opt)
+    train_step = jitted_step(programs, MODEL, preset, hp, opt, split)
+    new_state, metrics = train_step(state, THETA0, micro_batches(FULL_BATCH), RNG)
+
+    theta = split.merge(split.select(THETA), THETA0)
+    rng = jax.random.fold_in(jax.random.fold_in(RNG, 0), 0)
+    k_f, k_r = (jax.random.fold_in(rng, s) for s in (step.FORGET_STREAM, step.RETAIN_STREAM))
+    g_f = jax.grad(forget.neggrad_loss, argnums=1, has_aux=True)
+    g_r = jax.grad(retain.retain_dm_loss, argnums=1, has_aux=True)
+    grads_f = split.select(g_f(MODEL, theta, THETA0, FULL_BATCH["forget"], k_f, hp)[0])
+    grads_r = split.select(g_r(MODEL, theta, THETA0, FULL_BATCH["retain"], k_r, hp)[0])
+    grads = {n: grads_f[n] + 0.3 * grads_r[n] for n in grads_f}
+    norm = np.sqrt(sum(float(jnp.sum(g**2)) for g in grads.values()))
+    assert norm > 0.5  # ten times the clip: clipping is active
+    close(metrics["grad/norm"], norm)
+    reference = optax.chain(optax.clip_by_global_norm(0.05), optax.sgd(1.0))
+    params = split.select(THETA)
+    updates, _ = reference.update(grads, reference.init(params), params)
+    for name, p in params.items():
+        np.testing.assert_allclose(
+            new_state.params[name], p + updates[name], rtol=1e-5, atol=1e-6, err_msg=name
+        )
+
+
+def test_step_programs_setting_follows_backend_run_length_terms_and_fsdp():
+    resolve = resolve_step_programs
+    distill, esd_x = get_preset("distill"), get_preset("esd_x")
+    limit = STAGED_MAX_STEPS
+    assert resolve("auto", "gpu", steps=10, preset=distill) == "fused"
+    assert resolve("auto", "tpu", steps=10, preset=distill) == "fused"
+    assert resolve("auto", "cpu", steps=limit, preset=distill) == "staged"
+    assert resolve("auto", "cpu", steps=limit + 1, preset=distill) == "split"
+    assert resolve("auto", "cpu", steps=10, preset=esd_x) == "split"  # one term
+    assert resolve("auto", "cpu", steps=10, preset=distill, fsdp=2) == "split"
+    assert resolve("auto", "cpu") == "split"  # length or method unknown
+    assert resolve("staged", "gpu") == "staged"  # asked for: honoured anywhere
+    with pytest.raises(ValueError, match=r"fsdp=2.*step_programs=split"):
+        resolve("staged", "cpu", fsdp=2)
+    assert resolve("split", "gpu") == "split" and resolve("fused", "cpu") == "fused"
     with pytest.raises(ValueError, match="train.step_programs='one': expected one of auto"):
-        resolve_step_programs("one", "cpu")
+        resolve("one", "cpu")

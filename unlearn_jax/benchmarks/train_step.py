@@ -14,8 +14,10 @@ and the same optimizer (Adam with global-norm clipping 1.0, as `configs/base.py`
   ours   the trainer's own step: `experiment.load_model` (θ0, the split, the
          pure model), `state.init_state`, `train_step.make_step_parts`, compiled
          ahead of time as the trainer compiles it (`--step-programs`, default
-         `auto` as `train.step_programs`: on CPU three programs compiled side by
-         side, elsewhere one `jax.jit` with the state donated). The compile is
+         `auto` as `train.step_programs` for a run of `--steps` steps: on CPU the
+         staged step (`staged_step`) for a two-term method up to 200 steps, else
+         three programs compiled side by side; elsewhere one `jax.jit` with the
+         state donated). The compile is
          timed on its own, then the first call, then the steady state.
   torch  a trainable diffusers `UNet2DConditionModel` and a frozen copy (no
          grad), the same term definitions and weights written in PyTorch,
@@ -181,6 +183,7 @@ def run_ours(spec: dict, workdir: Path) -> dict:
     from unlearn_jax.models.unet import UNet2DConditionModel
     from unlearn_jax.program_cache import compile_program
     from unlearn_jax.trainer import experiment
+    from unlearn_jax.trainer.staged_step import compile_staged_step
     from unlearn_jax.trainer.state import init_state, make_optimizer
     from unlearn_jax.trainer.train_step import (
         compile_all,
@@ -224,12 +227,20 @@ def run_ours(spec: dict, workdir: Path) -> dict:
 
     parts = make_step_parts(model.diffusion, preset, preset.hparams, optimizer, model.split)
     step_fn = parts.step()
-    programs = resolve_step_programs(spec.get("step_programs", "auto"), jax.default_backend())
+    # 'auto' as the trainer resolves it for a run of the timed steps' length.
+    programs = resolve_step_programs(
+        spec.get("step_programs", "auto"), jax.default_backend(), steps=spec["steps"], preset=preset
+    )
 
     def build():  # as the trainer compiles it (`train._compile_step`)
         if programs == "fused":
             jitted = jax.jit(step_fn, donate_argnums=(0,))
             return compile_program(jitted.lower(state, frozen, batch, train_key))
+        if programs == "staged":
+            return compile_staged_step(
+                model.diffusion, preset, preset.hparams, model.split, jit_step_parts(parts),
+                None, state, frozen, batch, train_key,
+            )  # fmt: skip
         lowered = lower_step_parts(jit_step_parts(parts), state, frozen, batch, train_key)
         return split_step(compile_all(lowered))
 
@@ -479,9 +490,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remat", action="store_true", help="recompute activations in backward")
     p.add_argument(
         "--step-programs",
-        choices=("auto", "fused", "split"),
+        choices=("auto", "fused", "split", "staged"),
         default="auto",
-        help="our step as one program or three (train.step_programs; auto: split on CPU)",
+        help="our step as one program, three, or staged (train.step_programs; auto: on CPU "
+        "staged for a two-term method and --steps <= 200, else split)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(

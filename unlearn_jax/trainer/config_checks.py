@@ -73,7 +73,7 @@ RANGES: dict[str, tuple[str, float, float, bool]] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "eval.attack.method": ("", "none", "embedding", "context"),
     "train.frozen_dtype": ("float32", "compute"),
-    "train.step_programs": ("auto", "fused", "split"),
+    "train.step_programs": ("auto", "fused", "split", "staged"),
     "optim.mu_dtype": ("float32", "bfloat16"),
 }
 

@@ -59,6 +59,7 @@ from unlearn_jax.trainer.sharding import (
     put_global,
     replicated,
 )
+from unlearn_jax.trainer.staged_step import compile_staged_step
 from unlearn_jax.trainer.state import (
     TrainState,
     abstract_state,
@@ -168,12 +169,20 @@ def _compile_cached(lowered: jax.stages.Lowered, mesh, name: str):
     return future.result()
 
 
-def _compile_step(jitted: Any, programs: str, mesh, *example_args):
-    """The runnable train step: one compiled program ('fused') or the split parts'."""
+def _compile_step(run: _Run, jitted: Any, programs: str, batch_shardings: dict, *example_args):
+    """The runnable train step: one compiled program ('fused'), the split parts' or the
+    staged programs' (`staged_step`)."""
+    mesh = run.mesh
     compile_one = lambda name, program: _compile_cached(program, mesh, f"the train step's {name}")
     with batch_mesh(mesh):  # kernels XLA cannot partition run per device (TPU attention)
         if programs == "fused":
             return compile_one("program", jitted.lower(*example_args))
+        if programs == "staged":
+            model, spec = run.model, run.spec
+            return compile_staged_step(
+                model.diffusion, spec.preset, spec.hparams, model.split, jitted, mesh,
+                *example_args, _step_shardings(run, batch_shardings), compile_one,
+            )  # fmt: skip
         # Each part compiles on a worker thread while the next is traced.
         return split_step(compile_all(lower_step_parts(jitted, *example_args), compile_one))
 
@@ -183,6 +192,11 @@ def _compile_step(jitted: Any, programs: str, mesh, *example_args):
 # that differ only in the learning rate or the data also skip tracing the step (several
 # seconds for a tiny UNet's two-term step on two CPU cores, per run of a sweep).
 TRAIN_STEPS = ProgramCache("jitted train steps", max_size=4)
+
+
+def _step_shardings(run: _Run, batch_shardings: dict) -> StepShardings:
+    frozen = param_shardings(run.mesh, run.frozen)
+    return StepShardings(run.state_shardings, frozen, batch_shardings, replicated(run.mesh))
 
 
 def _jitted_train_step(run: _Run, batch_shardings: dict, programs: str) -> Any:
@@ -211,11 +225,8 @@ def _jitted_train_step(run: _Run, batch_shardings: dict, programs: str) -> Any:
         parts = make_step_parts(
             model.diffusion, spec.preset, spec.hparams, run.optimizer, model.split, mesh
         )
-        if programs == "split":
-            shardings = StepShardings(
-                run.state_shardings, frozen_shardings, batch_shardings, replicated(mesh)
-            )
-            return jit_step_parts(parts, shardings)
+        if programs in ("split", "staged"):  # staged: the split update and whole terms
+            return jit_step_parts(parts, _step_shardings(run, batch_shardings))
         return jax.jit(
             parts.step(),
             in_shardings=(
@@ -453,12 +464,17 @@ def _train_loop(
     first = data.batch(start, batch_size, micro_steps, config.seed)
     batch_shardings = _batch_shardings(mesh, first)
     programs = resolve_step_programs(
-        str(config.train.get("step_programs", "auto")), jax.default_backend()
+        str(config.train.get("step_programs", "auto")),
+        jax.default_backend(),
+        steps=total_steps,
+        fsdp=mesh.shape["fsdp"],
+        preset=run.spec.preset,
     )
     train_step = _compile_step(
+        run,
         _jitted_train_step(run, batch_shardings, programs),
         programs,
-        mesh,
+        batch_shardings,
         state,
         run.frozen,
         _put_batch(first, batch_shardings),

@@ -18,11 +18,12 @@ The step is three parts (`make_step_parts`): the forget term's gradient, the
 retain term's gradient, and the update (combination, optimizer, metrics).
 Jitted whole they are one program ('fused': what accelerators run and the
 planner measures); `jit_step_parts` compiles each as its own program
-('split': the CPU default, `train.step_programs`), and the step runs them in
-turn with the same results. On CPU the three compile side by side in less
-time than the one (distill on 2 cores: 61 s against 78 s for the embedded model,
-73 s against 115 s for the tiny test model), and methods that share a term share
-its compiled program.
+('split': the CPU default for long runs, `train.step_programs`), and the step
+runs them in turn with the same results. On CPU the three compile side by side
+in less time than the one (distill on 2 cores: 61 s against 78 s for the embedded
+model, 73 s against 115 s for the tiny test model), and methods that share a term
+share its compiled program. `staged_step` goes further for short CPU runs: the
+network itself is compiled once, and the split step's update is reused.
 
 Gradients, the combination, the optimizer update and the saliency mask stay
 per parameter ({name: float32 array}): each has its parameter's shape and
@@ -55,6 +56,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from unlearn_jax.diffusion.forward import DiffusionModel
 from unlearn_jax.program_cache import compile_program
 from unlearn_jax.trainer.batches import SHARED_KEYS
+from unlearn_jax.trainer.staged_step import STAGED_TERMS
 from unlearn_jax.trainer.state import TrainState, float32_tree
 from unlearn_jax.unlearn import combine
 from unlearn_jax.unlearn.hparams import UnlearnHParams
@@ -223,26 +225,53 @@ def make_train_step(
     return make_step_parts(model, preset, hparams, optimizer, split, mesh).step()
 
 
-STEP_PROGRAMS = ("auto", "fused", "split")
+STEP_PROGRAMS = ("auto", "fused", "split", "staged")
+# 'auto' stages a two-term step on CPU for runs of at most this many steps. On the
+# embedded model the staged distill step compiled in 16.9 s instead of 27.2 s and ran
+# at 9.0 steps/s instead of 12.9 (`benchmarks.train_step`, 2 cores): ahead below ~300
+# steps. A one-term step compiles the network once either way, so it stays split.
+STAGED_MAX_STEPS = 200
 
 
-def resolve_step_programs(setting: str, backend: str) -> str:
-    """'fused' or 'split' for `train.step_programs` on `backend`.
+def resolve_step_programs(
+    setting: str,
+    backend: str,
+    *,
+    steps: int | None = None,
+    fsdp: int = 1,
+    preset: Preset | None = None,
+) -> str:
+    """'fused', 'split' or 'staged' for `train.step_programs` on `backend`.
 
-    'auto' is 'split' on CPU and 'fused' on accelerators. On CPU the split step
-    compiles in 22-36% less time (module docstring) and runs 5-6% slower: on the
-    embedded model it comes out ahead on runs shorter than about 1,700 steps, and a
-    method whose term another method already compiled skips that program. On GPUs and TPUs
-    one program lets XLA schedule the whole step, and it is what the planner
-    measures.
+    'auto' is 'fused' on accelerators: one program lets XLA schedule the whole
+    step, and it is what the planner measures. On CPU it is 'staged'
+    (`staged_step`) for a `preset` with two terms that both run through the
+    network, a run of at most `STAGED_MAX_STEPS` steps and no FSDP; 'split'
+    otherwise (and whenever `steps` or `preset` is None). The split step compiles
+    in 22-36% less time than one program (module docstring) and runs 5-6% slower;
+    on the embedded model it comes out ahead on runs shorter than about 1,700 steps,
+    and a method whose term another method already compiled skips that program. The
+    staged step trades more of the step's speed for less compilation.
+
+    Raises:
+      ValueError: an unknown setting, or 'staged' under FSDP (`fsdp` > 1).
     """
     if setting not in STEP_PROGRAMS:
         raise ValueError(
             f"train.step_programs={setting!r}: expected one of {', '.join(STEP_PROGRAMS)}"
         )
-    if setting == "auto":
-        return "split" if backend == "cpu" else "fused"
-    return setting
+    if setting == "staged" and fsdp > 1:
+        raise ValueError(
+            f"train.step_programs='staged' runs without FSDP; this mesh has fsdp={fsdp}. "
+            "Fix: --config.train.step_programs=split (or auto), or --config.mesh.fsdp=1."
+        )
+    if setting != "auto":
+        return setting
+    if backend != "cpu":
+        return "fused"
+    short = steps is not None and steps <= STAGED_MAX_STEPS
+    two_terms = preset is not None and preset.retain in STAGED_TERMS
+    return "staged" if short and two_terms and fsdp == 1 else "split"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,481 @@
+"""The train step as a few shared programs: one UNet forward, one UNet backward ('staged').
+
+`train.step_programs='staged'` (on CPU the default for two-term methods in runs of up
+to `train_step.STAGED_MAX_STEPS` steps) compiles the network once, not once per use.
+The split step (`train_step.jit_step_parts`) compiles each term's gradient as a
+program of its own, and each holds the student's forward and backward and the
+teacher's forward: a two-term step compiles the UNet's forward four times
+and its backward twice. On XLA:CPU compile time grows with the number of kernels, so
+that is most of the step's compile. Here every UNet evaluation of a step, the
+student's and the teacher's, in the forget and in the retain term, is a call of one
+compiled program:
+
+  prepare (per term)   the term's draws and inputs: (x_t, t, context) of each network
+                       call the term makes, in chunks of `rows` rows (below);
+  unet_forward         (trainable, θ0, x_t, t, context) -> (output, the residuals of
+                       its VJP with respect to the trainable parameters); the teacher
+                       calls it with θ0's own trainable leaves and drops the residuals;
+  finish (per term)    the term's loss from the calls' outputs, and its gradient with
+                       respect to each student output;
+  unet_backward        (residuals, output cotangent, accumulated gradient) -> the sum;
+  update               as in the split step (`StepParts.update`).
+
+How a term calls the network is read from the term itself: `prepare` and `finish`
+trace the registry's loss function with a model whose `apply_fn` records its inputs
+and returns zeros (prepare), or replays the outputs (finish). The losses therefore
+exist once, and the staged gradient is the split step's to float rounding (tested).
+Student and teacher go through the same compiled forward on the same rows, so at
+θ = θ0 their outputs agree bit for bit and `retain_distill`'s gradient is exactly 0.
+
+Every call runs in chunks of one micro-batch's rows (a call over two contexts, 2B
+rows, is two chunks), so one forward and one backward serve every term, and every
+method with the same trainable parameters and batch size (the demo's methods, one
+after another in a process, reuse them; the split step's update program is shared
+too). A call whose rows are no multiple of the micro-batch is padded with zero rows on
+each device's own part of the batch; their cotangent is 0. Terms that read the
+parameters other than through the network ('anchor') keep their split-step program.
+
+The price is speed: each network call is its own dispatch (a distill step makes six
+forward and three backward calls), the teacher's forward writes residuals it does
+not need, and XLA cannot schedule the student's and teacher's work together. On the
+embedded model the staged distill step compiled in 16.9 s against the split step's
+27.2 s and ran at 9.0 steps/s against 12.9 (`benchmarks.train_step`, 2 cores), so it
+is the CPU default only for short runs of two-term methods. (With one term, the split
+step too compiles the network's forward and backward once.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from unlearn_jax.diffusion.forward import DiffusionModel
+from unlearn_jax.trainer.batches import SHARED_KEYS
+from unlearn_jax.trainer.sharding import BATCH_AXES, batch_devices, put_global
+from unlearn_jax.trainer.state import TrainState
+from unlearn_jax.unlearn.hparams import UnlearnHParams
+from unlearn_jax.unlearn.params import ParamSplit
+from unlearn_jax.unlearn.registry import FORGET_TERMS, RETAIN_TERMS, Preset
+from unlearn_jax.unlearn.step import FORGET_STREAM, RETAIN_STREAM
+
+PyTree = Any
+STUDENT, TEACHER = "student", "teacher"  # what a term receives as `params` / `frozen`
+# Terms that read the parameters only through `model.apply_fn`, and so can be staged.
+STAGED_TERMS = ("neggrad", "remap", "esd", "noise", "retain_dm", "retain_distill")
+
+
+def _term(preset: Preset, part: str) -> tuple[Callable, str, int]:
+    if part == "forget":
+        return FORGET_TERMS[preset.forget], preset.forget, FORGET_STREAM
+    return RETAIN_TERMS[preset.retain], preset.retain, RETAIN_STREAM
+
+
+def _micro_batch(batch: dict, index) -> dict:
+    """Micro-batch `index` of a [micro_steps, micro_batch, ...] part batch, shared keys whole."""
+    return {k: v if k in SHARED_KEYS else v[index] for k, v in batch.items()}
+
+
+def _traced_term(term, model: DiffusionModel, batch, rng, hp, param_shapes=None, outputs=None):
+    """(network calls [(kind, x_t, t, context)], loss, aux) of `term` with the network
+    replaced: by zeros of its output's shape (`param_shapes`: the abstract parameters
+    to find it with), or by `outputs[i]` for call i."""
+    calls = []
+
+    def apply_fn(params, x, t, context):
+        if not (isinstance(params, str) and params in (STUDENT, TEACHER)):
+            raise TypeError("a staged term may call the network only with its params or frozen")
+        if outputs is None:
+            out = jax.eval_shape(model.apply_fn, param_shapes, x, t, context)
+            result = jnp.zeros(out.shape, out.dtype)
+        else:
+            result = outputs[len(calls)]
+        calls.append((params, x, t, context))
+        return result
+
+    loss, aux = term(
+        dataclasses.replace(model, apply_fn=apply_fn), STUDENT, TEACHER, batch, rng, hp
+    )
+    return calls, loss, aux
+
+
+def _pad_rows(x: jax.Array, rows: int, devices: int) -> jax.Array:
+    """[n, ...] -> [rows, ...]: each device's n/devices rows, then zeros to rows/devices."""
+    n = x.shape[0]
+    blocks = x.reshape(devices, n // devices, *x.shape[1:])
+    pad = [(0, 0), (0, (rows - n) // devices)] + [(0, 0)] * (x.ndim - 1)
+    return jnp.pad(blocks, pad).reshape(rows, *x.shape[1:])
+
+
+def _unpad_rows(x: jax.Array, n: int, devices: int) -> jax.Array:
+    """`_pad_rows`'s inverse: the n real rows of a padded [rows, ...] array."""
+    blocks = x.reshape(devices, x.shape[0] // devices, *x.shape[1:])
+    return blocks[:, : n // devices].reshape(n, *x.shape[1:])
+
+
+@dataclasses.dataclass(frozen=True)
+class StagedTerm:
+    """One term's `prepare` and `finish` (jitted), and the kind of each network call
+    they stand for (STUDENT or TEACHER), one per chunk of rows."""
+
+    part: str
+    prepare: Callable
+    finish: Callable
+    kinds: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class StagedParts:
+    """A staged train step's programs (jitted or compiled) and what runs them.
+
+    Attributes:
+      terms: {'forget': StagedTerm, 'retain': StagedTerm} for staged terms.
+      whole_terms: {'retain': split-step part} for terms that are not staged.
+      forward, backward: the UNet's forward (with VJP residuals) and backward.
+      update: the split step's update.
+      micro_steps: micro-batches per step (the batch's leading axis).
+    """
+
+    terms: dict[str, StagedTerm]
+    whole_terms: dict[str, Callable]
+    forward: Callable
+    backward: Callable
+    update: Callable
+    micro_steps: int
+
+    def step(self, teacher: PyTree, zeros: PyTree) -> Callable:
+        """train_step(state, frozen_original, batch, train_key) running the programs.
+
+        `teacher`: θ0's trainable leaves ({name: array}); `zeros`: float32 zeros
+        shaped like them (the backward's first accumulator).
+        """
+
+        def term_grads(part, state, frozen, batch, train_key):
+            term = self.terms[part]
+            grads, metrics = zeros, []
+            for index in range(self.micro_steps):
+                rows = term.prepare(state.step, train_key, index, batch)
+                outs, residuals = [], []
+                for kind, (x, t, context) in zip(term.kinds, rows, strict=True):
+                    trainable = state.params if kind == STUDENT else teacher
+                    out, res = self.forward(trainable, frozen, x, t, context)
+                    outs.append(out)
+                    if kind == STUDENT:
+                        residuals.append(res)
+                cotangents, m = term.finish(state.step, train_key, index, batch, outs)
+                for res, ct in zip(residuals, cotangents, strict=True):
+                    grads = self.backward(res, ct, grads)
+                metrics.append(m)
+            if len(metrics) > 1:
+                metrics = [jax.tree.map(lambda *v: sum(v) / len(v), *metrics)]
+            return grads, metrics[0]
+
+        def train_step(state: TrainState, frozen_original, batch, train_key):
+            g, metrics = {}, {}
+            for part in ("forget", "retain"):
+                if part in self.terms:
+                    g[part], m = term_grads(part, state, frozen_original, batch[part], train_key)
+                elif part in self.whole_terms:
+                    args = (state.params, state.step, frozen_original)
+                    g[part], m = self.whole_terms[part](*args, batch.get(part, {}), train_key)
+                else:
+                    continue
+                metrics.update(m)
+            return self.update(state, g["forget"], g.get("retain"), metrics)
+
+        return train_step
+
+
+# Jitted staged programs by everything they are traced from: lowering the same jitted
+# functions again for the same shapes is free, so runs that differ only in the
+# learning rate or the data (a sweep, a resume, the tests) skip tracing them.
+_JITTED: dict[tuple, StagedParts] = {}
+_JITTED_MAX = 4
+
+
+def _signature(tree: PyTree) -> tuple:
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((tuple(x.shape), str(x.dtype)) for x in leaves)
+
+
+def lower_staged_step(
+    model: DiffusionModel,
+    preset: Preset,
+    hparams: UnlearnHParams,
+    split: ParamSplit,
+    parts,
+    mesh: Mesh | None,
+    state: TrainState,
+    frozen_original: PyTree,
+    batch: dict,
+    train_key: jax.Array,
+    shardings=None,
+) -> tuple[StagedParts, Iterator[tuple[str, jax.stages.Lowered]]]:
+    """The staged step's jitted programs, and a generator of each one lowered.
+
+    `parts`: the split step's jitted `StepParts` for the same model, preset and
+    optimizer (its update, and the program of a term that cannot be staged);
+    `shardings`: its `StepShardings`, or None (one device).
+    Returns (StagedParts of the jitted programs, the (name, Lowered) generator):
+    the caller compiles the lowered programs (`train_step.compile_all`) and
+    builds the step with `compiled_staged_parts`.
+    """
+    key = (
+        parts,
+        preset,
+        hparams,
+        split,
+        None if mesh is None else (mesh.axis_names, tuple(d.id for d in mesh.devices.flat)),
+        _signature(batch),
+        _signature(frozen_original),
+        _signature(state.params),
+        None if shardings is None else str(jax.tree.leaves(shardings.state.params)),
+    )
+    staged = _JITTED.get(key)
+    if staged is None:
+        staged = _jit_staged(
+            model,
+            preset,
+            hparams,
+            split,
+            parts,
+            mesh,
+            state,
+            frozen_original,
+            batch,
+            train_key,
+            shardings,
+        )
+        while len(_JITTED) >= _JITTED_MAX:
+            _JITTED.pop(next(iter(_JITTED)))
+        _JITTED[key] = staged
+    params_sharding = None if shardings is None else shardings.state.params
+    return staged, _lower(staged, params_sharding, state, frozen_original, batch, train_key)
+
+
+def _jit_staged(
+    model, preset, hparams, split, parts, mesh, state, frozen_original, batch, train_key, shardings
+) -> StagedParts:
+    forget_batch = batch["forget"]
+    per_example = [v for k, v in forget_batch.items() if k not in SHARED_KEYS]
+    micro_steps, micro_batch = per_example[0].shape[:2]
+    devices = 1 if mesh is None else batch_devices(mesh)
+    param_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen_original)
+    row_sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+    whole = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+
+    def rng_of(step, train_key, index, stream):
+        key = jax.random.fold_in(jax.random.fold_in(train_key, step), index)
+        return jax.random.fold_in(key, stream)
+
+    # Which calls each term makes, and how many rows each has: one abstract trace.
+    plans = {}
+    for part in ("forget", "retain"):
+        if part == "retain" and preset.retain is None:
+            continue
+        term, name, stream = _term(preset, part)
+        if name not in STAGED_TERMS:
+            continue
+        kinds = []
+
+        def calls_of(step, key, part=part, term=term, stream=stream, kinds=kinds):
+            mb = _micro_batch(batch.get(part, {}), 0)
+            rng = rng_of(step, key, 0, stream)
+            calls, _, _ = _traced_term(term, model, mb, rng, hparams, param_shapes)
+            kinds[:] = [c[0] for c in calls]
+            return [c[1] for c in calls]
+
+        shapes = jax.eval_shape(calls_of, state.step, train_key)
+        plans[part] = (term, stream, tuple(kinds), [x.shape[0] for x in shapes])
+    # One row count for every call: a call of n rows runs as n / rows chunks.
+    rows = micro_batch
+
+    def make_term(part, term, stream, call_kinds, call_rows):
+        counts = [-(-n // rows) for n in call_rows]  # chunks per call
+        kinds = tuple(k for k, c in zip(call_kinds, counts, strict=True) for _ in range(c))
+
+        def chunked(x):
+            x = _pad_rows(x, -(-x.shape[0] // rows) * rows, devices)
+            return [x[i : i + rows] for i in range(0, x.shape[0], rows)]
+
+        def prepare(step, train_key, index, part_batch):
+            mb = _micro_batch(part_batch, index)
+            rng = rng_of(step, train_key, index, stream)
+            calls, _, _ = _traced_term(term, model, mb, rng, hparams, param_shapes)
+            per_input = [[chunked(a) for a in c[1:]] for c in calls]
+            return [chunk for xs, ts, cs in per_input for chunk in zip(xs, ts, cs, strict=True)]
+
+        def finish(step, train_key, index, part_batch, outs):
+            mb = _micro_batch(part_batch, index)
+            rng = rng_of(step, train_key, index, stream)
+            real, start = [], 0
+            for n, count in zip(call_rows, counts, strict=True):
+                whole = jnp.concatenate(outs[start : start + count])
+                real.append(_unpad_rows(whole, n, devices))
+                start += count
+            students = [i for i, k in enumerate(call_kinds) if k == STUDENT]
+
+            def loss_of(student_outs):
+                replay = list(real)
+                for i, out in zip(students, student_outs, strict=True):
+                    replay[i] = out
+                _, loss, aux = _traced_term(term, model, mb, rng, hparams, outputs=replay)
+                return loss, aux
+
+            (loss, aux), cts = jax.value_and_grad(loss_of, has_aux=True)(
+                [real[i] for i in students]
+            )
+            scale = 1.0 / micro_steps
+            cts = [
+                chunk
+                for i, ct in zip(students, cts, strict=True)
+                for chunk in chunked((ct * scale).astype(real[i].dtype))
+            ]
+            return cts, {f"{part}/loss": loss, **{f"{part}/{k}": v for k, v in aux.items()}}
+
+        prepare.__name__, finish.__name__ = f"{part}_prepare", f"{part}_finish"
+        if mesh is None:
+            jit_prepare, jit_finish = jax.jit(prepare), jax.jit(finish)
+        else:
+            jit_prepare = jax.jit(prepare, out_shardings=row_sharding)
+            jit_finish = jax.jit(finish, out_shardings=(row_sharding, whole))
+        return StagedTerm(part, jit_prepare, jit_finish, kinds)
+
+    terms = {part: make_term(part, *plan) for part, plan in plans.items()}
+    residual_tree = {}
+
+    def forward(trainable, frozen, x, t, context):
+        apply = lambda tr: model.apply_fn(split.merge(tr, frozen), x, t, context)
+        out, vjp = jax.vjp(apply, trainable)
+        leaves, residual_tree["tree"] = jax.tree.flatten(vjp)
+        return out, leaves
+
+    def backward(residuals, cotangent, accumulated):
+        (grads,) = jax.tree.unflatten(residual_tree["tree"], residuals)(cotangent)
+        return {n: accumulated[n] + g.astype(jnp.float32) for n, g in grads.items()}
+
+    forward.__name__, backward.__name__ = "unet_forward", "unet_backward"
+    params_sharding = None if shardings is None else shardings.state.params
+    jit_forward = jax.jit(forward)
+    if params_sharding is None:
+        jit_backward = jax.jit(backward)
+    else:
+        jit_backward = jax.jit(backward, out_shardings=params_sharding)
+    whole_terms = {}
+    if parts.retain is not None and "retain" not in terms:
+        whole_terms["retain"] = parts.retain
+    return StagedParts(terms, whole_terms, jit_forward, jit_backward, parts.update, micro_steps)
+
+
+def _lower(
+    staged: StagedParts, params_sharding, state, frozen_original, batch, train_key
+) -> Iterator[tuple[str, jax.stages.Lowered]]:
+    """(name, Lowered) of each of `staged`'s programs, in an order where each one's
+    example arguments are the output info of those before it."""
+    terms, whole_terms = staged.terms, staged.whole_terms
+    jit_forward, jit_backward, update = staged.forward, staged.backward, staged.update
+    step_args = (state.step, train_key)
+    forward_lowered = None
+    metrics = {}
+    grads_info = None
+    for part, term in terms.items():
+        prepare = term.prepare.lower(*step_args, 0, batch[part])
+        yield f"{part}_prepare", prepare
+        outs = []
+        for x, t, context in prepare.out_info:
+            if forward_lowered is None:
+                trainable = state.params
+                forward_lowered = jit_forward.lower(trainable, frozen_original, x, t, context)
+                yield "unet_forward", forward_lowered
+            outs.append(forward_lowered.out_info[0])
+        finish = term.finish.lower(*step_args, 0, batch[part], outs)
+        yield f"{part}_finish", finish
+        cts, term_metrics = finish.out_info
+        metrics.update(term_metrics)
+        if grads_info is None:
+            zeros = {n: jax.ShapeDtypeStruct(p.shape, jnp.float32) for n, p in state.params.items()}
+            if params_sharding is not None:
+                zeros = {
+                    n: jax.ShapeDtypeStruct(z.shape, z.dtype, sharding=params_sharding[n])
+                    for n, z in zeros.items()
+                }
+            backward_lowered = jit_backward.lower(forward_lowered.out_info[1], cts[0], zeros)
+            yield "unet_backward", backward_lowered
+            grads_info = backward_lowered.out_info
+    g = {part: grads_info for part in terms}
+    args = (state.params, state.step, frozen_original)
+    for part, whole_term in whole_terms.items():
+        low = whole_term.lower(*args, batch.get(part, {}), train_key)
+        yield part, low
+        g[part], term_metrics = low.out_info
+        metrics.update(term_metrics)
+    yield "update", update.lower(state, g["forget"], g.get("retain"), metrics)
+
+
+def compiled_staged_parts(staged: StagedParts, compiled: dict[str, Any]) -> StagedParts:
+    """`staged` with each program replaced by its compiled executable from `compiled`."""
+    terms = {
+        part: dataclasses.replace(
+            term, prepare=compiled[f"{part}_prepare"], finish=compiled[f"{part}_finish"]
+        )
+        for part, term in staged.terms.items()
+    }
+    whole = {part: compiled[part] for part in staged.whole_terms}
+    return dataclasses.replace(
+        staged,
+        terms=terms,
+        whole_terms=whole,
+        forward=compiled["unet_forward"],
+        backward=compiled["unet_backward"],
+        update=compiled["update"],
+    )
+
+
+def compile_staged_step(
+    model: DiffusionModel,
+    preset: Preset,
+    hparams: UnlearnHParams,
+    split: ParamSplit,
+    parts,
+    mesh: Mesh | None,
+    state: TrainState,
+    frozen_original: PyTree,
+    batch: dict,
+    train_key: jax.Array,
+    shardings=None,
+    compile_one: Callable | None = None,
+) -> Callable:
+    """The staged train step, compiled: `lower_staged_step`'s programs, each compiled on
+    a worker thread as it is lowered (`train_step.compile_all(..., compile_one)`).
+
+    Arguments as `lower_staged_step`; `state`, `frozen_original`, `batch` and
+    `train_key` are examples of the step's arguments (arrays, as the step gets them).
+    Returns train_step(state, frozen_original, batch, train_key) -> (state, metrics).
+    """
+    from unlearn_jax.trainer.train_step import compile_all
+
+    staged, lowered = lower_staged_step(
+        model, preset, hparams, split, parts, mesh, state, frozen_original, batch, train_key,
+        shardings,
+    )  # fmt: skip
+    staged = compiled_staged_parts(staged, compile_all(lowered, compile_one))
+    # Host zeros placed directly: no program compiled per shape.
+    if shardings is None:
+        zeros = {n: jax.device_put(np.zeros(p.shape, np.float32)) for n, p in state.params.items()}
+    else:
+        zeros = {
+            n: put_global(np.zeros(p.shape, np.float32), shardings.state.params[n])
+            for n, p in state.params.items()
+        }
+    # The teacher's trainable leaves in the student's dtypes, as the forward was compiled
+    # (θ0 may be held in bfloat16: `merge` casts them back, exactly).
+    teacher = split.select(frozen_original)
+    if any(x.dtype != state.params[n].dtype for n, x in teacher.items()):
+        dtypes = {n: p.dtype for n, p in state.params.items()}
+        teacher = jax.jit(lambda t: {n: x.astype(dtypes[n]) for n, x in t.items()})(teacher)
+    return staged.step(teacher, zeros)
