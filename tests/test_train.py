@@ -20,6 +20,7 @@ import pytest
 from safetensors.numpy import load_file
 from tiny_unlearn import make_config, save_micro_pipeline
 
+from unlearn_jax.program_cache import ProgramCache
 from unlearn_jax.trainer import commands
 from unlearn_jax.trainer import train as train_module
 from unlearn_jax.trainer.checkpoints import (
@@ -28,6 +29,7 @@ from unlearn_jax.trainer.checkpoints import (
     FingerprintMismatchError,
 )
 from unlearn_jax.trainer.evaluation import register_forget_classifier
+from unlearn_jax.trainer.sharding import make_mesh
 from unlearn_jax.trainer.state import TrainState, make_optimizer
 from unlearn_jax.trainer.train import (
     NonFiniteLossError,
@@ -389,3 +391,15 @@ def test_final_and_standalone_evaluation(full_run, micro):
     assert cached == ["forget", "retain"]
     # `evaluate` measures the latest checkpoint again: same noise, same number.
     assert evaluate(cfg, workdir)["integrity_lpips"] == result["integrity_lpips"]
+
+
+def test_compiled_step_cache_tells_apart_arguments_the_program_drops(monkeypatch):
+    """jit drops unused arguments from the program text (a staged term's contexts are
+    embeddings, or token ids when the text encoder trains): the cache must not hand one
+    caller's executable to the other."""
+    monkeypatch.setattr(train_module, "COMPILED_TRAIN_STEPS", ProgramCache("test", 8))
+    mesh = make_mesh(1, 1, jax.devices()[:1])
+    double = jax.jit(lambda x, unused: x * 2)
+    for unused in (jnp.zeros(3, jnp.float32), jnp.zeros((3, 2), jnp.int32)):
+        compiled = train_module._compile_cached(double.lower(jnp.ones(2), unused), mesh, "x")
+        np.testing.assert_array_equal(compiled(jnp.ones(2), unused), np.full(2, 2.0))

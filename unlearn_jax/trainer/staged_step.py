@@ -315,8 +315,8 @@ def _jit_staged(
             rng = rng_of(step, train_key, index, stream)
             real, start = [], 0
             for n, count in zip(call_rows, counts, strict=True):
-                whole = jnp.concatenate(outs[start : start + count])
-                real.append(_unpad_rows(whole, n, devices))
+                joined = jnp.concatenate(outs[start : start + count])
+                real.append(_unpad_rows(joined, n, devices))
                 start += count
             students = [i for i, k in enumerate(call_kinds) if k == STUDENT]
 

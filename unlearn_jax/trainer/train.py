@@ -152,12 +152,17 @@ def _compile_cached(lowered: jax.stages.Lowered, mesh, name: str):
     """`lowered` compiled; reused if the same program (text and devices) was compiled before.
 
     The key is the program text (shapes, shardings, donation and every constant
-    are in it) plus the mesh's devices (which the text does not name). The cache
+    are in it) plus the mesh's devices (which the text does not name) and the
+    arguments' structure and types (for arguments the program does not use). The cache
     holds a future, so that programs compile side by side on other threads and a
     second thread wanting the same program waits for the first.
     """
     devices = ",".join(str(d.id) for d in mesh.devices.flat)
-    key = hashlib.sha256((devices + lowered.as_text()).encode()).hexdigest()
+    # The arguments' structure and types too: jit drops unused arguments from the
+    # program, so one text can stand for callers that pass different ones (a staged
+    # term's contexts as embeddings or, with the text encoder training, token ids).
+    args = f"{lowered.in_tree}{[(a.shape, a.dtype) for a in jax.tree.leaves(lowered.args_info)]}"
+    key = hashlib.sha256((devices + args + lowered.as_text()).encode()).hexdigest()
     future, created = COMPILED_TRAIN_STEPS.get_or_create(key, concurrent.futures.Future)
     if created:
         log.info("compiling %s (first run of this program; cached afterwards)", name)
