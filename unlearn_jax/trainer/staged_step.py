@@ -38,9 +38,9 @@ parameters other than through the network ('anchor') keep their split-step progr
 The price is speed: each network call is its own dispatch (a distill step makes six
 forward and three backward calls), the teacher's forward writes residuals it does
 not need, and XLA cannot schedule the student's and teacher's work together. On the
-embedded model the staged distill step compiled in 16.9 s against the split step's
-27.2 s and ran at 9.0 steps/s against 12.9 (`benchmarks.train_step`, 2 cores), so it
-is the CPU default only for short runs of two-term methods. (With one term, the split
+embedded model the staged distill step compiled in 15.5 s against the split step's
+29.1 s and ran at 9.05 steps/s against 12.72 (`benchmarks.train_step`, 2 cores), so
+it is the CPU default only for short runs of two-term methods. (With one term, the split
 step too compiles the network's forward and backward once.)
 """
 
