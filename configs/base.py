@@ -131,8 +131,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # forget and retain gradients, then the update), or "staged": one compiled UNet
     # forward and backward that every network call of the step runs through (least
     # compilation, slower steps). "auto": fused on GPUs and TPUs; on CPU, where XLA's
-    # compile time grows faster than the program, staged for runs of <= 200 steps and
-    # split for longer ones.
+    # compile time grows faster than the program, staged for two-term methods in runs
+    # of <= 200 steps, split otherwise.
     config.train.step_programs = "auto"  # auto | fused | split | staged
     config.train.log_every = 10
     config.train.force_resume = False  # resume a workdir although the run's fingerprint changed
