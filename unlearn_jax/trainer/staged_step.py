@@ -29,10 +29,10 @@ Student and teacher go through the same compiled forward on the same rows, so at
 
 Every call runs in chunks of one micro-batch's rows (a call over two contexts, 2B
 rows, is two chunks), so one forward and one backward serve every term, and every
-method with the same trainable parameters and batch size (the demo's methods, one
-after another in a process, reuse them; the split step's update program is shared
-too). A call whose rows are no multiple of the micro-batch is padded with zero rows on
-each device's own part of the batch; their cotangent is 0. Terms that read the
+staged method with the same trainable parameters and batch size run later in the
+process reuses them (the update is the split step's program, shared the same way).
+A call whose rows are no multiple of the micro-batch is padded with zero rows on each
+device's own part of the batch; their cotangent is 0. Terms that read the
 parameters other than through the network ('anchor') keep their split-step program.
 
 The price is speed: each network call is its own dispatch (a distill step makes six
