@@ -687,3 +687,18 @@ def test_step_programs_setting_follows_backend_run_length_terms_and_fsdp():
     assert resolve("split", "gpu") == "split" and resolve("fused", "cpu") == "fused"
     with pytest.raises(ValueError, match="train.step_programs='one': expected one of auto"):
         resolve("one", "cpu")
+
+
+def test_staged_step_refuses_a_term_whose_calls_are_no_multiple_of_the_micro_batch(monkeypatch):
+    def one_row(model, params, frozen, batch, rng, cfg):
+        t = jnp.zeros((1,), jnp.int32)
+        out = model.apply_fn(params, batch["x0"][:1], t, batch["context"][:1])
+        return jnp.mean(jnp.square(out)), {}
+
+    monkeypatch.setitem(FORGET_TERMS, "neggrad", one_row)
+    preset = get_preset("neggrad")
+    split = ParamSplit.from_params(THETA, preset.params)
+    opt = optimizer()
+    train_step = jitted_step("staged", MODEL, preset, preset.hparams, opt, split)
+    with pytest.raises(ValueError, match=r"'neggrad' term calls the network on \[1\] rows.*split"):
+        train_step(init_state(split.select(THETA), opt), THETA0, micro_batches(FULL_BATCH), RNG)

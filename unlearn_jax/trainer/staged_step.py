@@ -31,9 +31,9 @@ Every call runs in chunks of one micro-batch's rows (a call over two contexts, 2
 rows, is two chunks), so one forward and one backward serve every term, and every
 staged method with the same trainable parameters and batch size run later in the
 process reuses them (the update is the split step's program, shared the same way).
-A call whose rows are no multiple of the micro-batch is padded with zero rows on each
-device's own part of the batch; their cotangent is 0. Terms that read the
-parameters other than through the network ('anchor') keep their split-step program.
+Every registry term calls the network on B or 2B rows; a term that did otherwise is
+refused with a message. Terms that read the parameters other than through the
+network ('anchor') keep their split-step program.
 
 The price is speed: each network call is its own dispatch (a distill step makes six
 forward and three backward calls), the teacher's forward writes residuals it does
@@ -57,7 +57,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from unlearn_jax.diffusion.forward import DiffusionModel
 from unlearn_jax.trainer.batches import SHARED_KEYS
-from unlearn_jax.trainer.sharding import BATCH_AXES, batch_devices, put_global
+from unlearn_jax.trainer.sharding import BATCH_AXES, put_global
 from unlearn_jax.trainer.state import TrainState
 from unlearn_jax.unlearn.hparams import UnlearnHParams
 from unlearn_jax.unlearn.params import ParamSplit
@@ -102,20 +102,6 @@ def _traced_term(term, model: DiffusionModel, batch, rng, hp, param_shapes=None,
         dataclasses.replace(model, apply_fn=apply_fn), STUDENT, TEACHER, batch, rng, hp
     )
     return calls, loss, aux
-
-
-def _pad_rows(x: jax.Array, rows: int, devices: int) -> jax.Array:
-    """[n, ...] -> [rows, ...]: each device's n/devices rows, then zeros to rows/devices."""
-    n = x.shape[0]
-    blocks = x.reshape(devices, n // devices, *x.shape[1:])
-    pad = [(0, 0), (0, (rows - n) // devices)] + [(0, 0)] * (x.ndim - 1)
-    return jnp.pad(blocks, pad).reshape(rows, *x.shape[1:])
-
-
-def _unpad_rows(x: jax.Array, n: int, devices: int) -> jax.Array:
-    """`_pad_rows`'s inverse: the n real rows of a padded [rows, ...] array."""
-    blocks = x.reshape(devices, x.shape[0] // devices, *x.shape[1:])
-    return blocks[:, : n // devices].reshape(n, *x.shape[1:])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,7 +250,6 @@ def _jit_staged(
     forget_batch = batch["forget"]
     per_example = [v for k, v in forget_batch.items() if k not in SHARED_KEYS]
     micro_steps, micro_batch = per_example[0].shape[:2]
-    devices = 1 if mesh is None else batch_devices(mesh)
     param_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen_original)
     row_sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec(BATCH_AXES))
     whole = None if mesh is None else NamedSharding(mesh, PartitionSpec())
@@ -291,16 +276,22 @@ def _jit_staged(
             return [c[1] for c in calls]
 
         shapes = jax.eval_shape(calls_of, state.step, train_key)
-        plans[part] = (term, stream, tuple(kinds), [x.shape[0] for x in shapes])
+        call_rows = [x.shape[0] for x in shapes]
+        if any(n % micro_batch for n in call_rows):
+            raise ValueError(
+                f"train.step_programs='staged': the {name!r} term calls the network on "
+                f"{call_rows} rows, not multiples of the micro-batch ({micro_batch}). "
+                "Fix: --config.train.step_programs=split."
+            )
+        plans[part] = (term, stream, tuple(kinds), call_rows)
     # One row count for every call: a call of n rows runs as n / rows chunks.
     rows = micro_batch
 
     def make_term(part, term, stream, call_kinds, call_rows):
-        counts = [-(-n // rows) for n in call_rows]  # chunks per call
+        counts = [n // rows for n in call_rows]  # chunks per call
         kinds = tuple(k for k, c in zip(call_kinds, counts, strict=True) for _ in range(c))
 
         def chunked(x):
-            x = _pad_rows(x, -(-x.shape[0] // rows) * rows, devices)
             return [x[i : i + rows] for i in range(0, x.shape[0], rows)]
 
         def prepare(step, train_key, index, part_batch):
@@ -314,9 +305,8 @@ def _jit_staged(
             mb = _micro_batch(part_batch, index)
             rng = rng_of(step, train_key, index, stream)
             real, start = [], 0
-            for n, count in zip(call_rows, counts, strict=True):
-                joined = jnp.concatenate(outs[start : start + count])
-                real.append(_unpad_rows(joined, n, devices))
+            for count in counts:
+                real.append(jnp.concatenate(outs[start : start + count]))
                 start += count
             students = [i for i, k in enumerate(call_kinds) if k == STUDENT]
 
