@@ -189,61 +189,6 @@ def _signature(tree: PyTree) -> tuple:
     return treedef, tuple((tuple(x.shape), str(x.dtype)) for x in leaves)
 
 
-def lower_staged_step(
-    model: DiffusionModel,
-    preset: Preset,
-    hparams: UnlearnHParams,
-    split: ParamSplit,
-    parts,
-    mesh: Mesh | None,
-    state: TrainState,
-    frozen_original: PyTree,
-    batch: dict,
-    train_key: jax.Array,
-    shardings=None,
-) -> tuple[StagedParts, Iterator[tuple[str, jax.stages.Lowered]]]:
-    """The staged step's jitted programs, and a generator of each one lowered.
-
-    `parts`: the split step's jitted `StepParts` for the same model, preset and
-    optimizer (its update, and the program of a term that cannot be staged);
-    `shardings`: its `StepShardings`, or None (one device).
-    Returns (StagedParts of the jitted programs, the (name, Lowered) generator):
-    the caller compiles the lowered programs (`train_step.compile_all`) and
-    builds the step with `compiled_staged_parts`.
-    """
-    key = (
-        parts,
-        preset,
-        hparams,
-        split,
-        None if mesh is None else (mesh.axis_names, tuple(d.id for d in mesh.devices.flat)),
-        _signature(batch),
-        _signature(frozen_original),
-        _signature(state.params),
-        None if shardings is None else str(jax.tree.leaves(shardings.state.params)),
-    )
-    staged = _JITTED.get(key)
-    if staged is None:
-        staged = _jit_staged(
-            model,
-            preset,
-            hparams,
-            split,
-            parts,
-            mesh,
-            state,
-            frozen_original,
-            batch,
-            train_key,
-            shardings,
-        )
-        while len(_JITTED) >= _JITTED_MAX:
-            _JITTED.pop(next(iter(_JITTED)))
-        _JITTED[key] = staged
-    params_sharding = None if shardings is None else shardings.state.params
-    return staged, _lower(staged, params_sharding, state, frozen_original, batch, train_key)
-
-
 def _jit_staged(
     model, preset, hparams, split, parts, mesh, state, frozen_original, batch, train_key, shardings
 ) -> StagedParts:
@@ -407,7 +352,7 @@ def _lower(
     yield "update", update.lower(state, g["forget"], g.get("retain"), metrics)
 
 
-def compiled_staged_parts(staged: StagedParts, compiled: dict[str, Any]) -> StagedParts:
+def _compiled(staged: StagedParts, compiled: dict[str, Any]) -> StagedParts:
     """`staged` with each program replaced by its compiled executable from `compiled`."""
     terms = {
         part: dataclasses.replace(
@@ -440,20 +385,52 @@ def compile_staged_step(
     shardings=None,
     compile_one: Callable | None = None,
 ) -> Callable:
-    """The staged train step, compiled: `lower_staged_step`'s programs, each compiled on
-    a worker thread as it is lowered (`train_step.compile_all(..., compile_one)`).
+    """The staged train step, compiled: its programs jitted (or reused, `_JITTED`), each
+    lowered and compiled on a worker thread as soon as it is lowered
+    (`train_step.compile_all(..., compile_one)`).
 
-    Arguments as `lower_staged_step`; `state`, `frozen_original`, `batch` and
-    `train_key` are examples of the step's arguments (arrays, as the step gets them).
+    `parts`: the split step's jitted `StepParts` for the same model, preset and
+    optimizer (its update, and the program of a term that cannot be staged);
+    `shardings`: its `StepShardings`, or None (one device). `state`,
+    `frozen_original`, `batch` and `train_key` are examples of the step's arguments
+    (arrays, as the step gets them).
     Returns train_step(state, frozen_original, batch, train_key) -> (state, metrics).
     """
     from unlearn_jax.trainer.train_step import compile_all
 
-    staged, lowered = lower_staged_step(
-        model, preset, hparams, split, parts, mesh, state, frozen_original, batch, train_key,
-        shardings,
-    )  # fmt: skip
-    staged = compiled_staged_parts(staged, compile_all(lowered, compile_one))
+    key = (
+        parts,
+        preset,
+        hparams,
+        split,
+        None if mesh is None else (mesh.axis_names, tuple(d.id for d in mesh.devices.flat)),
+        _signature(batch),
+        _signature(frozen_original),
+        _signature(state.params),
+        None if shardings is None else str(jax.tree.leaves(shardings.state.params)),
+    )
+    staged = _JITTED.get(key)
+    if staged is None:
+        staged = _jit_staged(
+            model,
+            preset,
+            hparams,
+            split,
+            parts,
+            mesh,
+            state,
+            frozen_original,
+            batch,
+            train_key,
+            shardings,
+        )
+        while len(_JITTED) >= _JITTED_MAX:
+            _JITTED.pop(next(iter(_JITTED)))
+        _JITTED[key] = staged
+
+    params_sharding = None if shardings is None else shardings.state.params
+    lowered = _lower(staged, params_sharding, state, frozen_original, batch, train_key)
+    staged = _compiled(staged, compile_all(lowered, compile_one))
     # Host zeros placed directly: no program compiled per shape.
     if shardings is None:
         zeros = {n: jax.device_put(np.zeros(p.shape, np.float32)) for n, p in state.params.items()}
