@@ -231,15 +231,15 @@ def test_blockwise_gradient_keeps_one_block_of_logits():
 def test_loop_flops_count_every_iteration():
     """The planner's FLOPs: XLA's cost analysis counts a loop body once; `flops_of` adds
     the other iterations from the jaxpr, within 1% of XLA's count of the loop unrolled."""
-    from unlearn_jax.planning import programs
+    from unlearn_jax.planning import costs, programs
 
     keys = jax.random.split(jax.random.key(5), 3)
     q, k, v = (jax.random.normal(key, (2, 512, 4, 40), jnp.bfloat16) for key in keys)
-    flops = lambda f, *args: programs.flops_of(programs._compile(jax.jit(f), *args)[0])
+    flops = lambda f, *args: costs.flops_of(programs._compile(jax.jit(f), *args)[0])
     attend = lambda block: lambda q, k, v: attention.blockwise_attention(q, k, v, 0.3, block)
     one_block = flops(attend(512), q, k, v)
     assert flops(attend(64), q, k, v) == pytest.approx(one_block, rel=0.01)  # 8 iterations
-    without = programs.xla_flops(programs._compile(jax.jit(attend(64)), q, k, v)[0])
+    without = costs.xla_flops(programs._compile(jax.jit(attend(64)), q, k, v)[0])
     assert without < 0.2 * one_block  # what XLA alone counts: one of the 8 blocks
 
     def body(w, x):

@@ -18,7 +18,7 @@ import pytest
 from tiny_unlearn import make_config, save_micro_pipeline
 
 from unlearn_jax.program_cache import ProgramCache
-from unlearn_jax.trainer import evaluation, train
+from unlearn_jax.trainer import evaluation, step_programs, train
 from unlearn_jax.trainer.checkpoints import Checkpoints
 from unlearn_jax.trainer.evaluation import read_curve, register_forget_classifier
 from unlearn_jax.trainer.restore import evaluate
@@ -106,16 +106,15 @@ def _first_update(micro, workdir: Path, lr: float) -> dict:
 
 
 def test_one_compiled_train_step_serves_two_learning_rates(micro, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "COMPILED_TRAIN_STEPS", ProgramCache("test", 8))
-    monkeypatch.setattr(train, "TRAIN_STEPS", ProgramCache("test", 4))
+    monkeypatch.setattr(step_programs, "COMPILED_TRAIN_STEPS", ProgramCache("test", 8))
+    monkeypatch.setattr(step_programs, "TRAIN_STEPS", ProgramCache("test", 4))
     traced = []
-    make_step_parts = train.make_step_parts
-    monkeypatch.setattr(
-        train, "make_step_parts", lambda *a, **k: traced.append(1) or make_step_parts(*a, **k)
-    )
+    make_step_parts = step_programs.make_step_parts
+    counting = lambda *a, **k: traced.append(1) or make_step_parts(*a, **k)
+    monkeypatch.setattr(step_programs, "make_step_parts", counting)
     compiled = []
     original_compile = jax.stages.Lowered.compile
-    step_programs = tuple(
+    program_names = tuple(
         f"jit_{name}"
         for name in ("forget_prepare", "forget_finish", "retain_prepare", "retain_finish")
         + ("unet_forward", "unet_backward", "combine_and_update")
@@ -123,16 +122,16 @@ def test_one_compiled_train_step_serves_two_learning_rates(micro, tmp_path, monk
 
     def counting_compile(self, *args, **kwargs):
         head = self.as_text()[:2000]
-        compiled.extend(name for name in step_programs if name in head)
+        compiled.extend(name for name in program_names if name in head)
         return original_compile(self, *args, **kwargs)
 
     monkeypatch.setattr(jax.stages.Lowered, "compile", counting_compile)
     slow = _first_update(micro, tmp_path / "slow", 1e-3)
     # On CPU a 1-step run is staged (train.step_programs="auto"): each program compiled once.
-    assert sorted(compiled) == sorted(step_programs)
+    assert sorted(compiled) == sorted(program_names)
     fast = _first_update(micro, tmp_path / "fast", 3e-3)
     # The second learning rate reused the first's traced step and its executables.
-    assert len(traced) == 1 and len(compiled) == len(step_programs)
+    assert len(traced) == 1 and len(compiled) == len(program_names)
     assert float(fast["opt_state"]["hyperparams"]["learning_rate"]) == pytest.approx(3e-3)
 
     # Adam's first update is -lr * g / (|g| + eps), about -lr * sign(g): the same

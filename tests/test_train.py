@@ -21,7 +21,7 @@ from safetensors.numpy import load_file
 from tiny_unlearn import make_config, save_micro_pipeline
 
 from unlearn_jax.program_cache import ProgramCache
-from unlearn_jax.trainer import commands
+from unlearn_jax.trainer import commands, step_programs
 from unlearn_jax.trainer import train as train_module
 from unlearn_jax.trainer.checkpoints import (
     CheckpointLayoutError,
@@ -293,7 +293,7 @@ def test_one_program_and_split_steps_train_like_the_staged_step(
     steps, the same losses and weights to float32 rounding, and distillation exactly
     zero at θ0 in all three."""
     workdir = tmp_path / programs
-    with caplog.at_level("INFO", logger=train_module.__name__):
+    with caplog.at_level("INFO", logger=step_programs.__name__):
         train_and_evaluate(config(micro, train__step_programs=programs), workdir)
     compiled = [r.getMessage() for r in caplog.records if r.getMessage().startswith("compiling")]
     # The split step's update is the staged step's, compiled by full_run already.
@@ -397,9 +397,9 @@ def test_compiled_step_cache_tells_apart_arguments_the_program_drops(monkeypatch
     """jit drops unused arguments from the program text (a staged term's contexts are
     embeddings, or token ids when the text encoder trains): the cache must not hand one
     caller's executable to the other."""
-    monkeypatch.setattr(train_module, "COMPILED_TRAIN_STEPS", ProgramCache("test", 8))
+    monkeypatch.setattr(step_programs, "COMPILED_TRAIN_STEPS", ProgramCache("test", 8))
     mesh = make_mesh(1, 1, jax.devices()[:1])
     double = jax.jit(lambda x, unused: x * 2)
     for unused in (jnp.zeros(3, jnp.float32), jnp.zeros((3, 2), jnp.int32)):
-        compiled = train_module._compile_cached(double.lower(jnp.ones(2), unused), mesh, "x")
+        compiled = step_programs.compile_cached(double.lower(jnp.ones(2), unused), mesh, "x")
         np.testing.assert_array_equal(compiled(jnp.ones(2), unused), np.full(2, 2.0))

@@ -4,8 +4,8 @@ XLA compilation dominates short runs (a minute for a tiny UNet's train step on
 two CPU cores), so the sampler's chunk programs and the trainer's train steps are
 kept and reused when a later call needs the same program. Each kind of program
 has one named `ProgramCache`, defined next to the code that fills it
-(`diffusion.chunks.CHUNK_PROGRAMS`, `trainer.train.TRAIN_STEPS`,
-`trainer.train.COMPILED_TRAIN_STEPS`); each holds at most `max_size` entries,
+(`diffusion.chunks.CHUNK_PROGRAMS`, `trainer.step_programs.TRAIN_STEPS`,
+`trainer.step_programs.COMPILED_TRAIN_STEPS`); each holds at most `max_size` entries,
 dropping the least recently used, and `clear()` empties it (tests, or to free
 device memory between unrelated experiments in one process).
 

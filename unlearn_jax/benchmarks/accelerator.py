@@ -230,8 +230,9 @@ def ours_worker(spec: dict, workdir: Path) -> dict:
     from unlearn_jax.benchmarks.common import jax_compile_seconds_by_program
     from unlearn_jax.diffusion.text_to_image import generate
     from unlearn_jax.models.pipeline import load_pipeline
+    from unlearn_jax.planning.costs import flops_of
     from unlearn_jax.planning.models import resolve_model
-    from unlearn_jax.planning.programs import compile_sampler, flops_of
+    from unlearn_jax.planning.programs import compile_sampler
 
     if spec["compilation_cache"]:
         jax.config.update("jax_compilation_cache_dir", spec["compilation_cache"])

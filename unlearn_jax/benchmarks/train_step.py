@@ -232,7 +232,7 @@ def run_ours(spec: dict, workdir: Path) -> dict:
         spec.get("step_programs", "auto"), jax.default_backend(), steps=spec["steps"], preset=preset
     )
 
-    def build():  # as the trainer compiles it (`train._compile_step`)
+    def build():  # as the trainer compiles it (`step_programs.compile_step`)
         if programs == "fused":
             jitted = jax.jit(step_fn, donate_argnums=(0,))
             return compile_program(jitted.lower(state, frozen, batch, train_key))
@@ -295,7 +295,7 @@ def step_flops(step_fn, *args) -> float:
     import jax
 
     from unlearn_jax.models.attention import accelerator_attention
-    from unlearn_jax.planning.programs import flops_of, loop_flops
+    from unlearn_jax.planning.costs import flops_of, loop_flops
 
     with accelerator_attention():  # a fresh function: no trace cached without the context
         traced = jax.jit(lambda *a: step_fn(*a)).trace(*args)

@@ -41,19 +41,18 @@ analysis counts a loop body once, so the sampler's FLOPs come from one denoising
 compiled on its own, times the steps.
 
 Modules: `models` (chips and model configs), `targets` (compile-only TPU devices),
-`programs` (compile and measure the train step and the sampler), `report` (JSON and
-tables), `command` (the command line).
+`programs` (compile and measure the train step and the sampler), `costs` (a
+compiled program's memory and FLOPs), `report` (JSON and tables), `command` (the
+command line).
 """
 
 from unlearn_jax.planning.command import add_plan_command, main, run_plan, use_fake_cpu_devices
+from unlearn_jax.planning.costs import flops_of, loops_other_than_rng, memory_of
 from unlearn_jax.planning.models import CHIPS, MODELS, Chip, ModelSpec, resolve_model
 from unlearn_jax.planning.programs import (
     OutOfDeviceMemory,
     ProgramReport,
     compile_sampler,
-    flops_of,
-    loops_other_than_rng,
-    memory_of,
     plan_sampler,
     plan_train_step,
     train_config,

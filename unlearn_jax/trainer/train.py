@@ -20,9 +20,6 @@ resumed from step k equals the uninterrupted run bit for bit on one device.
 
 from __future__ import annotations
 
-import concurrent.futures
-import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -34,15 +31,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import PIL.Image
 import tqdm
-from jax.sharding import Mesh
 
-from unlearn_jax.models.attention import batch_mesh
-from unlearn_jax.program_cache import ProgramCache, compile_program
 from unlearn_jax.trainer import experiment
-from unlearn_jax.trainer.batches import SHARED_KEYS, UnlearnData
+from unlearn_jax.trainer.batches import UnlearnData
 from unlearn_jax.trainer.checkpoints import (
     Checkpoints,
     check_run_record,
@@ -52,14 +45,10 @@ from unlearn_jax.trainer.config_checks import check_config_values
 from unlearn_jax.trainer.evaluation import EVAL_DIR, Evaluator
 from unlearn_jax.trainer.restore import evaluate, export
 from unlearn_jax.trainer.sharding import (
-    batch_devices,
-    batch_sharding,
     make_mesh,
     param_shardings,
-    put_global,
     replicated,
 )
-from unlearn_jax.trainer.staged_step import compile_staged_step
 from unlearn_jax.trainer.state import (
     TrainState,
     abstract_state,
@@ -67,16 +56,18 @@ from unlearn_jax.trainer.state import (
     make_optimizer,
     set_learning_rate,
 )
+from unlearn_jax.trainer.step_programs import (
+    Run,
+    batch_shardings_for,
+    check_batch_layout,
+    compile_step,
+    jitted_train_step,
+    put_batch,
+)
 from unlearn_jax.trainer.train_step import (
-    StepShardings,
-    compile_all,
-    jit_step_parts,
-    lower_step_parts,
     make_saliency_grad_fn,
-    make_step_parts,
     merged_params,
     resolve_step_programs,
-    split_step,
 )
 from unlearn_jax.trainer.writers import create_writer
 from unlearn_jax.unlearn import combine
@@ -112,169 +103,12 @@ def _with_shardings(abstract: PyTree, shardings: PyTree) -> PyTree:
     )
 
 
-def _batch_shardings(mesh, batch: dict[str, dict[str, np.ndarray]]) -> dict:
-    per_example = batch_sharding(mesh, leading_dims=2)
-    return {
-        part: {k: replicated(mesh) if k in SHARED_KEYS else per_example for k in values}
-        for part, values in batch.items()
-    }
-
-
-def _put_batch(batch: dict, shardings: dict) -> dict:
-    return {
-        part: {k: put_global(v, shardings[part][k]) for k, v in values.items()}
-        for part, values in batch.items()
-    }
-
-
-def _check_batch_layout(config: ml_collections.ConfigDict, mesh) -> None:
-    accum = config.train.grad_accum
-    micro = config.train.batch_size // accum
-    devices = batch_devices(mesh)
-    if micro % devices:
-        fixed = max(devices, micro // devices * devices) * accum
-        raise ValueError(
-            f"the micro-batch train.batch_size / train.grad_accum = {micro} must be divisible "
-            f"by the {devices} devices the batch is split over (mesh.data x mesh.fsdp). Fix: "
-            f"e.g. --config.train.batch_size={fixed}."
-        )
-
-
-# Compiled train-step programs by the hash of their lowered text. Runs in one
-# process that differ in nothing a program depends on (tests, sweeps over the
-# learning rate, a resume) skip XLA compilation, which dominates short runs; with
-# split programs, methods that share a term (ablation's and distill's remap term)
-# share its compiled gradient program too.
-COMPILED_TRAIN_STEPS = ProgramCache("compiled train steps", max_size=8)
-
-
-def _compile_cached(lowered: jax.stages.Lowered, mesh, name: str):
-    """`lowered` compiled; reused if the same program (text and devices) was compiled before.
-
-    The key is the program text (shapes, shardings, donation and every constant
-    are in it) plus the mesh's devices (which the text does not name) and the
-    arguments' structure and types (for arguments the program does not use). The cache
-    holds a future, so that programs compile side by side on other threads and a
-    second thread wanting the same program waits for the first.
-    """
-    devices = ",".join(str(d.id) for d in mesh.devices.flat)
-    # The arguments' structure and types too: jit drops unused arguments from the
-    # program, so one text can stand for callers that pass different ones (a staged
-    # term's contexts as embeddings or, with the text encoder training, token ids).
-    args = f"{lowered.in_tree}{[(a.shape, a.dtype) for a in jax.tree.leaves(lowered.args_info)]}"
-    key = hashlib.sha256((devices + args + lowered.as_text()).encode()).hexdigest()
-    future, created = COMPILED_TRAIN_STEPS.get_or_create(key, concurrent.futures.Future)
-    if created:
-        log.info("compiling %s (first run of this program; cached afterwards)", name)
-        try:
-            future.set_result(compile_program(lowered))
-        except BaseException as e:
-            COMPILED_TRAIN_STEPS.discard(key)
-            future.set_exception(e)
-    return future.result()
-
-
-def _compile_step(run: _Run, jitted: Any, programs: str, batch_shardings: dict, *example_args):
-    """The runnable train step: one compiled program ('fused'), the split parts' or the
-    staged programs' (`staged_step`)."""
-    mesh = run.mesh
-    compile_one = lambda name, program: _compile_cached(program, mesh, f"the train step's {name}")
-    with batch_mesh(mesh):  # kernels XLA cannot partition run per device (TPU attention)
-        if programs == "fused":
-            return compile_one("program", jitted.lower(*example_args))
-        if programs == "staged":
-            model, spec = run.model, run.spec
-            return compile_staged_step(
-                model.diffusion, spec.preset, spec.hparams, model.split, jitted, mesh,
-                *example_args, _step_shardings(run, batch_shardings), compile_one,
-            )  # fmt: skip
-        # Each part compiles on a worker thread while the next is traced.
-        return split_step(compile_all(lower_step_parts(jitted, *example_args), compile_one))
-
-
-# The jitted train steps themselves, by everything their closure computes with. A
-# repeated lower() of the same jitted function with the same shapes is free, so runs
-# that differ only in the learning rate or the data also skip tracing the step (several
-# seconds for a tiny UNet's two-term step on two CPU cores, per run of a sweep).
-TRAIN_STEPS = ProgramCache("jitted train steps", max_size=4)
-
-
-def _step_shardings(run: _Run, batch_shardings: dict) -> StepShardings:
-    frozen = param_shardings(run.mesh, run.frozen)
-    return StepShardings(run.state_shardings, frozen, batch_shardings, replicated(run.mesh))
-
-
-def _jitted_train_step(run: _Run, batch_shardings: dict, programs: str) -> Any:
-    """The run's step jitted with its shardings ('fused': one `jax.jit`; 'split': the
-    jitted `StepParts`), shared by equal runs."""
-    model, spec, mesh = run.model, run.spec, run.mesh
-    optim = {k: v for k, v in _json_config(run.config)["optim"].items() if k != "lr"}
-    frozen_shardings = param_shardings(mesh, run.frozen)
-    key = (
-        programs,
-        model.program_key,
-        spec.preset,
-        spec.hparams,
-        model.split,
-        json.dumps(optim, sort_keys=True),  # lr is optimizer state, not part of the program
-        tuple(d.id for d in mesh.devices.flat),
-        mesh.axis_names,
-        mesh.devices.shape,
-        jax.tree.structure(batch_shardings),
-        str(jax.tree.leaves(batch_shardings)),
-        str(jax.tree.leaves(run.state_shardings)),
-        str(jax.tree.leaves(frozen_shardings)),
-    )
-
-    def jit_step():
-        parts = make_step_parts(
-            model.diffusion, spec.preset, spec.hparams, run.optimizer, model.split, mesh
-        )
-        if programs in ("split", "staged"):  # staged: the split update and whole terms
-            return jit_step_parts(parts, _step_shardings(run, batch_shardings))
-        return jax.jit(
-            parts.step(),
-            in_shardings=(
-                run.state_shardings,
-                frozen_shardings,
-                batch_shardings,
-                replicated(mesh),
-            ),
-            out_shardings=(run.state_shardings, replicated(mesh)),
-            donate_argnums=(0,),
-        )
-
-    if model.program_key is None:  # a model without a structural key: never shared
-        return jit_step()
-    return TRAIN_STEPS.get_or_create(key, jit_step)[0]
-
-
 # ---------------------------------------------------------------------------
 # State: fresh (with SalUn's saliency) or restored
 # ---------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class _Run:
-    """What a run's loop, checkpoints and evaluations share, built once by train_and_evaluate.
-
-    Attributes:
-      frozen: θ0 on the mesh (the train step's never-donated argument).
-      state_shardings: NamedSharding of every leaf of the TrainState.
-    """
-
-    config: ml_collections.ConfigDict
-    workdir: Path
-    spec: experiment.RunSpec
-    model: experiment.Model
-    mesh: Mesh
-    optimizer: optax.GradientTransformation
-    frozen: PyTree
-    state_shardings: PyTree
-    checkpoints: Checkpoints
-
-
-def _saliency_mask(run: _Run, data: UnlearnData) -> dict[str, jax.Array]:
+def _saliency_mask(run: Run, data: UnlearnData) -> dict[str, jax.Array]:
     """SalUn: top keep_fraction of trainable entries by |forget-loss gradient| over the forget set.
 
     Returns {name: bool array shaped like the parameter}. Ties at the threshold go
@@ -311,7 +145,7 @@ def frozen_theta0(config: ml_collections.ConfigDict, model: experiment.Model) ->
     return jax.tree.map(cast, model.theta0)
 
 
-def _initial_state(run: _Run, data: UnlearnData) -> TrainState:
+def _initial_state(run: Run, data: UnlearnData) -> TrainState:
     """Step 0: a copy of θ0's trainable part (float32), fresh optimizer state, SalUn's mask."""
     saliency = _saliency_mask(run, data) if run.spec.preset.saliency else None
     split = run.model.split
@@ -389,7 +223,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     model = experiment.load_model(config, spec)
     optimizer = make_optimizer(config.optim)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
-    _check_batch_layout(config, mesh)
+    check_batch_layout(config, mesh)
     workdir.mkdir(parents=True, exist_ok=True)
     check_run_record(
         workdir, spec.fingerprint, _json_config(config), force_resume=config.train.force_resume
@@ -399,7 +233,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     abstract = abstract_state(model.split, model.theta0, optimizer, spec.preset.saliency)
     state_shardings = param_shardings(mesh, abstract)
     checkpoints = Checkpoints(workdir, keep=config.checkpoint.keep)
-    run = _Run(config, workdir, spec, model, mesh, optimizer, frozen, state_shardings, checkpoints)
+    run = Run(config, workdir, spec, model, mesh, optimizer, frozen, state_shardings, checkpoints)
     writer = create_writer(workdir, tensorboard=bool(config.train.get("tensorboard", True)))
     try:
         # 3. Data (generated once, cached in the workdir).
@@ -450,7 +284,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
 
 def _train_loop(
-    run: _Run,
+    run: Run,
     data: UnlearnData,
     state: TrainState,
     start: int,
@@ -467,7 +301,7 @@ def _train_loop(
     train_key = jax.random.fold_in(jax.random.key(config.seed), experiment.TRAIN_STREAM)
     batch_size, micro_steps = config.train.batch_size, config.train.grad_accum
     first = data.batch(start, batch_size, micro_steps, config.seed)
-    batch_shardings = _batch_shardings(mesh, first)
+    batch_shardings = batch_shardings_for(mesh, first)
     programs = resolve_step_programs(
         str(config.train.get("step_programs", "auto")),
         jax.default_backend(),
@@ -475,14 +309,14 @@ def _train_loop(
         fsdp=mesh.shape["fsdp"],
         preset=run.spec.preset,
     )
-    train_step = _compile_step(
+    train_step = compile_step(
         run,
-        _jitted_train_step(run, batch_shardings, programs),
+        jitted_train_step(run, batch_shardings, programs),
         programs,
         batch_shardings,
         state,
         run.frozen,
-        _put_batch(first, batch_shardings),
+        put_batch(first, batch_shardings),
         train_key,
     )
     show = bool(config.train.get("progress", True)) and jax.process_index() == 0
@@ -503,7 +337,7 @@ def _train_loop(
         for step in range(start, total_steps):
             batch = data.batch(step, batch_size, micro_steps, config.seed)
             state, metrics = train_step(
-                state, run.frozen, _put_batch(batch, batch_shardings), train_key
+                state, run.frozen, put_batch(batch, batch_shardings), train_key
             )
             # Read back the previous step while this one runs: the device stays busy.
             if pending is not None:
