@@ -15,8 +15,8 @@ from unlearn_jax.models import attention
 from unlearn_jax.models.abstract import abstract_module
 from unlearn_jax.models.activations import gelu
 from unlearn_jax.models.clip import CLIPTextModel
+from unlearn_jax.models.normalization import group_norm
 from unlearn_jax.models.unet import UNet2DConditionModel
-from unlearn_jax.models.unet_blocks import group_norm
 from unlearn_jax.models.vae import AutoencoderKL
 from unlearn_jax.testing.tiny_model import save_tiny_model
 

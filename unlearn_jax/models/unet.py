@@ -27,7 +27,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unlearn_jax.models.config import FrozenConfig
-from unlearn_jax.models.unet_blocks import Dtype, TimestepEmbedding, Timesteps, conv2d, group_norm
+from unlearn_jax.models.normalization import group_norm
+from unlearn_jax.models.unet_blocks import Dtype, TimestepEmbedding, Timesteps, conv2d
 from unlearn_jax.models.unet_stages import DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D
 
 _DOWN_TYPES = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}  # type -> has attention

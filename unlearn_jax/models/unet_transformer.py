@@ -21,7 +21,8 @@ from flax import nnx
 
 from unlearn_jax.models.activations import gelu
 from unlearn_jax.models.attention import dot_product_attention
-from unlearn_jax.models.unet_blocks import Dtype, conv2d, group_norm
+from unlearn_jax.models.normalization import group_norm
+from unlearn_jax.models.unet_blocks import Dtype, conv2d
 
 
 class Identity(nnx.Module):

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unlearn_jax.models.attention import dot_product_attention
-from unlearn_jax.models.unet_blocks import GroupNorm, group_norm
+from unlearn_jax.models.normalization import GroupNorm, group_norm
 
 _EPS = 1e-6  # diffusers hard-codes this for every VAE norm.
 
