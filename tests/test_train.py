@@ -296,8 +296,9 @@ def test_one_program_and_split_steps_train_like_the_staged_step(
     with caplog.at_level("INFO", logger=step_programs.__name__):
         train_and_evaluate(config(micro, train__step_programs=programs), workdir)
     compiled = [r.getMessage() for r in caplog.records if r.getMessage().startswith("compiling")]
-    # The split step's update is the staged step's, compiled by full_run already.
-    names = ["program"] if programs == "fused" else ["forget", "retain"]
+    # Not the staged step's update, compiled by full_run already: with one micro-batch
+    # that one sums the retain term's two student chunks (cond, uncond) in-program.
+    names = ["program"] if programs == "fused" else ["forget", "retain", "update"]
     assert compiled == [
         f"compiling the train step's {name} (first run of this program; cached afterwards)"
         for name in names

@@ -596,17 +596,20 @@ STAGED_PRESETS["noise_anchor"] = dataclasses.replace(
 )
 
 
+@pytest.mark.parametrize("micro_steps", [1, 2])
 @pytest.mark.parametrize("name", sorted(STAGED_PRESETS))
-def test_staged_step_computes_what_the_fused_step_computes(name):
+def test_staged_step_computes_what_the_fused_step_computes(name, micro_steps):
     """The staged step (every network call one shared forward and backward, `staged_step`),
-    two Adam steps with two micro-batches of 3 examples (each two-context call runs as two
-    chunks of 3 rows): the same parameters, optimizer state and metrics as the step
-    compiled as one program, to float32 rounding."""
+    two Adam steps with one or two micro-batches of 3 examples (each two-context call runs
+    as two chunks of 3 rows; with one micro-batch the update sums a term's chunk
+    gradients, with two the backward accumulates them): the same parameters, optimizer
+    state and metrics as the step compiled as one program, to float32 rounding."""
     preset = STAGED_PRESETS[name]
     split = ParamSplit.from_params(THETA, preset.params)
     opt = optimizer("adam", lr=1e-3)
     args = (MODEL, preset, preset.hparams, opt, split)
-    batch = micro_batches(FULL_BATCH, {"forget": make_batch(2), "retain": make_batch(3)})
+    second = {"forget": make_batch(2), "retain": make_batch(3)}
+    batch = micro_batches(*[FULL_BATCH, second][:micro_steps])
     states, metrics = {}, {}
     for programs in ("fused", "staged"):
         train_step, s = jitted_step(programs, *args), init_state(split.select(THETA), opt)

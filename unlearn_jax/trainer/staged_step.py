@@ -17,8 +17,12 @@ compiled program:
                        calls it with θ0's own trainable leaves and drops the residuals;
   finish (per term)    the term's loss from the calls' outputs, and its gradient with
                        respect to each student output;
-  unet_backward        (residuals, output cotangent, accumulated gradient) -> the sum;
-  update               as in the split step (`StepParts.update`).
+  unet_backward        (residuals, output cotangent) -> the gradient, float32; with
+                       micro-batches, (..., accumulated gradient) -> the sum;
+  update               the split step's (`StepParts.update`), or, where a term's
+                       student output comes in several chunks, the same with each
+                       term's chunk gradients summed first (inside the program,
+                       where XLA folds the sum into the update's own loops).
 
 How a term calls the network is read from the term itself: `prepare` and `finish`
 trace the registry's loss function with a model whose `apply_fn` records its inputs
@@ -30,7 +34,8 @@ Student and teacher go through the same compiled forward on the same rows, so at
 Every call runs in chunks of one micro-batch's rows (a call over two contexts, 2B
 rows, is two chunks), so one forward and one backward serve every term, and every
 staged method with the same trainable parameters and batch size run later in the
-process reuses them (the update is the split step's program, shared the same way).
+process reuses them (so does the update, the split step's program where no term has
+several student chunks).
 Every registry term calls the network on B or 2B rows; a term that did otherwise is
 refused with a message. Terms that read the parameters other than through the
 network ('anchor') keep their split-step program.
@@ -123,8 +128,11 @@ class StagedParts:
       terms: {'forget': StagedTerm, 'retain': StagedTerm} for staged terms.
       whole_terms: {'retain': split-step part} for terms that are not staged.
       forward, backward: the UNet's forward (with VJP residuals) and backward.
-      update: the split step's update.
-      micro_steps: micro-batches per step (the batch's leading axis).
+      update: the split step's update; with `summed`, one taking each term's list
+        of chunk gradients.
+      micro_steps: micro-batches per step (the batch's leading axis). With more
+        than one, the backward accumulates each term's gradient (one per term).
+      summed: whether `update` takes lists of chunk gradients.
     """
 
     terms: dict[str, StagedTerm]
@@ -133,17 +141,18 @@ class StagedParts:
     backward: Callable
     update: Callable
     micro_steps: int
+    summed: bool
 
-    def step(self, teacher: PyTree, zeros: PyTree) -> Callable:
+    def step(self, teacher: PyTree, zeros: PyTree | None) -> Callable:
         """train_step(state, frozen_original, batch, train_key) running the programs.
 
         `teacher`: θ0's trainable leaves ({name: array}); `zeros`: float32 zeros
-        shaped like them (the backward's first accumulator).
+        shaped like them (the backward's first accumulator), with micro-batches.
         """
 
         def term_grads(part, state, frozen, batch, train_key):
             term = self.terms[part]
-            grads, metrics = zeros, []
+            grads, metrics = [], []
             for index in range(self.micro_steps):
                 rows = term.prepare(state.step, train_key, index, batch)
                 outs, residuals = [], []
@@ -155,11 +164,14 @@ class StagedParts:
                         residuals.append(res)
                 cotangents, m = term.finish(state.step, train_key, index, batch, outs)
                 for res, ct in zip(residuals, cotangents, strict=True):
-                    grads = self.backward(res, ct, grads)
+                    if self.micro_steps > 1:
+                        grads = [self.backward(res, ct, grads[0] if grads else zeros)]
+                    else:
+                        grads.append(self.backward(res, ct))
                 metrics.append(m)
             if len(metrics) > 1:
                 metrics = [jax.tree.map(lambda *v: sum(v) / len(v), *metrics)]
-            return grads, metrics[0]
+            return grads if self.summed else grads[0], metrics[0]
 
         def train_step(state: TrainState, frozen_original, batch, train_key):
             g, metrics = {}, {}
@@ -169,6 +181,8 @@ class StagedParts:
                 elif part in self.whole_terms:
                     args = (state.params, state.step, frozen_original)
                     g[part], m = self.whole_terms[part](*args, batch.get(part, {}), train_key)
+                    if self.summed:
+                        g[part] = [g[part]]
                 else:
                     continue
                 metrics.update(m)
@@ -290,9 +304,12 @@ def _jit_staged(
         leaves, residual_tree["tree"] = jax.tree.flatten(vjp)
         return out, leaves
 
-    def backward(residuals, cotangent, accumulated):
+    def backward(residuals, cotangent, *accumulated):
         (grads,) = jax.tree.unflatten(residual_tree["tree"], residuals)(cotangent)
-        return {n: accumulated[n] + g.astype(jnp.float32) for n, g in grads.items()}
+        grads = {n: g.astype(jnp.float32) for n, g in grads.items()}
+        if accumulated:  # micro-batches: one running sum per term
+            grads = {n: accumulated[0][n] + g for n, g in grads.items()}
+        return grads
 
     forward.__name__, backward.__name__ = "unet_forward", "unet_backward"
     params_sharding = None if shardings is None else shardings.state.params
@@ -304,7 +321,35 @@ def _jit_staged(
     whole_terms = {}
     if parts.retain is not None and "retain" not in terms:
         whole_terms["retain"] = parts.retain
-    return StagedParts(terms, whole_terms, jit_forward, jit_backward, parts.update, micro_steps)
+    # One micro-batch: each chunk's gradient is its own backward's output, and a term
+    # with several student chunks hands the update all of them (no separate sums).
+    chunks = [t.kinds.count(STUDENT) for t in terms.values()]
+    summed = micro_steps == 1 and max(chunks, default=1) > 1
+    update = _summed_update(parts.update, shardings, terms, whole_terms) if summed else parts.update
+    return StagedParts(terms, whole_terms, jit_forward, jit_backward, update, micro_steps, summed)
+
+
+def _summed_update(update, shardings, terms: dict, whole_terms: dict) -> Callable:
+    """`update` (the split step's, jitted) as a program taking each term's list of
+    chunk gradients and summing them first."""
+    combine_and_update = update.__wrapped__  # the function jax.jit wrapped
+    total = lambda grads: jax.tree.map(lambda *g: sum(g), *grads)
+
+    def summed(state, g_f, g_r, metrics):
+        return combine_and_update(state, total(g_f), None if g_r is None else total(g_r), metrics)
+
+    summed.__name__ = combine_and_update.__name__
+    if shardings is None:
+        return jax.jit(summed, donate_argnums=(0,))
+    sh, params = shardings, shardings.state.params
+    count = lambda part: terms[part].kinds.count(STUDENT) if part in terms else 1
+    g_r = [params] * count("retain") if "retain" in terms or "retain" in whole_terms else None
+    return jax.jit(
+        summed,
+        in_shardings=(sh.state, [params] * count("forget"), g_r, sh.replicated),
+        out_shardings=(sh.state, sh.replicated),
+        donate_argnums=(0,),
+    )
 
 
 def _lower(
@@ -333,21 +378,31 @@ def _lower(
         cts, term_metrics = finish.out_info
         metrics.update(term_metrics)
         if grads_info is None:
-            zeros = {n: jax.ShapeDtypeStruct(p.shape, jnp.float32) for n, p in state.params.items()}
-            if params_sharding is not None:
+            accumulated = ()
+            if staged.micro_steps > 1:
                 zeros = {
-                    n: jax.ShapeDtypeStruct(z.shape, z.dtype, sharding=params_sharding[n])
-                    for n, z in zeros.items()
+                    n: jax.ShapeDtypeStruct(p.shape, jnp.float32) for n, p in state.params.items()
                 }
-            backward_lowered = jit_backward.lower(forward_lowered.out_info[1], cts[0], zeros)
+                if params_sharding is not None:
+                    zeros = {
+                        n: jax.ShapeDtypeStruct(z.shape, z.dtype, sharding=params_sharding[n])
+                        for n, z in zeros.items()
+                    }
+                accumulated = (zeros,)
+            residuals = forward_lowered.out_info[1]
+            backward_lowered = jit_backward.lower(residuals, cts[0], *accumulated)
             yield "unet_backward", backward_lowered
             grads_info = backward_lowered.out_info
     g = {part: grads_info for part in terms}
+    if staged.summed:
+        g = {part: [grads_info] * term.kinds.count(STUDENT) for part, term in terms.items()}
     args = (state.params, state.step, frozen_original)
     for part, whole_term in whole_terms.items():
         low = whole_term.lower(*args, batch.get(part, {}), train_key)
         yield part, low
         g[part], term_metrics = low.out_info
+        if staged.summed:
+            g[part] = [g[part]]
         metrics.update(term_metrics)
     yield "update", update.lower(state, g["forget"], g.get("retain"), metrics)
 
@@ -432,7 +487,9 @@ def compile_staged_step(
     lowered = _lower(staged, params_sharding, state, frozen_original, batch, train_key)
     staged = _compiled(staged, compile_all(lowered, compile_one))
     # Host zeros placed directly: no program compiled per shape.
-    if shardings is None:
+    if staged.micro_steps == 1:
+        zeros = None
+    elif shardings is None:
         zeros = {n: jax.device_put(np.zeros(p.shape, np.float32)) for n, p in state.params.items()}
     else:
         zeros = {
