@@ -52,6 +52,8 @@ step too compiles the network's forward and backward once.)
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -333,7 +335,7 @@ def _summed_update(update, shardings, terms: dict, whole_terms: dict) -> Callabl
     """`update` (the split step's, jitted) as a program taking each term's list of
     chunk gradients and summing them first."""
     combine_and_update = update.__wrapped__  # the function jax.jit wrapped
-    total = lambda grads: jax.tree.map(lambda *g: sum(g), *grads)
+    total = lambda grads: jax.tree.map(lambda *g: functools.reduce(operator.add, g), *grads)
 
     def summed(state, g_f, g_r, metrics):
         return combine_and_update(state, total(g_f), None if g_r is None else total(g_r), metrics)
