@@ -8,11 +8,12 @@ r"""Memory and FLOP planner: the train step and the sampler compiled ahead of ti
 Nothing is loaded and nothing runs: programs are built on abstract arrays
 (`jax.ShapeDtypeStruct`, `nnx.eval_shape`) and compiled with `jit(f).lower(...).compile()`.
 
-  * train: the unlearning step as `trainer.train` jits it on GPUs and TPUs, as one
-    program (`train.step_programs='fused'`: `train_step.make_train_step` on the
-    ('data', 'fsdp') mesh of `sharding.make_mesh`, the train state donated, the frozen
-    θ0 a separate argument, the batch layout of `trainer.batches`), for a preset,
-    per-device batch, remat and compute dtype, starting from configs/base.py;
+  * train: the unlearning step as the trainer jits it on GPUs and TPUs
+    (`trainer.step_programs`), as one program (`train.step_programs='fused'`:
+    `train_step.make_train_step` on the ('data', 'fsdp') mesh of `sharding.make_mesh`,
+    the train state donated, the frozen θ0 a separate argument, the batch layout of
+    `trainer.batches`), for a preset, per-device batch, remat and compute dtype,
+    starting from configs/base.py;
   * sample: the integrity sampler (`diffusion.sampler.ddim_sample`: one `lax.scan` over
     DDIM steps with classifier-free guidance) for one chunk of prompts.
 

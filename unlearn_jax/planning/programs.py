@@ -259,7 +259,8 @@ def plan_train_step(
         schedule.prediction_type,
     )
 
-    # As trainer.train jits it: state donated, θ0 separate, batch [micro_steps, B, ...].
+    # As the trainer jits it (trainer.step_programs): state donated, θ0 separate,
+    # batch [micro_steps, B, ...].
     theta0_shardings = sharding.param_shardings(mesh, frozen)
     abstract = abstract_state(split, theta0, optimizer, preset.saliency)
     state_shardings = sharding.param_shardings(mesh, abstract)
