@@ -88,8 +88,7 @@ def _group_statistics(rows: jax.Array, num_groups: int, epsilon: float):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _affine_group_norm(rows, scale, bias, num_groups, epsilon):
     """GroupNorm with scale and bias: (x - mean) * (scale / sqrt(variance + eps)) + bias."""
-    _, centred, inverse = _group_statistics(rows, num_groups, epsilon)
-    return centred * (inverse * scale) + bias
+    return _affine_group_norm_forward(rows, scale, bias, num_groups, epsilon)[0]
 
 
 def _affine_group_norm_forward(rows, scale, bias, num_groups, epsilon):

@@ -121,6 +121,11 @@ class StagedTerm:
     finish: Callable
     kinds: tuple[str, ...]
 
+    @property
+    def student_chunks(self) -> int:
+        """How many chunks of student output (each one backward) the term has."""
+        return self.kinds.count(STUDENT)
+
 
 @dataclasses.dataclass(frozen=True)
 class StagedParts:
@@ -325,8 +330,7 @@ def _jit_staged(
         whole_terms["retain"] = parts.retain
     # One micro-batch: each chunk's gradient is its own backward's output, and a term
     # with several student chunks hands the update all of them (no separate sums).
-    chunks = [t.kinds.count(STUDENT) for t in terms.values()]
-    summed = micro_steps == 1 and max(chunks, default=1) > 1
+    summed = micro_steps == 1 and max((t.student_chunks for t in terms.values()), default=1) > 1
     update = _summed_update(parts.update, shardings, terms, whole_terms) if summed else parts.update
     return StagedParts(terms, whole_terms, jit_forward, jit_backward, update, micro_steps, summed)
 
@@ -344,7 +348,7 @@ def _summed_update(update, shardings, terms: dict, whole_terms: dict) -> Callabl
     if shardings is None:
         return jax.jit(summed, donate_argnums=(0,))
     sh, params = shardings, shardings.state.params
-    count = lambda part: terms[part].kinds.count(STUDENT) if part in terms else 1
+    count = lambda part: terms[part].student_chunks if part in terms else 1
     g_r = [params] * count("retain") if "retain" in terms or "retain" in whole_terms else None
     return jax.jit(
         summed,
@@ -397,7 +401,7 @@ def _lower(
             grads_info = backward_lowered.out_info
     g = {part: grads_info for part in terms}
     if staged.summed:
-        g = {part: [grads_info] * term.kinds.count(STUDENT) for part, term in terms.items()}
+        g = {part: [grads_info] * term.student_chunks for part, term in terms.items()}
     args = (state.params, state.step, frozen_original)
     for part, whole_term in whole_terms.items():
         low = whole_term.lower(*args, batch.get(part, {}), train_key)

@@ -23,7 +23,8 @@ runs them in turn with the same results. On CPU the three compile side by side
 in less time than the one (distill on 2 cores: 61 s against 78 s for the embedded
 model, 73 s against 115 s for the tiny test model), and methods that share a term
 share its compiled program. `staged_step` goes further for short CPU runs: the
-network itself is compiled once, and the split step's update is reused.
+network itself is compiled once (and the split step's update reused where no
+term's student output comes in several chunks).
 
 Gradients, the combination, the optimizer update and the saliency mask stay
 per parameter ({name: float32 array}): each has its parameter's shape and
