@@ -49,6 +49,7 @@ from unlearn_jax.models.clip import (
     is_clip_buffer,
     text_config,
 )
+from unlearn_jax.models.clip_tokenizer import load_clip_tokenizer
 from unlearn_jax.models.config import FrozenConfig
 
 # transformers' CLIPVisionConfig defaults (a vision_config nested in a CLIPConfig
@@ -333,13 +334,12 @@ def load_clip(
       allow_pickle: permit a `pytorch_model.bin` pickle (it can run code when loaded).
 
     Returns:
-      (model, transformers `CLIPTokenizer` from the same folder).
+      (model, transformers `CLIPTokenizer` from the same folder, or its cached
+      equivalent: `clip_tokenizer.load_clip_tokenizer`).
 
     Raises:
       convert.WeightMismatchError: missing, unexpected or wrong-shaped tensors.
     """
-    from transformers import CLIPTokenizer
-
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
@@ -361,7 +361,7 @@ def load_clip(
         model, tensors, source=f"weights in {source}", ignore=is_clip_buffer, dtype=param_dtype
     )
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(str(folder))
+        tokenizer = load_clip_tokenizer(folder)
     except Exception as e:
         raise ValueError(
             f"{folder} could not be loaded as a CLIPTokenizer ({e}). "

@@ -2,8 +2,9 @@
 
 `load_pipeline(path)` reads `model_index.json`, builds the UNet, VAE and CLIP
 text encoder from their `config.json`, loads their safetensors weights through
-the strict converter, and loads the tokenizer with transformers'
-`CLIPTokenizer.from_pretrained(folder/tokenizer)`. `save_pipeline` writes the
+the strict converter, and loads the tokenizer as transformers'
+`CLIPTokenizer.from_pretrained(folder/tokenizer)` does (`clip_tokenizer`:
+without importing transformers when the process caches tokenizers). `save_pipeline` writes the
 (possibly unlearned) modules back as a diffusers folder, copying every other
 file of the source unchanged, in the source's weight dtypes.
 
@@ -34,6 +35,7 @@ from unlearn_jax.atomic_files import atomic_folder
 from unlearn_jax.models import convert, single_file, weights
 from unlearn_jax.models.abstract import abstract_module
 from unlearn_jax.models.clip import CLIPTextModel, is_clip_buffer, normalize_clip_keys
+from unlearn_jax.models.clip_tokenizer import load_clip_tokenizer
 from unlearn_jax.models.single_file import SingleFileOptions, SingleFilePlan
 from unlearn_jax.models.single_file_export import write_folder_files
 from unlearn_jax.models.unet import UNet2DConditionModel
@@ -102,7 +104,8 @@ class StableDiffusion:
 
     Attributes:
       unet, vae, text_encoder: NNX modules with diffusers/transformers names.
-      tokenizer: transformers `CLIPTokenizer` from the folder's `tokenizer/`.
+      tokenizer: transformers `CLIPTokenizer` from the folder's `tokenizer/`, or its
+        cached equivalent (`clip_tokenizer.load_clip_tokenizer`).
       scheduler_config: the dict of `scheduler/scheduler_config.json`.
       source: the local folder (or single file) the pipeline was read from.
       file_dtypes: per component, the dtype its weights had on disk (for export).
@@ -375,8 +378,6 @@ def load_pipeline(
             "pipeline's); call read_structure again for another pipeline."
         )
     folder = structure.source
-    from transformers import CLIPTokenizer
-
     modules = {n: getattr(structure, n) for n in ("unet", "vae", "text_encoder")}
     file_dtypes, buffers, strip_prefix = {}, {}, {}
     plan = structure.single_file
@@ -394,7 +395,7 @@ def load_pipeline(
                 param_dtype=param_dtype,
             )
         try:
-            tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
+            tokenizer = load_clip_tokenizer(folder / "tokenizer")
         except Exception as e:
             raise PipelineError(
                 f"{folder / 'tokenizer'} could not be loaded as a CLIPTokenizer ({e}). "
