@@ -69,5 +69,5 @@ setup(
             "h5py>=3.8",  # lpips-j's published weight files are HDF5
         ],
     },
-    entry_points={"console_scripts": ["unlearn-jax=unlearn_jax.cli:main"]},
+    entry_points={"console_scripts": ["unlearn-jax=unlearn_jax.cli:console_main"]},
 )
