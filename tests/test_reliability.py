@@ -21,7 +21,7 @@ import pytest
 from tiny_sd import MAX_LENGTH
 from tiny_unlearn import REPO, config_fields, make_config, save_micro_pipeline
 
-from unlearn_jax import atomic_files, cli
+from unlearn_jax import atomic_files, cli, command_args
 from unlearn_jax.data.prompts import PromptSetError, load_prompts
 from unlearn_jax.metrics import lpips
 from unlearn_jax.models import weights
@@ -186,7 +186,7 @@ def test_a_mistyped_prompt_file_name_is_not_a_prompt(tmp_path, monkeypatch):
 def test_cli_and_config_read_prompt_files_alike(tmp_path):
     file = tmp_path / "p.txt"
     file.write_text("# retain set v2\na red circle\n\n")
-    from_cli = cli._prompts(argparse.Namespace(prompt=[], prompts=file))
+    from_cli = command_args.read_prompts(argparse.Namespace(prompt=[], prompts=file))
     assert from_cli == load_prompts(str(file), "retain.prompts") == ["a red circle"]
 
 

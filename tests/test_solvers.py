@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from unlearn_jax import cli
+from unlearn_jax import cli, command_args
 from unlearn_jax.diffusion import (
     SCHEDULERS,
     dpm_solver_schedule,
@@ -309,7 +309,7 @@ def test_sample_cli_scheduler_flag(sd1_folder, tmp_path, capsys):
     message = capsys.readouterr().err
     assert "invalid choice: 'pndm'" in message
     assert all(name in message for name in SCHEDULERS)
-    assert cli.SCHEDULERS == SCHEDULERS
+    assert command_args.SCHEDULERS == SCHEDULERS
     with pytest.raises(ValueError, match="unknown scheduler 'pndm'; choose one of"):
         text_to_image.generate(pipe, ["a cat"], steps=2, scheduler="pndm")
 

@@ -6,12 +6,10 @@ The command-line contract (DESIGN.md) is stable; other tools rely on it.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import gc
 import json
 import logging
-import math
 import os
 import sys
 from pathlib import Path
@@ -19,12 +17,22 @@ from pathlib import Path
 import numpy as np
 
 from unlearn_jax.attacks.command import add_attack_command
-from unlearn_jax.planning import add_plan_command
-from unlearn_jax.trainer.commands import (
-    add_single_file_args,
-    add_unlearn_commands,
-    single_file_options,
+from unlearn_jax.command_args import (
+    POSITIVE_INT,
+    SEED,
+    add_model_args,
+    add_sampling_args,
+    all_or_nothing,
+    devices_for,
+    fresh_output,
+    load_model,
+    load_while_compiling,
+    number,
+    read_prompts,
+    sampler_settings,
 )
+from unlearn_jax.planning import add_plan_command
+from unlearn_jax.trainer.commands import add_unlearn_commands
 from unlearn_jax.world.demo import add_demo_command
 
 # Compiled programs are kept here across runs (a rerun of the same command on the
@@ -37,8 +45,6 @@ COMPILATION_CACHE_ENV = "UNLEARN_JAX_COMPILATION_CACHE"
 # in 0.8-0.9 s on a worker thread while the sampler traces, and a warm 16-image
 # `sample` run took 8.1-8.6 s with them recompiled, 6.4-7.0 s with them cached.
 CACHE_MIN_COMPILE_S = 0.1
-# diffusion.solvers.SCHEDULERS, spelled out so that parsing arguments imports no JAX.
-SCHEDULERS = ("ddim", "dpmpp_2m", "euler")
 INTEGRITY_FILES = ("integrity.json", "pairs.npz", "grid.png")
 
 
@@ -61,253 +67,27 @@ def enable_compilation_cache() -> str | None:
     return str(folder)
 
 
-def _number(kind: type, low: float | None = None, high: float | None = None, above: bool = False):
-    """An argparse `type=` that accepts finite numbers in [low, high] ((low, high] if `above`)."""
-    show = lambda x: str(int(x)) if float(x).is_integer() else f"{x:g}"
-    if low is None:
-        valid = f"<= {show(high)}"
-    else:
-        valid = f"{'>' if above else '>='} {show(low)}"
-        valid += f" and <= {show(high)}" if high is not None else ""
-    name = "an integer" if kind is int else "a finite number"
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {name} {valid}, got {text!r}") from None
-        ok = math.isfinite(value)
-        ok = ok and (low is None or (value > low if above else value >= low))
-        ok = ok and (high is None or value <= high)
-        if not ok:
-            raise argparse.ArgumentTypeError(f"expected {name} {valid}, got {text!r}")
-        return value
-
-    return parse
-
-
-POSITIVE_INT = _number(int, 1)
-SEED = _number(int, 0, 2**32 - 1)
-GUIDANCE = _number(float, 0.0)
-
-
-def _out_folder(out: Path) -> None:
-    """Refuses an --out that cannot be a folder we write into (before any model loads)."""
-    if out.exists() and not out.is_dir():
-        raise SystemExit(
-            f"error: --out {out} is a file, not a folder. Fix: pass a folder path for --out."
-        )
-    parent = next((p for p in [out, *out.parents] if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise SystemExit(
-            f"error: --out {out} lies under {parent}, which is a file. Fix: pass a folder path."
-        )
-    if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
-        raise SystemExit(
-            f"error: --out {out}: {parent} is not writable. Fix: choose a folder you can write."
-        )
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--variant", default=None, help="weight-file variant, e.g. fp16")
-    p.add_argument(
-        "--allow-pickle",
-        action="store_true",
-        help="permit pickled .bin weights (they can run code when loaded)",
-    )
-    p.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "bfloat16"],
-        help="compute dtype of the UNet/VAE/text encoder",
-    )
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=8, help="images per compiled chunk")
-    add_single_file_args(p)
-
-
-def _add_sampling_args(p: argparse.ArgumentParser, steps: int = 50) -> None:
-    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    p.add_argument("--prompts", type=Path, help="text file, one prompt per line")
-    p.add_argument("--steps", type=POSITIVE_INT, default=steps, help="denoising steps (>= 1)")
-    p.add_argument(
-        "--guidance",
-        type=GUIDANCE,
-        default=7.5,
-        help="classifier-free guidance weight (finite, >= 0); <= 1 disables guidance",
-    )
-    p.add_argument("--height", type=POSITIVE_INT, default=None)
-    p.add_argument("--width", type=POSITIVE_INT, default=None)
-    p.add_argument(
-        "--scheduler",
-        default="ddim",
-        choices=SCHEDULERS,
-        help="sampler, built from the model's scheduler config as diffusers does",
-    )
-
-
-def _prompts(args: argparse.Namespace) -> list[str]:
-    if args.prompt and args.prompts:
-        raise SystemExit("error: give --prompt or --prompts, not both")
-    from unlearn_jax.data.prompts import PromptSetError, read_prompt_file
-
-    try:
-        prompts = (
-            list(args.prompt)
-            if args.prompt
-            else (read_prompt_file(args.prompts) if args.prompts else [])
-        )
-    except PromptSetError as e:
-        raise SystemExit(f"error: --prompts: {e}") from None
-    empty = [i for i, p in enumerate(prompts) if not p.strip()]
-    if empty:
-        raise SystemExit(
-            f"error: --prompt number {empty[0] + 1} is empty. Fix: give a non-empty prompt "
-            "(the empty prompt is what guidance uses as its unconditional branch)."
-        )
-    if not prompts:
-        raise SystemExit(
-            "error: no prompts: pass --prompt TEXT or --prompts FILE (one prompt per line)"
-        )
-    return prompts
-
-
-def _dtype(args: argparse.Namespace):
-    import jax.numpy as jnp
-
-    return jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-
-
-def _load(path: str | Path, args: argparse.Namespace, structure=None):
-    from unlearn_jax.models.pipeline import load_pipeline
-
-    return load_pipeline(
-        path,
-        dtype=_dtype(args),
-        variant=args.variant,
-        allow_pickle=args.allow_pickle,
-        structure=structure,
-        single_file_options=single_file_options(args),
-    )
-
-
-def _load_while_compiling(
-    folder: Path, args: argparse.Namespace, num_images: int, mesh, num_prompts: int | None = None
-):
-    """Loads a pipeline while its sampler, decoder and (given `num_prompts`) text
-    encoder compile on worker threads.
-
-    The programs are compiled from the folder's configs alone (shapes), for
-    exactly the settings `generate` is then called with, so that XLA's compile
-    time overlaps reading the weights and tokenizing the prompts.
-    """
-    from unlearn_jax.diffusion import text_to_image
-    from unlearn_jax.models.pipeline import read_structure
-
-    structure = read_structure(
-        folder,
-        dtype=_dtype(args),
-        single_file_options=single_file_options(args),
-        allow_pickle=args.allow_pickle,
-    )
-    text_to_image.precompile(
-        structure, num_images, num_prompts=num_prompts, **_sampler_settings(args, mesh)
-    )
-    return _load(folder, args, structure)
-
-
-def _sampler_settings(args: argparse.Namespace, mesh) -> dict:
-    """What `generate` and `precompile` must agree on for the compiled programs to be reused."""
-    return dict(
-        steps=args.steps,
-        guidance=args.guidance,
-        height=args.height,
-        width=args.width,
-        batch_size=args.batch_size,
-        eta=getattr(args, "eta", 0.0),  # integrity samples deterministically
-        scheduler=args.scheduler,
-        mesh=mesh,
-    )
-
-
-def _replica_bytes(folder: Path) -> int:
-    """Upper bound of one in-memory copy of a pipeline's weights (half files load as float32)."""
-    if folder.is_file():  # a single-file checkpoint
-        return 2 * folder.stat().st_size
-    files = [f for c in ("unet", "vae", "text_encoder") for f in (folder / c).glob("*.safetensors")]
-    return 2 * sum(f.stat().st_size for f in files)
-
-
-def _devices_for(model_paths: list[str], args: argparse.Namespace) -> tuple[list[Path], object]:
-    """Resolves the models and lays out the devices: (local folders, mesh over all devices).
-
-    Sampling shards each chunk's batch over every device. On a CPU-only host
-    the cores first become separate devices (`distributed.split_cpu_into_devices`).
-    """
-    from unlearn_jax.diffusion.chunks import data_mesh
-    from unlearn_jax.distributed import split_cpu_into_devices
-    from unlearn_jax.models.pipeline import resolve_model_path
-
-    folders = [resolve_model_path(p) for p in model_paths]
-    split_cpu_into_devices(args.batch_size, sum(_replica_bytes(f) for f in folders))
-    return folders, data_mesh()
-
-
-def _fresh_output(out: Path, names: list[str]) -> None:
-    """Refuses to overwrite any file in `out` this command would write (its own or the user's).
-
-    The folder itself is created only when the results are written, so an
-    error before then leaves nothing behind.
-    """
-    _out_folder(out)
-    existing = [n for n in names if (out / n).exists()]
-    if existing:
-        shown = ", ".join(existing[:6]) + (
-            f" and {len(existing) - 6} more" if len(existing) > 6 else ""
-        )
-        raise SystemExit(
-            f"error: {out} already holds {shown}; refusing to "
-            "overwrite. Fix: choose another --out or remove those files."
-        )
-
-
-@contextlib.contextmanager
-def _all_or_nothing(out: Path):
-    """Collects the files a command writes into `out`; on failure removes them (and `out`
-    if this command created it), so that a retry starts clean. Each file is written
-    atomically; the files were checked not to exist before, so they are ours to delete."""
-    created = not out.exists()
-    written: list[Path] = []
-    try:
-        yield written
-    except BaseException:
-        for path in written:
-            path.unlink(missing_ok=True)
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        raise
-
-
 def cmd_sample(args: argparse.Namespace) -> None:
     """unlearn-jax sample: images from prompts, optionally from given initial noise."""
     from unlearn_jax.atomic_files import write_npz
     from unlearn_jax.diffusion import text_to_image
     from unlearn_jax.metrics.visualize import save_png
 
-    prompts = _prompts(args)
+    prompts = read_prompts(args)
     count = len(prompts) * args.num_images_per_prompt
-    _fresh_output(args.out, ["images.npz", *(f"{i:05d}.png" for i in range(count))])
+    fresh_output(args.out, ["images.npz", *(f"{i:05d}.png" for i in range(count))])
     latents = None if args.latents is None else _read_latents(args.latents)
-    (folder,), mesh = _devices_for([args.model], args)
-    pipe = _load_while_compiling(folder, args, count, mesh, num_prompts=len(prompts))
+    (folder,), mesh = devices_for([args.model], args)
+    pipe = load_while_compiling(folder, args, count, mesh, num_prompts=len(prompts))
     images = text_to_image.generate(
         pipe,
         prompts,
         num_images_per_prompt=args.num_images_per_prompt,
         seed=args.seed,
         latents=latents,
-        **_sampler_settings(args, mesh),
+        **sampler_settings(args, mesh),
     )
-    with _all_or_nothing(args.out) as written:
+    with all_or_nothing(args.out) as written:
         for i, image in enumerate(images):
             written.append(args.out / f"{i:05d}.png")
             save_png(image, written[-1])
@@ -353,24 +133,24 @@ def cmd_integrity(args: argparse.Namespace) -> None:
         write_integrity_report,
     )
 
-    prompts = _prompts(args)
-    _fresh_output(args.out, list(INTEGRITY_FILES))
-    folders, mesh = _devices_for([args.original, args.unlearned], args)
-    original = _load_while_compiling(
+    prompts = read_prompts(args)
+    fresh_output(args.out, list(INTEGRITY_FILES))
+    folders, mesh = devices_for([args.original, args.unlearned], args)
+    original = load_while_compiling(
         folders[0], args, len(prompts) * args.seeds, mesh, num_prompts=len(prompts)
     )
-    unlearned = _load(folders[1], args)
+    unlearned = load_model(folders[1], args)
     if dict(original.unet.config) != dict(unlearned.unet.config):
         raise SystemExit(
             "error: the two models have different UNet configs; integrity "
             "compares a model with an unlearned copy of itself."
         )
-    sampling = {k: v for k, v in _sampler_settings(args, mesh).items() if k not in ("eta", "mesh")}
+    sampling = {k: v for k, v in sampler_settings(args, mesh).items() if k not in ("eta", "mesh")}
     settings = IntegritySettings(seeds=args.seeds, seed=args.seed, **sampling)
     result = compute_integrity(
         original, unlearned, prompts, settings, lpips_net=args.lpips_net, mesh=mesh
     )
-    with _all_or_nothing(args.out) as written:
+    with all_or_nothing(args.out) as written:
         written.extend(args.out / name for name in INTEGRITY_FILES)
         write_integrity_report(result, args.out)
     summary = {k: result.to_json()[k] for k in ("integrity_lpips", "ci95", "psnr", "ssim")}
@@ -388,12 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model", required=True, help="diffusers folder, single-file FILE.safetensors or hub id"
     )
-    _add_sampling_args(p)
+    add_sampling_args(p)
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--num-images-per-prompt", type=POSITIVE_INT, default=1)
     p.add_argument(
         "--eta",
-        type=_number(float, 0.0, 1.0),
+        type=number(float, 0.0, 1.0),
         default=0.0,
         help="DDIM eta in [0, 1] (0 = deterministic)",
     )
@@ -404,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=".npy initial noise [N, C, H/8, W/8], as diffusers' latents=",
     )
     p.add_argument("--out", type=Path, required=True)
-    _add_model_args(p)
+    add_model_args(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("integrity", help="LPIPS integrity of an unlearned model vs the original")
@@ -412,12 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--unlearned", required=True, help="diffusers folder or FILE.safetensors (from export)"
     )
-    _add_sampling_args(p)
+    add_sampling_args(p)
     p.add_argument("--seeds", type=POSITIVE_INT, default=4, help="images per prompt")
     p.add_argument("--seed", type=SEED, default=0, help="root seed of the shared noise")
     p.add_argument("--lpips-net", default="vgg", choices=["vgg", "alex"])
     p.add_argument("--out", type=Path, required=True)
-    _add_model_args(p)
+    add_model_args(p)
     p.set_defaults(func=cmd_integrity)
 
     add_unlearn_commands(sub)

@@ -15,6 +15,17 @@ import argparse
 import logging
 from pathlib import Path
 
+from unlearn_jax.command_args import (
+    GUIDANCE,
+    POSITIVE_INT,
+    SEED,
+    add_model_args,
+    devices_for,
+    fresh_output,
+    load_model,
+    number,
+)
+
 log = logging.getLogger(__name__)
 RESULT_FILES = ("attack.json", "grid.png")
 
@@ -40,7 +51,6 @@ def run_attack_command(args: argparse.Namespace) -> None:
     """Loads both models, attacks the unlearned one, writes attack.json and grid.png."""
     from flax import nnx
 
-    from unlearn_jax import cli
     from unlearn_jax.attacks.evaluation import evaluate_attack, write_attack_report
     from unlearn_jax.attacks.prompts import check_forget_prompts
     from unlearn_jax.attacks.run import AttackSettings, run_attack
@@ -67,10 +77,10 @@ def run_attack_command(args: argparse.Namespace) -> None:
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
     )
-    cli._fresh_output(args.out, list(RESULT_FILES))
-    folders, _ = cli._devices_for([args.original, args.unlearned], args)
-    original = cli._load(folders[0], args)
-    unlearned = cli._load(folders[1], args)
+    fresh_output(args.out, list(RESULT_FILES))
+    folders, _ = devices_for([args.original, args.unlearned], args)
+    original = load_model(folders[0], args)
+    unlearned = load_model(folders[1], args)
     _check_same_architecture(original, unlearned)
     classifier, concept_index = forget_classifier(args.classifier, args.concept, original)
     mesh = make_mesh(-1, 1)
@@ -141,7 +151,6 @@ def run_attack_command(args: argparse.Namespace) -> None:
 
 def add_attack_command(sub: argparse._SubParsersAction) -> None:
     """Registers `unlearn-jax attack`."""
-    from unlearn_jax import cli
 
     p = sub.add_parser(
         "attack",
@@ -155,40 +164,36 @@ def add_attack_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--concept", required=True, help="the erased concept's word, e.g. circle")
     p.add_argument("--method", choices=("embedding", "context"), default="embedding")
     p.add_argument(
-        "--steps", type=cli._number(int, 0), default=100, help="attack steps (>= 0; default 100)"
+        "--steps", type=number(int, 0), default=100, help="attack steps (>= 0; default 100)"
     )
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--tokens", type=cli._number(int, 0), default=1, help="k learned tokens")
+    p.add_argument("--tokens", type=number(int, 0), default=1, help="k learned tokens")
     p.add_argument(
         "--lr",
-        type=cli._number(float, 0.0, above=True),
+        type=number(float, 0.0, above=True),
         default=None,
         help="Adam learning rate (default 5e-3 embedding, 1e-2 context)",
     )
     p.add_argument(
         "--epsilon",
-        type=cli._number(float, 0.0),
+        type=number(float, 0.0),
         default=0.1,
         help="context attack: per-token bound on ||δ|| relative to ||c|| (default 0.1)",
     )
     p.add_argument("--init-word", default="", help="v*'s initial word (default: the concept)")
-    p.add_argument("--seed", type=cli.SEED, default=0, help="batch order, noise, θ0's images")
-    p.add_argument(
-        "--images-per-prompt", type=cli.POSITIVE_INT, default=2, help="θ0 images per prompt"
-    )
-    p.add_argument("--sample-steps", type=cli.POSITIVE_INT, default=10, help="θ0 images' steps")
-    p.add_argument("--eval-steps", type=cli.POSITIVE_INT, default=10, help="evaluation steps")
-    p.add_argument("--seeds", type=cli.POSITIVE_INT, default=1, help="eval images per prompt")
-    p.add_argument("--guidance", type=cli.GUIDANCE, default=4.0)
-    p.add_argument("--height", type=cli.POSITIVE_INT, default=None)
-    p.add_argument("--width", type=cli.POSITIVE_INT, default=None)
+    p.add_argument("--seed", type=SEED, default=0, help="batch order, noise, θ0's images")
+    p.add_argument("--images-per-prompt", type=POSITIVE_INT, default=2, help="θ0 images per prompt")
+    p.add_argument("--sample-steps", type=POSITIVE_INT, default=10, help="θ0 images' steps")
+    p.add_argument("--eval-steps", type=POSITIVE_INT, default=10, help="evaluation steps")
+    p.add_argument("--seeds", type=POSITIVE_INT, default=1, help="eval images per prompt")
+    p.add_argument("--guidance", type=GUIDANCE, default=4.0)
+    p.add_argument("--height", type=POSITIVE_INT, default=None)
+    p.add_argument("--width", type=POSITIVE_INT, default=None)
     p.add_argument(
         "--classifier",
         default="world_shape",
         help="a registered forget classifier (eval.classifier names; default world_shape)",
     )
-    p.add_argument(
-        "--checkpoint-every", type=cli._number(int, 0), default=0, help="0: save at the end"
-    )
-    cli._add_model_args(p)
+    p.add_argument("--checkpoint-every", type=number(int, 0), default=0, help="0: save at the end")
+    add_model_args(p)
     p.set_defaults(func=run_attack_command)

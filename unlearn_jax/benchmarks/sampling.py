@@ -224,10 +224,10 @@ def compile_probe(folder, steps: int, args) -> dict:
 
 def _split_cpu_like_the_cli(folder, batch_size: int) -> int:
     """Gives this process the CPU device layout `unlearn-jax sample` uses (before any JAX work)."""
-    from unlearn_jax.cli import _replica_bytes
+    from unlearn_jax.command_args import replica_bytes
     from unlearn_jax.distributed import split_cpu_into_devices
 
-    return split_cpu_into_devices(batch_size, _replica_bytes(Path(folder)))
+    return split_cpu_into_devices(batch_size, replica_bytes(Path(folder)))
 
 
 def _inputs(folder, num_images: int, seed: int) -> tuple[list[str], np.ndarray]:
