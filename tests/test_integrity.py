@@ -179,6 +179,7 @@ def test_sample_cli_latents_match_generate(sd1_folder, tmp_path):
         ]
     )
     images = np.load(tmp_path / "s" / "images.npz")["images"]
+    from unlearn_jax.diffusion.chunks import data_mesh
     from unlearn_jax.diffusion.text_to_image import generate
 
     expected = generate(
@@ -187,6 +188,10 @@ def test_sample_cli_latents_match_generate(sd1_folder, tmp_path):
         steps=3,
         latents=noise.transpose(0, 2, 3, 1),
         progress=False,
+        # The CLI's layout: its batch sharded over every device. When the CLI is this
+        # process's first JAX user, it splits the CPU into devices; batch 1 per device
+        # rounds differently from batch 2 on one.
+        mesh=data_mesh(),
     )
     np.testing.assert_array_equal(images, expected)
     assert sorted(p.name for p in (tmp_path / "s").glob("*.png")) == ["00000.png", "00001.png"]
