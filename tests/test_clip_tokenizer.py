@@ -4,7 +4,8 @@
 folder and a `CachedClipTokenizer` afterwards; both must give the same ids,
 masks, decoded text and vocabulary, for the tokenizer configurations real SD
 folders carry (special tokens as strings or as AddedToken dicts, SD 2's "!"
-padding, an `added_tokens_decoder` table) and for every option the package uses.
+padding, an `added_tokens_decoder` table, transformers 4's cleanup flag) and for
+every option the package uses.
 """
 
 import json
@@ -68,6 +69,13 @@ def _sd15(config: dict, folder) -> None:
     (folder / "special_tokens_map.json").write_text(json.dumps({k: config[k] for k in names}))
 
 
+def _sd15_saved_by_transformers4(config: dict, folder) -> None:
+    """As transformers 4.3x re-saved SD 1.x folders: cleanup flag and added_tokens_decoder."""
+    _sd15(config, folder)
+    _decoder_table(config, folder)
+    config["clean_up_tokenization_spaces"] = True
+
+
 def _sd2(config: dict, folder) -> None:
     """SD 2.x pads with "!" (id 0) instead of the end token."""
     _sd15(config, folder)
@@ -85,7 +93,13 @@ def _decoder_table(config: dict, folder) -> None:
     }
 
 
-VARIANTS = {"plain": None, "sd15": _sd15, "sd2": _sd2, "decoder_table": _decoder_table}
+VARIANTS = {
+    "plain": None,
+    "sd15": _sd15,
+    "sd15_transformers4": _sd15_saved_by_transformers4,
+    "sd2": _sd2,
+    "decoder_table": _decoder_table,
+}
 
 
 @pytest.fixture
