@@ -189,10 +189,12 @@ def test_a_corrupt_entry_is_ignored_and_rewritten(tmp_path, cache):
     folder = _tokenizer_folder(tmp_path, "plain")
     load_clip_tokenizer(folder)
     (entry,) = cache.glob("*.json")
-    entry.write_text('{"format": 1, "backend": {"trunc')
-    assert type(load_clip_tokenizer(folder)) is CLIPTokenizer
-    assert isinstance(load_clip_tokenizer(folder), CachedClipTokenizer)
-    json.loads(entry.read_text())  # whole again
+    whole = json.loads(entry.read_text())
+    for corrupt in (entry.read_text()[:100], json.dumps({**whole, "backend": '{"trunc'})):
+        entry.write_text(corrupt)
+        assert type(load_clip_tokenizer(folder)) is CLIPTokenizer
+        assert json.loads(entry.read_text()) == whole  # rewritten
+        assert isinstance(load_clip_tokenizer(folder), CachedClipTokenizer)
 
 
 def test_without_a_cache_it_is_transformers_tokenizer(tmp_path):

@@ -50,7 +50,7 @@ TOKENIZER_FILES = (
     "added_tokens.json",
     "config.json",
 )
-_FORMAT = 1
+_FORMAT = 2
 # transformers' bound above which model_max_length means "no limit" (LARGE_INTEGER).
 _NO_LIMIT = int(1e20)
 _SPECIALS = ("bos", "eos", "unk", "pad")
@@ -104,12 +104,13 @@ def _entry(tokenizer: Any) -> dict | None:
         return None
     if tokenizer.padding_side != "right" or tokenizer.truncation_side != "right":
         return None
-    backend = json.loads(tokenizer.backend_tokenizer.to_str())
-    if backend.get("truncation") is not None or backend.get("padding") is not None:
+    backend = tokenizer.backend_tokenizer
+    if backend.truncation is not None or backend.padding is not None:
         return None
     entry = {
         "format": _FORMAT,
-        "backend": backend,
+        # A string, not nested JSON: SD's backend is 4 MB, parsed once, by the Rust side.
+        "backend": backend.to_str(),
         "model_max_length": int(tokenizer.model_max_length),
         "end_of_word_suffix": tokenizer.backend_tokenizer.model.end_of_word_suffix,
     }
@@ -137,7 +138,7 @@ def load_clip_tokenizer(folder: str | Path) -> Any:
         path = cache / f"{cache_key(folder)}.json"
         try:
             return CachedClipTokenizer(json.loads(path.read_text()), folder)
-        except (OSError, ValueError, KeyError, TypeError):
+        except Exception:  # noqa: BLE001 - tokenizers' parse errors are bare Exceptions
             pass  # absent or unreadable: resolve with transformers and (re)write it
     tokenizer = _transformers_tokenizer(folder)
     entry = _entry(tokenizer) if path is not None else None
@@ -175,7 +176,7 @@ class CachedClipTokenizer:
     def __init__(self, entry: dict, folder: Path):
         if entry.get("format") != _FORMAT:
             raise ValueError(f"tokenizer cache entry of format {entry.get('format')}")
-        self.backend_tokenizer = tokenizers.Tokenizer.from_str(json.dumps(entry["backend"]))
+        self.backend_tokenizer = tokenizers.Tokenizer.from_str(entry["backend"])
         self.model_max_length = entry["model_max_length"]
         self._suffix = entry["end_of_word_suffix"]
         for name in _SPECIALS:
