@@ -221,3 +221,27 @@ def test_a_cached_load_does_not_import_transformers(tmp_path, cache):
     reference = CLIPTokenizer.from_pretrained(str(folder))
     expected = reference(["a photo of a cat!"], padding="max_length", max_length=77)
     assert ids.strip() == str(expected["input_ids"][0][:8])
+
+
+@pytest.mark.parametrize("setting", ["DIR", "off"])
+def test_the_cli_caches_tokenizers_beside_its_compiled_programs(tmp_path, setting):
+    """`unlearn-jax` turns the cache on with its compilation cache, and off with it."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env["UNLEARN_JAX_COMPILATION_CACHE"] = str(tmp_path / "xla") if setting == "DIR" else "off"
+    code = (
+        "from unlearn_jax import cli; from unlearn_jax.models import clip_tokenizer as c; "
+        "print(cli.enable_compilation_cache(), c.cache_folder())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    programs, tokenizers = out.stdout.split()
+    if setting == "DIR":
+        assert (programs, tokenizers) == (
+            str(tmp_path / "xla"),
+            str(tmp_path / "xla" / "tokenizers"),
+        )
+    else:
+        assert (programs, tokenizers) == ("None", "None")

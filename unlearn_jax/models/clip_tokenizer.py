@@ -64,6 +64,11 @@ def set_cache_folder(folder: str | Path | None) -> None:
     _cache_folder = None if folder is None else Path(folder)
 
 
+def cache_folder() -> Path | None:
+    """The folder `set_cache_folder` named, or None."""
+    return _cache_folder
+
+
 def _library_version(name: str) -> str:
     try:
         return importlib.metadata.version(name)
