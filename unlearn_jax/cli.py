@@ -49,7 +49,9 @@ INTEGRITY_FILES = ("integrity.json", "pairs.npz", "grid.png")
 
 
 def enable_compilation_cache() -> str | None:
-    """Turns on JAX's persistent compilation cache for this process; returns its folder."""
+    """Turns on JAX's persistent compilation cache for this process, and the tokenizer
+    cache in its `tokenizers/` (not in a JAX_COMPILATION_CACHE_DIR the user set);
+    returns the compilation cache's folder."""
     import jax
 
     from unlearn_jax.models import clip_tokenizer
