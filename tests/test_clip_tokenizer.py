@@ -161,9 +161,11 @@ def test_options_it_does_not_implement_go_to_transformers(tmp_path, cache):
     load_clip_tokenizer(folder)
     cached = load_clip_tokenizer(folder)
     assert isinstance(cached, CachedClipTokenizer)
-    for options in (dict(padding=True, pad_to_multiple_of=8), dict(return_attention_mask=False)):
-        expected, got = reference(PROMPTS, **options), cached(PROMPTS, **options)
-        assert dict(expected) == dict(got), options
+    for option, base in ((dict(pad_to_multiple_of=8), dict(padding=True)),
+                         (dict(return_attention_mask=False), {})):  # fmt: skip
+        expected, got = reference(PROMPTS, **base, **option), cached(PROMPTS, **base, **option)
+        assert dict(expected) != dict(reference(PROMPTS, **base)), option  # the option matters
+        assert dict(expected) == dict(got), option
     pair = (["a cat", "a dog"], ["red", "photo of"])
     assert reference(*pair)["input_ids"] == cached(*pair)["input_ids"]
     # Methods it does not define are transformers' own.
