@@ -15,7 +15,8 @@ from safetensors.numpy import load_file, save_file
 
 from unlearn_jax.models import weights
 from unlearn_jax.models.convert import WeightMismatchError
-from unlearn_jax.models.pipeline import PipelineError, load_pipeline, save_pipeline
+from unlearn_jax.models.diffusers_folder import PipelineError, save_pipeline
+from unlearn_jax.models.pipeline import load_pipeline
 
 
 def _copy(folder, tmp_path, name="copy"):

@@ -209,7 +209,7 @@ def devices_for(model_paths: list[str], args: argparse.Namespace) -> tuple[list[
     """
     from unlearn_jax.diffusion.chunks import data_mesh
     from unlearn_jax.distributed import split_cpu_into_devices
-    from unlearn_jax.models.pipeline import resolve_model_path
+    from unlearn_jax.models.diffusers_folder import resolve_model_path
 
     folders = [resolve_model_path(p) for p in model_paths]
     split_cpu_into_devices(args.batch_size, sum(replica_bytes(f) for f in folders))

@@ -4,9 +4,9 @@
 text encoder from their `config.json`, loads their safetensors weights through
 the strict converter, and loads the tokenizer as transformers'
 `CLIPTokenizer.from_pretrained(folder/tokenizer)` does (`clip_tokenizer`:
-without importing transformers when the process caches tokenizers). `save_pipeline` writes the
-(possibly unlearned) modules back as a diffusers folder, copying every other
-file of the source unchanged, in the source's weight dtypes.
+without importing transformers when the process caches tokenizers). Finding
+and checking the folder, and writing one back (`save_pipeline`), is
+`diffusers_folder`'s part.
 
 A path to a file instead of a folder is a single-file checkpoint in the
 original LDM layout (`.safetensors`; `.ckpt` only with `allow_pickle`): every
@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -31,31 +29,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from unlearn_jax.atomic_files import atomic_folder
 from unlearn_jax.models import convert, single_file, weights
 from unlearn_jax.models.abstract import abstract_module
 from unlearn_jax.models.clip import CLIPTextModel, is_clip_buffer, normalize_clip_keys
 from unlearn_jax.models.clip_tokenizer import load_clip_tokenizer
+from unlearn_jax.models.diffusers_folder import (
+    PipelineError,
+    _read_json,
+    read_model_index,
+    resolve_model_path,
+)
 from unlearn_jax.models.single_file import SingleFileOptions, SingleFilePlan
-from unlearn_jax.models.single_file_export import write_folder_files
 from unlearn_jax.models.unet import UNet2DConditionModel
 from unlearn_jax.models.vae import AutoencoderKL, normalize_vae_keys
 
 log = logging.getLogger(__name__)
-
-REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-# Weight-file stem per trainable component, as diffusers/transformers name them.
-_STEMS = {
-    "unet": "diffusion_pytorch_model",
-    "vae": "diffusion_pytorch_model",
-    "text_encoder": "model",
-}
-# Files a hub download needs; pickles are never fetched.
-HUB_PATTERNS = ["*.json", "*.txt", "*.safetensors", "*.model"]
-
-
-class PipelineError(ValueError):
-    """The folder or hub id is not a usable Stable Diffusion pipeline."""
 
 
 # transformers 5 writes CLIP text encoders without this prefix; older files have it.
@@ -192,64 +180,6 @@ def encode_ids(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array) -> jax.
     shapes before the weights are loaded.
     """
     return nnx.merge(graphdef, state)(ids)[0]
-
-
-def resolve_model_path(path_or_id: str | Path) -> Path:
-    """A local pipeline folder or single file, or a hub id downloaded (safetensors, configs)."""
-    path = Path(path_or_id).expanduser()
-    if path.exists():
-        return path
-    text = str(path_or_id)
-    if text.count("/") != 1 or text.startswith((".", "/", "~")):
-        raise PipelineError(
-            f"{text}: no such folder or file. Fix: pass a local diffusers folder (the one "
-            "holding model_index.json), a single-file checkpoint (.safetensors) or a hub id "
-            "such as 'org/name'."
-        )
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(text, allow_patterns=HUB_PATTERNS))
-    except Exception as e:
-        raise PipelineError(
-            f"{text!r} is not a local folder, and fetching it from the Hugging Face hub "
-            f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
-            "Fix: on an offline machine pass a local diffusers folder (copy one saved with "
-            "StableDiffusionPipeline.save_pretrained); online, check the id and your access "
-            "token (huggingface-cli login)."
-        ) from e
-
-
-def _read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise PipelineError(f"{path} is missing: {what}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise PipelineError(f"{path} is not valid JSON ({e}). Fix: restore the file.") from e
-
-
-def read_model_index(folder: Path) -> dict:
-    """Validates that `folder` is a diffusers SD pipeline and returns model_index.json."""
-    index_path = folder / "model_index.json"
-    if not index_path.is_file():
-        hint = ""
-        if (folder / "config.json").is_file() and (folder.parent / "model_index.json").is_file():
-            hint = f" {folder} looks like one component; pass its parent {folder.parent}."
-        raise PipelineError(
-            f"{folder} is not a diffusers pipeline folder: it has no model_index.json."
-            f"{hint} Fix: pass the folder written by StableDiffusionPipeline.save_pretrained "
-            "(it holds model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)."
-        )
-    index = _read_json(index_path, "the pipeline index")
-    missing = [c for c in REQUIRED_COMPONENTS if c not in index or not (folder / c).is_dir()]
-    if missing:
-        raise PipelineError(
-            f"{folder} lacks the component(s) {', '.join(missing)} (in model_index.json "
-            "and as sub-folders). Fix: copy the complete pipeline folder; unlearn_jax needs "
-            f"{', '.join(REQUIRED_COMPONENTS)}."
-        )
-    return index
 
 
 def _load_component(
@@ -433,63 +363,3 @@ def _single_file_tokenizer(plan: SingleFilePlan) -> Any:
             "--model-config DIR (config.model.config), a diffusers folder of the same model "
             "family whose tokenizer/ holds vocab.json and merges.txt."
         ) from e
-
-
-def save_pipeline(
-    pipe: StableDiffusion,
-    out: str | Path,
-    components: tuple[str, ...] = ("unet", "vae", "text_encoder"),
-) -> Path:
-    """Writes a diffusers folder: `components` from the NNX modules, the rest copied.
-
-    Weights are written in the dtype the source files had, so a pipeline that
-    was loaded and not changed is written back bit for bit. Refuses to write
-    into an existing non-empty folder (nothing the user had is overwritten).
-    A pipeline read from a single file has no folder to copy from: its configs,
-    scheduler and tokenizer are written and all three networks with them.
-    """
-    out = Path(out)
-    check_new_folder(out)
-    # Written under a private temporary name next to `out`, renamed when complete:
-    # the folder appears whole or not at all, and a failure removes only what we wrote.
-    with atomic_folder(out) as tmp:
-        if pipe.single_file is not None:
-            # No folder to copy the rest from: its files are written, all weights with them.
-            write_folder_files(pipe.single_file, pipe.tokenizer, tmp)
-            components = ("unet", "vae", "text_encoder")
-        else:
-            shutil.copytree(
-                pipe.source, tmp, ignore=_weight_files_of(components), dirs_exist_ok=True
-            )
-        for name in components:
-            module = getattr(pipe, name)
-            tensors = convert.to_torch_state(module, dtype=pipe.file_dtypes[name])
-            tensors.update(pipe.buffers[name])
-            prefix = pipe.strip_prefix.get(name, "")
-            if prefix:
-                tensors = {k.removeprefix(prefix): v for k, v in tensors.items()}
-            weights.write_component_weights(tmp / name, tensors, stem=_STEMS[name])
-    return out
-
-
-def check_new_folder(out: Path) -> None:
-    """Refuses an `out` that is a file or a non-empty folder (nothing the user had is touched)."""
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(
-            f"{out} is a file, not a folder; refusing to overwrite it. "
-            "Fix: choose a new --out folder."
-        )
-    if out.is_dir() and any(out.iterdir()):
-        raise FileExistsError(
-            f"{out} exists and is not empty; refusing to overwrite it. "
-            "Fix: choose a new --out folder or remove this one yourself."
-        )
-
-
-def _weight_files_of(components: tuple[str, ...]):
-    def ignore(directory: str, names: list[str]) -> list[str]:
-        if Path(directory).name not in components:
-            return []
-        return [n for n in names if n.endswith((".safetensors", ".bin", ".index.json"))]
-
-    return ignore

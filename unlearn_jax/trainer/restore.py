@@ -19,7 +19,8 @@ import jax
 import ml_collections
 from flax import nnx
 
-from unlearn_jax.models.pipeline import check_new_folder, load_pipeline, save_pipeline
+from unlearn_jax.models.diffusers_folder import check_new_folder, save_pipeline
+from unlearn_jax.models.pipeline import load_pipeline
 from unlearn_jax.models.single_file import COMPONENTS, SingleFileOptions
 from unlearn_jax.models.single_file_export import check_new_file, save_single_file
 from unlearn_jax.trainer import experiment
