@@ -57,7 +57,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from unlearn_jax.diffusion.forward import DiffusionModel
 from unlearn_jax.program_cache import compile_program
 from unlearn_jax.trainer.batches import SHARED_KEYS
-from unlearn_jax.trainer.staged_step import STAGED_TERMS
+from unlearn_jax.trainer.staged_parts import STAGED_TERMS
 from unlearn_jax.trainer.state import TrainState, float32_tree
 from unlearn_jax.unlearn import combine
 from unlearn_jax.unlearn.hparams import UnlearnHParams
