@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from unlearn_jax.world import demo
+from unlearn_jax.world.demo import findings
 from unlearn_jax.world.demo import report as report_lib
 
 
@@ -52,9 +53,9 @@ def _report(**methods) -> dict:
         "methods": methods,
     }
     report["analysis"] = {
-        "equal_forgetting": report_lib.equal_forgetting(report),
-        "front_dominance": report_lib.front_dominance(report),
-        "metric_agreement": report_lib.metric_agreement(report),
+        "equal_forgetting": findings.equal_forgetting(report),
+        "front_dominance": findings.front_dominance(report),
+        "metric_agreement": findings.metric_agreement(report),
     }
     return report
 
@@ -74,7 +75,7 @@ def test_equal_forgetting_compares_each_familys_best_point_per_level():
     assert rows[0.1]["baseline"]["method"] == "salun"  # 0.30 beats neggrad's 0.70
     assert rows[0.1]["ratio"] == pytest.approx(0.30 / 0.05)
     assert rows[0.5]["integrity_preserving"]["integrity_lpips"] == 0.02
-    lines = report_lib.conclusions(report)
+    lines = findings.conclusions(report)
     assert any("6.0x the damage for the baseline" in line for line in lines)
     verdict = next(line for line in lines if "at equal forgetting" in line)
     assert verdict.startswith("Integrity-preserving methods dominate the baselines")
@@ -88,7 +89,7 @@ def test_conclusions_say_so_when_the_baselines_win():
         distill=_method(PRESERVING, [(0.05, 0.40, 90, 0.9)]),
         esd_x=_method(BASELINE, [(0.05, 0.10, 10, 1.0)]),
     )
-    lines = report_lib.conclusions(report)
+    lines = findings.conclusions(report)
     assert any("the baseline damages less" in line for line in lines)
     verdict = next(line for line in lines if "at equal forgetting" in line)
     assert "do NOT dominate" in verdict and "(0 of 4 levels won)" in verdict
@@ -101,10 +102,10 @@ def test_only_one_family_forgets_and_nobody_forgets():
     )
     assert any(
         "Only the integrity-preserving family reaches forget rate <= 0.1" in line
-        for line in report_lib.conclusions(one)
+        for line in findings.conclusions(one)
     )
     none = _report(distill=_method(PRESERVING, [(0.9, 0.05, 5, 1.0)]))
-    assert "No method reaches forget rate <= 0.1 in this protocol." in report_lib.conclusions(none)
+    assert "No method reaches forget rate <= 0.1 in this protocol." in findings.conclusions(none)
 
 
 def test_metric_agreement_counts_pairs_integrity_separates():
@@ -120,7 +121,7 @@ def test_metric_agreement_counts_pairs_integrity_separates():
     assert agree["fid_same_order"] == 2  # b has the highest FID
     # Only b-c: c is the less damaged one by integrity yet has the lower accuracy.
     assert agree["retain_accuracy_separates"] == 0
-    line = next(line for line in report_lib.conclusions(report) if "separates 2 of 3" in line)
+    line = next(line for line in findings.conclusions(report) if "separates 2 of 3" in line)
     assert "retain accuracy separates 0 of them" in line and "misses most" in line
 
 
@@ -227,7 +228,7 @@ def test_report_says_which_methods_forgot_and_which_hid():
         entry["seconds"] = 1.0
     report["methods"]["distill"].update(forget_rate_attacked=0.1, template_rate=0.0)
     report["methods"]["esd_x"].update(forget_rate_attacked=0.8, template_rate=0.9)
-    lines = report_lib.forgotten_or_hidden(report)
+    lines = findings.forgotten_or_hidden(report)
     assert "the original draws a circle for 100% of forget prompts" in lines[0]
     assert lines[1].startswith("distill forgot the circle: forget rate 0.00 -> 0.10")
     assert lines[2].startswith("esd_x hid the circle: forget rate 0.10 -> 0.80 under attack (+0.70")

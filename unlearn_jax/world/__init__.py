@@ -8,5 +8,5 @@ embedded          -- where the shipped tiny SD model and classifier weights live
 pretrain          -- `python -m unlearn_jax.world.pretrain`: the four pretraining stages
                      (classifier, VAE, UNet + text encoder in `pretrain_diffusion`, the
                      generation check), written as a diffusers folder by `pretrain_export`.
-demo/             -- `unlearn-jax demo`: protocol, runs and report.
+demo/             -- `unlearn-jax demo`: protocol, runs, findings and report.
 """

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from unlearn_jax.world.demo.findings import conclusions
 from unlearn_jax.world.demo.protocol import (
     DEFAULT,
     FULL,
@@ -38,7 +39,6 @@ from unlearn_jax.world.demo.protocol import (
     demo_config,
     split_prompts,
 )
-from unlearn_jax.world.demo.report import conclusions
 
 __all__ = [
     "DEFAULT",
