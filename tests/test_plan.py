@@ -317,7 +317,7 @@ def test_sampler_out_of_memory_is_reported_as_does_not_fit(monkeypatch):
     def refuse(*args, **kwargs):
         raise plan.OutOfDeviceMemory("RESOURCE_EXHAUSTED: Ran out of memory on HBM", 1.5)
 
-    monkeypatch.setattr(plan.programs, "compile_sampler", refuse)
+    monkeypatch.setattr(plan.sampler_program, "compile_sampler", refuse)
     program = plan.plan_sampler(TINY, steps=2, batch_per_device=1)
     assert program.out_of_memory.startswith("RESOURCE_EXHAUSTED") and program.compile_s == 1.5
     assert program.settings["steps"] == 2 and program.settings["mesh"]["data"] >= 1

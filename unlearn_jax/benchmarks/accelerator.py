@@ -22,7 +22,7 @@ pool never starves torch:
              the first call (tracing + compilation, broken down per jitted program
              from JAX's own compile events) and --repeats timed calls. Then the
              FLOPs of one denoising step as the planner counts them
-             (`planning.programs.compile_sampler`, XLA's cost analysis, XLA's
+             (`planning.sampler_program.compile_sampler`, XLA's cost analysis, XLA's
              attention) and the card's measured bf16 matmul rate.
   train step `benchmarks.train_step` (the `distill` preset): the trainer's jitted
              step vs the same loss on diffusers' PyTorch UNet (bf16 autocast with
@@ -232,7 +232,7 @@ def ours_worker(spec: dict, workdir: Path) -> dict:
     from unlearn_jax.models.pipeline import load_pipeline
     from unlearn_jax.planning.costs import flops_of
     from unlearn_jax.planning.models import resolve_model
-    from unlearn_jax.planning.programs import compile_sampler
+    from unlearn_jax.planning.sampler_program import compile_sampler
 
     if spec["compilation_cache"]:
         jax.config.update("jax_compilation_cache_dir", spec["compilation_cache"])

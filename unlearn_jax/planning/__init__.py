@@ -42,9 +42,9 @@ analysis counts a loop body once, so the sampler's FLOPs come from one denoising
 compiled on its own, times the steps.
 
 Modules: `models` (chips and model configs), `targets` (compile-only TPU devices),
-`programs` (compile and measure the train step and the sampler), `costs` (a
-compiled program's memory and FLOPs), `report` (JSON and tables), `command` (the
-command line).
+`programs` (what the programs share; compile and measure the train step),
+`sampler_program` (compile and measure the sampler), `costs` (a compiled program's
+memory and FLOPs), `report` (JSON and tables), `command` (the command line).
 """
 
 from unlearn_jax.planning.command import add_plan_command, main, run_plan, use_fake_cpu_devices
@@ -53,12 +53,11 @@ from unlearn_jax.planning.models import CHIPS, MODELS, Chip, ModelSpec, resolve_
 from unlearn_jax.planning.programs import (
     OutOfDeviceMemory,
     ProgramReport,
-    compile_sampler,
-    plan_sampler,
     plan_train_step,
     train_config,
 )
 from unlearn_jax.planning.report import build_report, format_tables, markdown_tables, program_label
+from unlearn_jax.planning.sampler_program import compile_sampler, plan_sampler
 from unlearn_jax.planning.targets import tpu_chip, tpu_devices
 
 __all__ = [

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from unlearn_jax.planning.models import COMPUTE_DTYPES, resolve_model
-from unlearn_jax.planning.programs import plan_sampler, plan_train_step, train_config
+from unlearn_jax.planning.programs import plan_train_step, train_config
 from unlearn_jax.planning.report import (
     BYTE_UNITS,
     FLOP_UNITS,
@@ -20,6 +20,7 @@ from unlearn_jax.planning.report import (
     program_label,
     scaled,
 )
+from unlearn_jax.planning.sampler_program import plan_sampler
 from unlearn_jax.planning.targets import tpu_devices
 
 _DESCRIPTION = (
