@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from unlearn_jax.metrics import pareto
 from unlearn_jax.world import demo
 from unlearn_jax.world.demo import findings
 from unlearn_jax.world.demo import report as report_lib
@@ -197,7 +198,7 @@ def test_demo_command_writes_the_report(tmp_path, capsys):
         assert {(p["lr"], p["step"]) for p in metrics["curve"]} == {(1e-4, 2), (1e-3, 2)}
         assert [s["seed"] for s in metrics["seeds"]] == [0, 1]
         assert metrics["seeds"][0]["integrity_lpips"] == metrics["integrity_lpips"]
-        head = demo.report.pareto.headline_point(metrics["curve"])
+        head = pareto.headline_point(metrics["curve"])
         assert (metrics["lr"], metrics["step"]) == (head["lr"], head["step"])
     assert report["methods"]["distill"]["family"] == "integrity-preserving"
     for name in (
