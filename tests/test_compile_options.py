@@ -68,3 +68,36 @@ def test_the_sampler_and_the_train_steps_parts_compile_through_it(monkeypatch):
     compiled = train_step.compile_all(programs)
     assert len(calls) == 2
     np.testing.assert_array_equal(compiled["double"](jnp.ones(2)), [2.0, 2.0])
+
+
+def test_compile_all_takes_small_programs_after_every_other_waiting_one(monkeypatch):
+    """With one core: while the first program compiles, four arrive; the free core then
+    takes the large ones in their order of arrival, then the small ones."""
+    import threading
+
+    monkeypatch.setattr(train_step.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    monkeypatch.setattr(train_step.os, "cpu_count", lambda: 1)
+    all_lowered = threading.Event()
+    order = []
+
+    def compile_one(name, program):
+        if not order:  # the first program: hold the only core until every program waits
+            assert all_lowered.wait(timeout=60)
+        order.append(name)
+        return f"compiled {program}"
+
+    def lowered():
+        yield from [(n, n.upper()) for n in ("forward", "forget_prepare", "backward")]
+        yield from [(n, n.upper()) for n in ("retain_finish", "update")]
+        all_lowered.set()
+
+    is_small = lambda name: name.endswith(("_prepare", "_finish"))
+    compiled = train_step.compile_all(lowered(), compile_one, is_small=is_small)
+    assert order == ["forward", "backward", "update", "forget_prepare", "retain_finish"]
+    assert list(compiled) == ["forward", "forget_prepare", "backward", "retain_finish", "update"]
+    assert compiled["update"] == "compiled UPDATE"
+    # Without `is_small`, arrival order.
+    order.clear()
+    all_lowered.clear()
+    train_step.compile_all(lowered(), compile_one)
+    assert order == ["forward", "forget_prepare", "backward", "retain_finish", "update"]

@@ -14,7 +14,8 @@ registry's terms.
 This module is how they are compiled and kept, apart from what they compute:
 `compile_staged_step` jits them (or reuses those of an equal earlier call, `_JITTED`),
 lowers each with the output info of the ones before it as its example arguments
-(`_lower`), and compiles each on a worker thread as soon as it is lowered.
+(`_lower`), and compiles each on a worker thread as soon as it is lowered and a core
+is free, a term's small programs after the others that wait (`_is_small`).
 
 The price is speed: each network call is its own dispatch (a distill step makes six
 forward and three backward calls), the teacher's forward writes residuals it does
@@ -51,6 +52,12 @@ PyTree = Any
 # learning rate or the data (a sweep, a resume, the tests) skip tracing them.
 _JITTED: dict[tuple, StagedParts] = {}
 _JITTED_MAX = 4
+
+
+def _is_small(name: str) -> bool:
+    """A term's `prepare` or `finish`: its draws, loss and cotangents, no network. These
+    compile in 0.1-0.5 s alone; the network's programs and the update take seconds."""
+    return name.endswith(("_prepare", "_finish"))
 
 
 def _signature(tree: PyTree) -> tuple:
@@ -191,7 +198,7 @@ def compile_staged_step(
 
     params_sharding = None if shardings is None else shardings.state.params
     lowered = _lower(staged, params_sharding, state, frozen_original, batch, train_key)
-    staged = _compiled(staged, compile_all(lowered, compile_one))
+    staged = _compiled(staged, compile_all(lowered, compile_one, is_small=_is_small))
     # Host zeros placed directly: no program compiled per shape.
     if staged.micro_steps == 1:
         zeros = None

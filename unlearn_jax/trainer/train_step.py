@@ -45,7 +45,9 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import heapq
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -336,17 +338,43 @@ def lower_step_parts(
 
 
 def compile_all(
-    lowered: Iterable[tuple[str, jax.stages.Lowered]], compile_one: Callable | None = None
+    lowered: Iterable[tuple[str, jax.stages.Lowered]],
+    compile_one: Callable | None = None,
+    is_small: Callable[[str], bool] | None = None,
 ) -> dict[str, Any]:
-    """{name: compiled program} of (name, lowered) pairs, each compiled on a worker thread
-    as soon as it arrives, one thread per core (XLA releases the GIL while it compiles,
-    so the next program is traced meanwhile). `compile_one(name, lowered)`: default
-    `program_cache.compile_program(lowered)`."""
+    """{name: compiled program} of (name, lowered) pairs, compiled on worker threads, one
+    per core, as they arrive (XLA releases the GIL while it compiles, so the next program
+    is traced meanwhile). `compile_one(name, lowered)`: default
+    `program_cache.compile_program(lowered)`.
+
+    A core that comes free takes the program that arrived first among those waiting,
+    except that programs for which `is_small(name)` holds (those compiling in a fraction
+    of a second) wait behind every other. The staged step's last program, the update,
+    is its longest compile after the network's; queued behind the small programs that
+    arrived before it, it started seconds later than it could.
+    """
     compile_one = compile_one or (lambda name, program: compile_program(program))
+    is_small = is_small or (lambda name: False)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    waiting: list[tuple[bool, int, str, jax.stages.Lowered]] = []  # a heap
+    lock = threading.Lock()
+    compiled: dict[str, Any] = {}
+
+    def compile_next() -> None:  # one task per program: the first in the heap's order
+        with lock:
+            _, _, name, program = heapq.heappop(waiting)
+        compiled[name] = compile_one(name, program)
+
+    names, tasks = [], []
     with concurrent.futures.ThreadPoolExecutor(max(1, cores or 1)) as pool:
-        futures = {name: pool.submit(compile_one, name, program) for name, program in lowered}
-        return {name: future.result() for name, future in futures.items()}
+        for arrival, (name, program) in enumerate(lowered):
+            with lock:
+                heapq.heappush(waiting, (is_small(name), arrival, name, program))
+            names.append(name)
+            tasks.append(pool.submit(compile_next))
+        for task in tasks:
+            task.result()
+    return {name: compiled[name] for name in names}
 
 
 def split_step(compiled: dict[str, Any]) -> TrainStep:
