@@ -181,7 +181,7 @@ def test_build_data_encodes_each_distinct_anchor_once(pipe, tmp_path, monkeypatc
     def fake_latents(config, pipe, prompts, section, seed, cache_dir, model_id):
         return sources.Latents(np.zeros((len(prompts), 8, 8, 4), np.float32), np.arange(3))
 
-    monkeypatch.setattr(experiment, "_latents", fake_latents)
+    monkeypatch.setattr(experiment, "section_latents", fake_latents)
     config = make_config(
         tmp_path / "unused",
         "distill",

@@ -87,7 +87,7 @@ def forget_latents(
     from unlearn_jax.trainer import experiment
 
     seed = experiment.derived_seed(config.seed, experiment.FORGET_X0_SEED)
-    return experiment._latents(
+    return experiment.section_latents(
         config,
         original_pipe,
         list(prompts),

@@ -135,7 +135,7 @@ class PeakMemory:
         self.before_mark = self.base = 0.0
 
     @staticmethod
-    def _peak() -> float:
+    def peak_mb() -> float:
         peak = proc_status_mb("VmHWM")
         if peak is not None:
             return peak
@@ -143,7 +143,7 @@ class PeakMemory:
         return kib / 1024 if sys.platform != "darwin" else kib / 2**20  # macOS: bytes
 
     def mark(self) -> None:
-        self.before_mark = self._peak()
+        self.before_mark = self.peak_mb()
         self.base = proc_status_mb("VmRSS") or self.before_mark
         try:
             with open("/proc/self/clear_refs", "w") as f:
@@ -153,7 +153,7 @@ class PeakMemory:
 
     def report(self) -> dict[str, float]:
         """{'peak_rss_mb', 'rss_after_imports_mb', 'rss_growth_mb' (peak since mark - base)}."""
-        since = self._peak()
+        since = self.peak_mb()
         return {
             "peak_rss_mb": max(self.before_mark, since),
             "rss_after_imports_mb": self.base,

@@ -124,7 +124,7 @@ def run_ours(spec: dict, workdir: Path) -> dict:
     compiled, compile_by_program = jax_compile_seconds_by_program(build)
     compile_s = time.perf_counter() - c0
     jax_compile_s = sum(compile_by_program.values())
-    compile_peak = PeakMemory._peak()  # XLA's own memory while compiling shows up here
+    compile_peak = PeakMemory.peak_mb()  # XLA's own memory while compiling shows up here
     flops = None
     if spec.get("count_flops"):
         flops = step_flops(step_fn, state, frozen, batch, train_key)

@@ -81,7 +81,7 @@ def normalize_clip_keys(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarr
     return out
 
 
-def _activation(name: str) -> Callable[[jax.Array], jax.Array]:
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     if name not in _ACTIVATIONS:
         raise ValueError(f"CLIP hidden_act {name!r} is not supported ({sorted(_ACTIVATIONS)}).")
     return _ACTIVATIONS[name]
@@ -128,7 +128,7 @@ class CLIPMLP(nnx.Module):
         param_dtype: jnp.dtype,
         rngs: nnx.Rngs,
     ):
-        self.act = _activation(act)
+        self.act = activation(act)
         self.fc1 = nnx.Linear(dim, hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.fc2 = nnx.Linear(hidden, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
@@ -328,7 +328,7 @@ def text_config(config: Mapping[str, Any]) -> dict[str, Any]:
             text["projection_dim"] = config["projection_dim"]  # the top level wins, as in CLIPModel
         config = text
     cfg = {**_TEXT_DEFAULTS, **config}
-    _activation(cfg["hidden_act"])
+    activation(cfg["hidden_act"])
     return cfg
 
 

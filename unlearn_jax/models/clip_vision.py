@@ -45,7 +45,7 @@ from unlearn_jax.models.abstract import abstract_module
 from unlearn_jax.models.clip import (
     CLIPEncoder,
     CLIPTextTransformer,
-    _activation,
+    activation,
     is_clip_buffer,
     text_config,
 )
@@ -85,7 +85,7 @@ def vision_config(config: Mapping[str, Any]) -> dict[str, Any]:
             vision["projection_dim"] = config["projection_dim"]
         config = vision
     cfg = {**_VISION_DEFAULTS, **config}
-    _activation(cfg["hidden_act"])
+    activation(cfg["hidden_act"])
     if cfg["image_size"] % cfg["patch_size"]:
         raise ValueError(
             f"CLIP vision image_size {cfg['image_size']} is not a multiple of "

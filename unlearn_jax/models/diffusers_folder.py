@@ -65,7 +65,7 @@ def resolve_model_path(path_or_id: str | Path) -> Path:
         ) from e
 
 
-def _read_json(path: Path, what: str) -> dict:
+def read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise PipelineError(f"{path} is missing: {what}")
     try:
@@ -86,7 +86,7 @@ def read_model_index(folder: Path) -> dict:
             f"{hint} Fix: pass the folder written by StableDiffusionPipeline.save_pretrained "
             "(it holds model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)."
         )
-    index = _read_json(index_path, "the pipeline index")
+    index = read_json(index_path, "the pipeline index")
     missing = [c for c in REQUIRED_COMPONENTS if c not in index or not (folder / c).is_dir()]
     if missing:
         raise PipelineError(

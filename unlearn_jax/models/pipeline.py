@@ -35,7 +35,7 @@ from unlearn_jax.models.clip import CLIPTextModel, is_clip_buffer, normalize_cli
 from unlearn_jax.models.clip_tokenizer import load_clip_tokenizer
 from unlearn_jax.models.diffusers_folder import (
     PipelineError,
-    _read_json,
+    read_json,
     read_model_index,
     resolve_model_path,
 )
@@ -237,7 +237,7 @@ def read_structure(
             )
         read_model_index(folder)
         configs = {
-            n: _read_json(folder / n / "config.json", f"the {n} config")
+            n: read_json(folder / n / "config.json", f"the {n} config")
             for n in ("unet", "vae", "text_encoder")
         }
     classes = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
@@ -251,7 +251,7 @@ def read_structure(
     if plan is not None:
         scheduler_config = plan.configs["scheduler"]
     else:
-        scheduler_config = _read_json(
+        scheduler_config = read_json(
             folder / "scheduler" / "scheduler_config.json", "the scheduler config"
         )
     return PipelineStructure(

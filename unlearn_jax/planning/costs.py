@@ -54,7 +54,7 @@ def xla_flops(compiled) -> float:
 
 def flops_of(compiled) -> float:
     """FLOPs per device of a compiled program: `xla_flops` plus, for programs whose
-    loops were recorded (`record_loop_flops`; the planner's `programs._compile` does),
+    loops were recorded (`record_loop_flops`; the planner's `programs.compile_planned` does),
     the other iterations of their `lax.scan`s."""
     return xla_flops(compiled) + uncounted_loop_flops(compiled)
 

@@ -2,7 +2,7 @@
 
 Shared by the train step and the sampler (`sampler_program`): `ProgramReport` (one
 compiled program's memory, FLOPs and compile time per device), `OutOfDeviceMemory` (the
-compiler's refusal), `_compile` (trace, lower and compile with the accelerator's
+compiler's refusal), `compile_planned` (trace, lower and compile with the accelerator's
 attention), the abstract UNet and placed arguments. The train step is the unlearning
 step as the trainer jits it (`plan_train_step`), from the trainer's config
 (`train_config`).
@@ -109,7 +109,7 @@ PALLAS_FLOPS_NOTE = (
 _OUT_OF_MEMORY = ("RESOURCE_EXHAUSTED", "Ran out of memory")
 
 
-def _compile(jitted, *args, mesh=None) -> tuple[Any, float]:
+def compile_planned(jitted, *args, mesh=None) -> tuple[Any, float]:
     """(compiled, seconds); raises OutOfDeviceMemory when the compiler cannot fit it.
 
     The attention traced is an accelerator's, even when planned on CPU: on compile-only
@@ -131,7 +131,7 @@ def _compile(jitted, *args, mesh=None) -> tuple[Any, float]:
     return compiled, time.perf_counter() - start
 
 
-def _abstract_unet(model: ModelSpec, dtype: str, remat: bool):
+def abstract_unet(model: ModelSpec, dtype: str, remat: bool):
     """(graphdef, abstract state) of the UNet: float32 parameters, `dtype` compute."""
     import jax.numpy as jnp
     from flax import nnx
@@ -152,7 +152,7 @@ def _abstract_unet(model: ModelSpec, dtype: str, remat: bool):
     return nnx.split(unet)
 
 
-def _placed(tree, shardings):
+def placed(tree, shardings):
     """ShapeDtypeStructs of `tree` carrying `shardings`."""
     import jax
 
@@ -250,7 +250,7 @@ def plan_train_step(
     optimizer = make_optimizer(config.optim)
 
     # As experiment.load_model builds them: θ0 as a pure dict, a pure apply function.
-    graphdef, state = _abstract_unet(model, dtype, remat)
+    graphdef, state = abstract_unet(model, dtype, remat)
     theta0 = state.to_pure_dict()
     split = ParamSplit.from_params(theta0, group)
     # As train.frozen_theta0 holds it: float32, or (train.frozen_dtype="compute") `dtype`.
@@ -325,10 +325,10 @@ def plan_train_step(
         "latent_shape": list(latent),
     }
     try:
-        compiled, seconds = _compile(
+        compiled, seconds = compile_planned(
             jitted,
-            _placed(abstract, state_shardings),
-            _placed(frozen, theta0_shardings),
+            placed(abstract, state_shardings),
+            placed(frozen, theta0_shardings),
             example_batch,
             key,
             mesh=mesh,

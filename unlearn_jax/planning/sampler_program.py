@@ -4,7 +4,7 @@ The integrity sampler (`diffusion.sampler.ddim_sample`: one `lax.scan` over DDIM
 with classifier-free guidance) for one chunk of prompts. XLA's cost analysis counts the
 scan's body once, so `plan_sampler` also compiles one denoising step on its own and
 counts its FLOPs times the steps. What it shares with the train step (`ProgramReport`,
-`_compile`, the abstract UNet) is in `programs`.
+`compile_planned`, the abstract UNet) is in `programs`.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from unlearn_jax.planning.models import ModelSpec
 from unlearn_jax.planning.programs import (
     OutOfDeviceMemory,
     ProgramReport,
-    _abstract_unet,
-    _compile,
-    _placed,
+    abstract_unet,
+    compile_planned,
+    placed,
 )
 
 
@@ -65,7 +65,7 @@ def compile_sampler(
     mesh = sharding.make_mesh(data, fsdp, devices)
     chunk = batch_per_device * mesh.shape["data"]
     latent = model.latent_shape(height, width)
-    graphdef, params = _abstract_unet(model, dtype, remat=False)
+    graphdef, params = abstract_unet(model, dtype, remat=False)
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     whole = sharding.replicated(mesh)
     context = (model.context_length, model.context_dim)
@@ -78,9 +78,9 @@ def compile_sampler(
         return run(params, plan, latents, cond, uncond, example_ids=example_ids)
 
     uncond = jax.ShapeDtypeStruct(context, jnp.dtype(dtype), sharding=whole)
-    compiled, seconds = _compile(
+    compiled, seconds = compile_planned(
         jax.jit(sample, out_shardings=rows),
-        _placed(params, sharding.param_shardings(mesh, params)),
+        placed(params, sharding.param_shardings(mesh, params)),
         jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=whole), plan),
         jax.ShapeDtypeStruct((chunk, *latent), jnp.float32, sharding=rows),
         jax.ShapeDtypeStruct((chunk, *context), jnp.dtype(dtype), sharding=rows),
