@@ -60,7 +60,7 @@ def test_choice_on_other_backends_and_for_accelerator_programs():
     choose = lambda backend, **kw: attention.choose_implementation(
         backend, jnp.bfloat16, q_shape, v_shape, **kw
     )
-    assert choose("cpu") == "per_head"
+    assert choose("cpu") == "per_head"  # 20 MiB of logits
     assert choose("tpu") == "xla"
     assert choose("cpu", accelerator_program=True) == "xla"  # the planner's programs
     # FLOP counts on a GPU: XLA counts a cuDNN custom call as 0 FLOPs.
@@ -99,9 +99,26 @@ def test_runnable_forms_equal_numpy(tq, tk, head_dim, value_dim):
             want,
             atol=3e-6,
         )
-    np.testing.assert_allclose(  # the dispatcher's 'per_head' branch
-        attention.dot_product_attention(q, k, v, scale=scale), want, atol=3e-6
+    for loop_above, form in ((0, "per_head"), (2**30, "xla")):  # the dispatcher's CPU branches
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(attention, "CPU_LOOP_LOGITS_BYTES", loop_above)
+            dispatched = lambda *a: attention.dot_product_attention(*a, scale=scale)
+            assert ("scan" in str(jax.make_jaxpr(dispatched)(q, k, v))) == (form == "per_head")
+            np.testing.assert_allclose(dispatched(q, k, v), want, atol=3e-6, err_msg=form)
+
+
+def test_cpu_loops_over_heads_only_for_logits_beyond_the_caches():
+    """'per_head' on CPU above `CPU_LOOP_LOGITS_BYTES` of float32 logits per device, else 'xla'."""
+    limit = attention.CPU_LOOP_LOGITS_BYTES
+    choose = lambda batch, tq, tk, **kw: attention.choose_implementation(
+        "cpu", jnp.float32, (batch, tq, 4, 8), (batch, tk, 4, 8), **kw
     )
+    rows = limit // (4 * 4 * 64 * 64)  # [rows, 4 heads, 64, 64] float32 logits = the limit
+    assert choose(rows, 64, 64) == "xla"  # the embedded model's train step: 0.5 MiB
+    assert choose(rows + 1, 64, 64) == "per_head"
+    assert choose(2 * rows, 64, 64, local_batch=rows) == "xla"  # per device, as sharded
+    assert choose(2 * rows, 64, 16) == "xla"  # cross-attention to 16 tokens
+    assert choose(1, 4096, 4096) == "per_head"  # SD's 64x64 latents: 256 MiB per example
 
 
 def test_bfloat16_forms_agree_with_numpy_to_bfloat16_precision():
@@ -235,11 +252,11 @@ def test_loop_flops_count_every_iteration():
 
     keys = jax.random.split(jax.random.key(5), 3)
     q, k, v = (jax.random.normal(key, (2, 512, 4, 40), jnp.bfloat16) for key in keys)
-    flops = lambda f, *args: costs.flops_of(programs._compile(jax.jit(f), *args)[0])
+    flops = lambda f, *args: costs.flops_of(programs.compile_planned(jax.jit(f), *args)[0])
     attend = lambda block: lambda q, k, v: attention.blockwise_attention(q, k, v, 0.3, block)
     one_block = flops(attend(512), q, k, v)
     assert flops(attend(64), q, k, v) == pytest.approx(one_block, rel=0.01)  # 8 iterations
-    without = costs.xla_flops(programs._compile(jax.jit(attend(64)), q, k, v)[0])
+    without = costs.xla_flops(programs.compile_planned(jax.jit(attend(64)), q, k, v)[0])
     assert without < 0.2 * one_block  # what XLA alone counts: one of the 8 blocks
 
     def body(w, x):

@@ -206,7 +206,7 @@ def test_abstract_module_matches_eval_shape_with_real_rngs(tiny_folder, cls, com
 
 
 def test_accelerator_attention_traces_the_fused_path_on_cpu():
-    q = jnp.ones((2, 16, 2, 8))
+    q = jnp.ones((4, 256, 2, 8))  # 2 MiB of logits: the CPU's loop (`CPU_LOOP_LOGITS_BYTES`)
     traced = lambda: str(
         jax.make_jaxpr(lambda x: attention.dot_product_attention(x, x, x, scale=1.0))(q)
     )

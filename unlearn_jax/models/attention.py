@@ -26,7 +26,7 @@ backend, the dtype and the shapes alone (see its docstring for the rules):
               programs, whose memory then resembles the fused kernels' (XLA:CPU
               kept up to 22 of SD-1.5's [B, 8, 4096, 4096] float32 probability
               tensors live for the backward with 'xla').
-  'per_head'  the CPU path below.
+  'per_head'  the CPU path below, for logits larger than `CPU_LOOP_LOGITS_BYTES`.
 
 On CPU, XLA materialises the whole [batch, heads, q, k] logits
 tensor and streams it through memory three times (logits, softmax, weighted
@@ -36,6 +36,9 @@ attention alone took ~60% of a tiny UNet's forward pass. The CPU path loops
 `BLOCK_BYTES`, over blocks of queries, with the batch axis kept whole in
 each iteration: the UNet forward runs ~1.5x faster on one core than with
 the fused form (see the README's speed section), and peak memory is bounded.
+Logits of at most `CPU_LOOP_LOGITS_BYTES` per device stay in the caches; there
+the fused form is as fast (faster for cross-attention to a few tokens) and
+compiles to fewer kernels, so CPU attention that small is 'xla'.
 
 The loop never runs over the batch axis, because that is the axis sharded
 over devices: XLA cannot split a loop over a sharded axis, so it gathers the
@@ -142,6 +145,13 @@ def per_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float
 
 # Above this many bytes of float32 logits per device and call, 'xla' becomes 'blockwise'.
 LOGITS_BYTES = 64 * 2**20
+# On CPU, above this many bytes of float32 logits per device and call, 'xla' becomes
+# 'per_head'. Measured on one core (2-core AMD EPYC, 2 heads): up to 1 MiB the two
+# forms ran within noise of each other, forward and backward, and XLA's was faster
+# for cross-attention to 16 tokens; from 2 MiB of self-attention logits the loop's
+# forward was 1.2-3.6x faster. The embedded model's train step (0.5 MiB) compiles
+# ~2 s faster with 'xla' and runs as fast.
+CPU_LOOP_LOGITS_BYTES = 2**20
 
 
 def blockwise_block(batch: int, heads: int, queries: int, keys: int) -> int:
@@ -269,7 +279,8 @@ def choose_implementation(
         counts a cuDNN call as 0 FLOPs, and a loop body once).
       local_batch: examples per device (default q_shape[0]), for the logits' size.
 
-    Rules: 'xla' for accelerator programs; 'per_head' on CPU; 'tpu_flash' on TPU when
+    Rules: 'xla' for accelerator programs; on CPU 'per_head' when the float32 logits
+    [local_batch, H, Tq, Tk] exceed `CPU_LOOP_LOGITS_BYTES`, else 'xla'; 'tpu_flash' on TPU when
     q's and v's head dims are equal, at most 128 or a multiple of 128 (SD-1.5's 160 at
     16x16 latents falls back to XLA), and the query and key lengths are multiples of
     `TPU_FLASH_BLOCK`; 'cudnn' on a CUDA
@@ -285,7 +296,7 @@ def choose_implementation(
     if accelerator_program:
         return xla
     if backend == "cpu":
-        return "per_head"
+        return "per_head" if logits_bytes > CPU_LOOP_LOGITS_BYTES else "xla"
     value_head_dim = v_shape[-1]
     if backend == "tpu":
         blocks = q_shape[1] % TPU_FLASH_BLOCK == 0 and v_shape[1] % TPU_FLASH_BLOCK == 0
