@@ -7,12 +7,13 @@ Never timed: only the structure of the results and the agreement of the images
 from __future__ import annotations
 
 import json
+import os
 import platform
 
 import pytest
 
 from unlearn_jax.benchmarks import sampling
-from unlearn_jax.benchmarks.common import cpu_name
+from unlearn_jax.benchmarks.common import cpu_name, run_worker
 
 
 def _run(tmp_path, *extra: str) -> dict:
@@ -253,3 +254,26 @@ def test_accelerator_benchmark_names_the_planner_chip(kind, chip):
 
     found = planner_chip(kind)
     assert (found.name if found else None) == chip
+
+
+@pytest.mark.parametrize(
+    "body,want",
+    [
+        (  # what the kernel's out-of-memory killer does: no word on stderr
+            "import os, signal; os.kill(os.getpid(), signal.SIGKILL)",
+            r"the ours worker failed \(killed by SIGKILL, most likely by the out-of-memory "
+            r"killer; the largest worker so far peaked at \d+\.\d GiB RSS\. Fix: a smaller",
+        ),
+        ("import sys; sys.stderr.write('boom'); sys.exit(3)", r"failed \(exit status 3\):\nboom$"),
+        (
+            "import os, signal; os.kill(os.getpid(), signal.SIGTERM)",
+            r"failed \(killed by SIGTERM\)",
+        ),
+    ],
+    ids=["oom-kill", "exit-status", "sigterm"],
+)
+def test_a_failed_worker_says_why(tmp_path, body, want):
+    (tmp_path / "dying_worker.py").write_text(body)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    with pytest.raises(RuntimeError, match=want):
+        run_worker("dying_worker", "ours", tmp_path, env=env)

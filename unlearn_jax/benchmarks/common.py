@@ -80,6 +80,38 @@ def jax_compile_seconds_by_program(fn) -> tuple[object, dict[str, float]]:
     return result, spent
 
 
+def max_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
+    """`getrusage(who).ru_maxrss` in MiB: this process's peak RSS, or with RUSAGE_CHILDREN
+    the largest of any waited-for child process so far."""
+    peak = resource.getrusage(who).ru_maxrss
+    return peak / 1024 if sys.platform != "darwin" else peak / 2**20  # Linux: KiB; macOS: bytes
+
+
+def exit_reason(returncode: int, peak_rss_mb: float | None = None) -> str:
+    """Why a worker process ended, for its error: its exit status, or the signal that
+    killed it. A SIGKILL nobody sent is, on Linux, the kernel's out-of-memory killer
+    (the process then writes nothing to stderr), so that one says so, with the peak RSS."""
+    import signal
+
+    if returncode >= 0:
+        return f"exit status {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    if -returncode != signal.SIGKILL:
+        return f"killed by {name}"
+    peak = (
+        f"; the largest worker so far peaked at {peak_rss_mb / 1024:.1f} GiB RSS"
+        if peak_rss_mb
+        else ""
+    )
+    return (
+        f"killed by {name}, most likely by the out-of-memory killer{peak}. Fix: a smaller "
+        "batch or model, or a machine with more memory"
+    )
+
+
 def run_worker(module: str, name: str, workdir: Path, env: dict | None = None) -> dict:
     """`python -m MODULE --worker NAME --workdir DIR` in a fresh process: its last stdout
     line parsed as JSON, plus its wall and CPU seconds. Each framework in its own process
@@ -91,7 +123,8 @@ def run_worker(module: str, name: str, workdir: Path, env: dict | None = None) -
     start, cpu = time.perf_counter(), children_cpu_s()
     proc = subprocess.run(command, capture_output=True, text=True, env=env or subprocess_env())
     if proc.returncode:
-        raise RuntimeError(f"the {name} worker failed:\n{proc.stderr[-3000:]}")
+        reason = exit_reason(proc.returncode, max_rss_mb(resource.RUSAGE_CHILDREN))
+        raise RuntimeError(f"the {name} worker failed ({reason}):\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["process_wall_s"] = time.perf_counter() - start
     result["process_cpu_s"] = children_cpu_s() - cpu
@@ -137,10 +170,7 @@ class PeakMemory:
     @staticmethod
     def peak_mb() -> float:
         peak = proc_status_mb("VmHWM")
-        if peak is not None:
-            return peak
-        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return kib / 1024 if sys.platform != "darwin" else kib / 2**20  # macOS: bytes
+        return peak if peak is not None else max_rss_mb()
 
     def mark(self) -> None:
         self.before_mark = self.peak_mb()
