@@ -114,7 +114,7 @@ def test_cpu_loops_over_heads_only_for_logits_beyond_the_caches():
         "cpu", jnp.float32, (batch, tq, 4, 8), (batch, tk, 4, 8), **kw
     )
     rows = limit // (4 * 4 * 64 * 64)  # [rows, 4 heads, 64, 64] float32 logits = the limit
-    assert choose(rows, 64, 64) == "xla"  # the embedded model's train step: 0.5 MiB
+    assert choose(rows, 64, 64) == "xla"  # at the limit (the embedded model's train step: half)
     assert choose(rows + 1, 64, 64) == "per_head"
     assert choose(2 * rows, 64, 64, local_batch=rows) == "xla"  # per device, as sharded
     assert choose(2 * rows, 64, 16) == "xla"  # cross-attention to 16 tokens

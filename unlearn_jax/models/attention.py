@@ -37,8 +37,8 @@ attention alone took ~60% of a tiny UNet's forward pass. The CPU path loops
 each iteration: the UNet forward runs ~1.5x faster on one core than with
 the fused form (see the README's speed section), and peak memory is bounded.
 Logits of at most `CPU_LOOP_LOGITS_BYTES` per device stay in the caches; there
-the fused form is as fast (faster for cross-attention to a few tokens) and
-compiles to fewer kernels, so CPU attention that small is 'xla'.
+the fused form was no slower overall (faster for cross-attention to a few tokens)
+and compiles to fewer kernels, so CPU attention that small is 'xla'.
 
 The loop never runs over the batch axis, because that is the axis sharded
 over devices: XLA cannot split a loop over a sharded axis, so it gathers the
@@ -146,11 +146,12 @@ def per_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float
 # Above this many bytes of float32 logits per device and call, 'xla' becomes 'blockwise'.
 LOGITS_BYTES = 64 * 2**20
 # On CPU, above this many bytes of float32 logits per device and call, 'xla' becomes
-# 'per_head'. Measured on one core (2-core AMD EPYC, 2 heads): up to 1 MiB the two
-# forms ran within noise of each other, forward and backward, and XLA's was faster
-# for cross-attention to 16 tokens; from 2 MiB of self-attention logits the loop's
-# forward was 1.2-3.6x faster. The embedded model's train step (0.5 MiB) compiles
-# ~2 s faster with 'xla' and runs as fast.
+# 'per_head'. Measured on one core (2-core AMD EPYC, 2 heads): up to 1 MiB neither
+# form was consistently faster on self-attention (XLA's forward took 0.81-1.14x the
+# loop's time, its gradient 0.98-1.43x) and XLA's was faster on cross-attention to 16
+# tokens; from 2 MiB of self-attention logits the loop's forward was 1.15-3.6x faster.
+# The embedded model's train step (at most 0.5 MiB per call) compiles ~2 s faster with
+# 'xla' and runs as fast (README, "XLA's attention for small logits on CPU").
 CPU_LOOP_LOGITS_BYTES = 2**20
 
 
