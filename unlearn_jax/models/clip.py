@@ -82,6 +82,7 @@ def normalize_clip_keys(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarr
 
 
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The elementwise function a CLIP config's `hidden_act` names; a clear error for others."""
     if name not in _ACTIVATIONS:
         raise ValueError(f"CLIP hidden_act {name!r} is not supported ({sorted(_ACTIVATIONS)}).")
     return _ACTIVATIONS[name]

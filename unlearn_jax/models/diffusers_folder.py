@@ -66,6 +66,7 @@ def resolve_model_path(path_or_id: str | Path) -> Path:
 
 
 def read_json(path: Path, what: str) -> dict:
+    """A pipeline folder's JSON file; `what` names it in the error if it is missing or invalid."""
     if not path.is_file():
         raise PipelineError(f"{path} is missing: {what}")
     try:
