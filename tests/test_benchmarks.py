@@ -12,7 +12,7 @@ import platform
 
 import pytest
 
-from unlearn_jax.benchmarks import sampling
+from unlearn_jax.benchmarks import common, sampling
 from unlearn_jax.benchmarks.common import cpu_name, run_worker
 
 
@@ -262,7 +262,7 @@ def test_accelerator_benchmark_names_the_planner_chip(kind, chip):
         (  # what the kernel's out-of-memory killer does: no word on stderr
             "import os, signal; os.kill(os.getpid(), signal.SIGKILL)",
             r"the ours worker failed \(killed by SIGKILL, most likely by the out-of-memory "
-            r"killer; the largest worker so far peaked at \d+\.\d GiB RSS\. Fix: a smaller",
+            r"killer; the largest worker so far peaked at \d+(\.\d GiB| MiB) RSS\. Fix: a smaller",
         ),
         ("import sys; sys.stderr.write('boom'); sys.exit(3)", r"failed \(exit status 3\):\nboom$"),
         (
@@ -277,3 +277,12 @@ def test_a_failed_worker_says_why(tmp_path, body, want):
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     with pytest.raises(RuntimeError, match=want):
         run_worker("dying_worker", "ours", tmp_path, env=env)
+
+
+def test_exit_reason_sizes_the_peak():
+    assert common.exit_reason(3) == "exit status 3"
+    assert common.exit_reason(-9, 23_432.0).endswith(  # the SD-1.5 dry run's train step
+        "peaked at 22.9 GiB RSS. Fix: a smaller batch or model, or a machine with more memory"
+    )
+    assert "peaked at 12 MiB RSS" in common.exit_reason(-9, 12.0)
+    assert common.exit_reason(-9).startswith("killed by SIGKILL, most likely by the out-of-memory")

@@ -101,11 +101,10 @@ def exit_reason(returncode: int, peak_rss_mb: float | None = None) -> str:
         name = f"signal {-returncode}"
     if -returncode != signal.SIGKILL:
         return f"killed by {name}"
-    peak = (
-        f"; the largest worker so far peaked at {peak_rss_mb / 1024:.1f} GiB RSS"
-        if peak_rss_mb
-        else ""
-    )
+    peak = ""
+    if peak_rss_mb:
+        size = f"{peak_rss_mb / 1024:.1f} GiB" if peak_rss_mb >= 1024 else f"{peak_rss_mb:.0f} MiB"
+        peak = f"; the largest worker so far peaked at {size} RSS"
     return (
         f"killed by {name}, most likely by the out-of-memory killer{peak}. Fix: a smaller "
         "batch or model, or a machine with more memory"
