@@ -281,8 +281,8 @@ def test_a_failed_worker_says_why(tmp_path, body, want):
 
 def test_exit_reason_sizes_the_peak():
     assert common.exit_reason(3) == "exit status 3"
-    assert common.exit_reason(-9, 23_432.0).endswith(  # the SD-1.5 dry run's train step
-        "peaked at 22.9 GiB RSS. Fix: a smaller batch or model, or a machine with more memory"
+    assert common.exit_reason(-9, 22_883.0).endswith(  # the SD-1.5 dry run's train step
+        "peaked at 22.3 GiB RSS. Fix: a smaller batch or model, or a machine with more memory"
     )
     assert "peaked at 12 MiB RSS" in common.exit_reason(-9, 12.0)
     assert common.exit_reason(-9).startswith("killed by SIGKILL, most likely by the out-of-memory")
