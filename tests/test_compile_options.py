@@ -15,7 +15,7 @@ from unlearn_jax.diffusion import (
     sample_in_chunks,
     schedule_from_config,
 )
-from unlearn_jax.trainer import train_step
+from unlearn_jax.trainer import staged_step, train_step
 
 
 def test_cpu_programs_compile_at_llvm_level_one_unless_the_user_chose(monkeypatch):
@@ -91,8 +91,8 @@ def test_compile_all_takes_small_programs_after_every_other_waiting_one(monkeypa
         yield from [(n, n.upper()) for n in ("retain_finish", "update")]
         all_lowered.set()
 
-    is_small = lambda name: name.endswith(("_prepare", "_finish"))
-    compiled = train_step.compile_all(lowered(), compile_one, is_small=is_small)
+    # The staged step's own predicate: a term's prepare and finish are the small ones.
+    compiled = train_step.compile_all(lowered(), compile_one, is_small=staged_step._is_small)
     assert order == ["forward", "backward", "update", "forget_prepare", "retain_finish"]
     assert list(compiled) == ["forward", "forget_prepare", "backward", "retain_finish", "update"]
     assert compiled["update"] == "compiled UPDATE"
