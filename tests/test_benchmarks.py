@@ -124,6 +124,8 @@ def test_accelerator_benchmark_on_cpu(tmp_path, capsys):
     result = json.loads((out / "results.json").read_text())
     assert result == json.loads(json.dumps(returned))
     assert result["config"]["precision"] == "float32" and result["device"]["backend"] == "cpu"
+    assert result["phases"] == {"diffusers": "done", "ours": "done", "train": "done"}
+    assert result["complete"] is True
 
     sampling = result["sampling"]
     ours, theirs = sampling["ours"], sampling["diffusers"]
@@ -204,6 +206,7 @@ def test_accelerator_report_keeps_sampling_when_the_train_step_fails():
     """A failed train step (e.g. out of GPU memory) is reported, the sampling figures kept."""
     import numpy as np
 
+    from unlearn_jax.benchmarks import accelerator
     from unlearn_jax.benchmarks.accelerator_report import markdown_table, summarize
 
     device = {"backend": "gpu", "device_kind": "NVIDIA H100 80GB HBM3", "chip": "H100 SXM",
@@ -221,8 +224,10 @@ def test_accelerator_report_keeps_sampling_when_the_train_step_fails():
               "train_method": "distill", "train_batch_per_term": 2}  # fmt: skip
     images = {"ours": np.zeros((8, 4, 4, 3)), "diffusers": np.full((8, 4, 4, 3), 0.25)}
     failed = {"error": "the ours worker failed:\n...\nRESOURCE_EXHAUSTED: Out of memory"}
-    result = summarize(config, ours, theirs, failed, images)
+    guess = accelerator.device_guess(True, "half", "NVIDIA H100 80GB HBM3")
+    result = summarize(config, ours, theirs, failed, images, guess)
     result["elapsed_s"] = 400.0
+    assert result["device"] == device  # our worker's, measured rate included
     assert result["sampling"]["speedup_vs_diffusers"] == 1.5
     assert result["sampling"]["floor_share"]["ours"]["datasheet"] == pytest.approx(
         70.2e12 * 6.0 / 989e12
@@ -231,9 +236,11 @@ def test_accelerator_report_keeps_sampling_when_the_train_step_fails():
     assert result["train_step"] == failed
     assert any("Out of memory" in note for note in result["not_measured"])
     table = markdown_table(result)
-    assert "failed (see not measured)" in table and "1.50x" in table
+    assert "| failed (see the notes) |" in table and "1.50x" in table
+    assert "not measured: train step: failed, RESOURCE_EXHAUSTED: Out of memory" in table
     assert "42.6%" in table  # 70.2 TFLOP x 6 img/s of 989 TFLOP/s
     assert "{'ours': [16], 'diffusers': []}" in table  # what the time budget skipped
+    assert "(incomplete" not in table  # no phase status given: a whole result
     assert "16 cores of AMD EPYC 9454" in table  # the host is named beside the card
 
 
@@ -286,3 +293,211 @@ def test_exit_reason_sizes_the_peak():
     )
     assert "peaked at 12 MiB RSS" in common.exit_reason(-9, 12.0)
     assert common.exit_reason(-9).startswith("killed by SIGKILL, most likely by the out-of-memory")
+
+
+def test_a_worker_past_its_timeout_is_killed(tmp_path):
+    body = "import sys, time; sys.stderr.write('compiling'); sys.stderr.flush(); time.sleep(120)"
+    (tmp_path / "slow_worker.py").write_text(body)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    want = r"the ours worker did not finish in 2 s and was killed .*Fix: a larger --deadline"
+    with pytest.raises(RuntimeError, match=want) as caught:
+        run_worker("slow_worker", "ours", tmp_path, env=env, timeout=2)
+    assert str(caught.value).endswith("compiling")  # what it said before the kill
+
+
+def test_a_sweep_keeps_the_batch_sizes_before_a_failure(tmp_path):
+    """A batch size that fails (out of device memory) is recorded, larger ones are not
+    tried, and every finished one is in the progress file as soon as it finishes."""
+    from unlearn_jax.benchmarks import accelerator
+
+    progress = tmp_path / "progress_ours.json"
+    seen = []
+
+    def run_batch(b):
+        seen.append(b)
+        if b == 4:
+            written = json.loads(progress.read_text())["by_batch"]
+            assert written == {"1": {"images_per_s": 1.0}, "2": {"images_per_s": 3.0}}
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 9 GiB")
+        return {"images_per_s": {1: 1.0, 2: 3.0}[b]}
+
+    spec = {"batch_sizes": [1, 2, 4, 8], "time_budget_s": 3600.0}
+    result = accelerator._sweep(spec, "ours", run_batch, progress, {"dtype": "bfloat16"})
+    assert seen == [1, 2, 4]
+    assert result["best_batch"] == 2 and result["images_per_s"] == 3.0
+    assert result["skipped_batch_sizes"] == [8]
+    oom = "RuntimeError: RESOURCE_EXHAUSTED: Out of memory allocating 9 GiB"
+    assert result["failed"] == {"4": oom}
+    assert json.loads(progress.read_text()) == {"dtype": "bfloat16", **result}
+
+    def always_fails(b):
+        raise ValueError("cuDNN rejected the attention")
+
+    with pytest.raises(RuntimeError, match="ours: no batch size ran.*cuDNN rejected"):
+        accelerator._sweep(spec, "ours", always_fails, progress, {})
+
+
+def _fake_sampling_worker(name, workdir, b=2, rate=4.0):
+    """What a sampling worker leaves behind: its images and progress file; its result."""
+    import numpy as np
+
+    from unlearn_jax.benchmarks import accelerator
+
+    device = "NVIDIA H100 80GB HBM3"  # diffusers' worker: torch's device name
+    if name == "ours":  # ours: JAX's device, the planner's chip, the measured rate
+        device = {**accelerator.device_guess(True, "half", device), "measured_matmul_tflops": 790.0}
+
+    np.save(workdir / f"images_{name}.npy", np.full((b, 4, 4, 3), 0.5 if name == "ours" else 0.25))
+    batch = {"images_per_s": rate, "first_call_s": 30.0, "compile_s": 29.0, "jax_compile_s": 28.0,
+             "compile_by_program_s": {"_sample_loop": 20.0}}  # fmt: skip
+    result = {"by_batch": {str(b): batch}, "best_batch": b, "images_per_s": rate,
+              "skipped_batch_sizes": [], "failed": {}, "dtype": "bfloat16",
+              "device": device}  # fmt: skip
+    (workdir / f"progress_{name}.json").write_text(json.dumps(result))
+    return result
+
+
+@pytest.fixture
+def staged_accelerator_run(tmp_path, monkeypatch):
+    """`accelerator.main` on a GPU as far as the parent sees: the model build and the
+    workers replaced by `fakes[phase](workdir, timeout)`; the real phases, deadline,
+    summary and writing around them. Returns (run(argv) -> result, fakes to fill, the
+    calls made as (phase, timeout), the --out folder)."""
+    from unlearn_jax.benchmarks import accelerator
+
+    monkeypatch.setattr(accelerator, "_on_gpu", lambda: True)
+    monkeypatch.setattr(accelerator, "_model_folder", lambda model, workdir: workdir)
+    fakes, calls = {}, []
+
+    def run_worker(module, name, workdir, timeout=None):
+        calls.append((name, timeout))
+        return fakes[name](workdir, timeout)
+
+    def train_step(folder, args, precision, timeout):
+        calls.append(("train", timeout))
+        return fakes["train"](folder, timeout)
+
+    monkeypatch.setattr(accelerator, "run_worker", run_worker)
+    monkeypatch.setattr(accelerator, "_train_step", train_step)
+    out = tmp_path / "bench"
+    return (lambda argv: accelerator.main([*argv, "--out", str(out)])), fakes, calls, out
+
+
+def test_accelerator_phases_fail_alone_and_each_is_written_at_once(staged_accelerator_run):
+    """diffusers killed after one batch size, ours done, the train step out of memory:
+    every phase still runs, what the killed one finished is kept, and results.json
+    holds each phase as soon as it ends (a run stopped from outside keeps them)."""
+    import numpy as np
+
+    run, fakes, calls, out = staged_accelerator_run
+    killed = "the diffusers worker did not finish in 290 s and was killed (the time left)"
+
+    def diffusers(workdir, timeout):
+        _fake_sampling_worker("diffusers", workdir, rate=2.0)
+        raise RuntimeError(killed)
+
+    def ours(workdir, timeout):
+        written = json.loads((out / "results.json").read_text())
+        assert written["phases"] == {"diffusers": f"incomplete: {killed}", "ours": "not run",
+                                     "train": "not run"}  # fmt: skip
+        assert written["complete"] is False
+        assert written["sampling"]["diffusers"]["images_per_s"] == 2.0
+        assert "(incomplete: see the notes)" in (out / "results.md").read_text()
+        return {**_fake_sampling_worker("ours", workdir), "flops_per_image": 70.2e12}
+
+    def train(folder, timeout):
+        assert json.loads((out / "results.json").read_text())["phases"]["ours"] == "done"
+        return {"error": "the ours worker failed (killed by SIGKILL, most likely by the "
+                "out-of-memory killer)"}  # fmt: skip
+
+    fakes.update(diffusers=diffusers, ours=ours, train=train)
+    result = run(["--model", "sd15"])
+    assert [name for name, _ in calls] == ["diffusers", "ours", "train"]
+    assert all(timeout is None for _, timeout in calls)  # no --deadline
+    assert result["phases"]["diffusers"].startswith("incomplete: the diffusers worker did not")
+    assert result["phases"]["ours"] == "done"
+    assert result["phases"]["train"].startswith("failed: the ours worker failed (killed by")
+    assert result["complete"] is False
+    sampling = result["sampling"]
+    assert sampling["speedup_vs_diffusers"] == 2.0  # 4 img/s against the kept 2 img/s
+    assert sampling["images"]["max_abs_diff"] == 0.25  # the killed worker's images kept
+    assert result["device"]["chip"] == "H100 SXM"
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(result))
+    table = (out / "results.md").read_text()
+    assert "| 4 (batch 2) | 2 (batch 2) | 2.00x |" in table
+    assert "not measured: diffusers' sampling: incomplete, kept what it finished before" in table
+    assert "| train step (distill, batch 2 per term), steps/s | failed (see the notes) |" in table
+    np.testing.assert_equal(result["config"]["batch_sizes"], [4, 8])  # the sd15 defaults
+
+
+def test_accelerator_deadline_bounds_each_phase_and_skips_what_cannot_start(
+    staged_accelerator_run, monkeypatch
+):
+    """--deadline: each phase gets what is left (less a margin for the results); a phase
+    with under `MIN_PHASE_S` left is not started, and the results say so."""
+    from unlearn_jax.benchmarks import accelerator
+
+    run, fakes, calls, out = staged_accelerator_run
+    now = [1000.0]
+    monkeypatch.setattr(accelerator.time, "time", lambda: now[0])
+
+    def after(seconds, result):
+        def worker(workdir, timeout):
+            now[0] += seconds
+            return result(workdir)
+
+        return worker
+
+    fakes["diffusers"] = after(45.0, lambda w: _fake_sampling_worker("diffusers", w))
+    fakes["ours"] = after(30.0, lambda w: _fake_sampling_worker("ours", w))
+    result = run(["--model", "sd15", "--deadline", "100"])
+    margin = accelerator.RESULTS_MARGIN_S
+    assert calls == [("diffusers", 100 - margin), ("ours", 55 - margin)]
+    assert result["phases"]["train"] == "not run: 25 s of --deadline were left"
+    assert result["config"]["deadline_s"] == 100
+    assert "not measured: train step: not run" in (out / "results.md").read_text()
+
+
+def test_accelerator_only_runs_the_phases_asked_for(staged_accelerator_run, capsys):
+    from unlearn_jax.benchmarks import accelerator
+
+    run, fakes, calls, out = staged_accelerator_run
+    fakes["ours"] = lambda w, t: _fake_sampling_worker("ours", w)
+    result = run(["--model", "sd15", "--only", "ours"])
+    assert calls == [("ours", None)]
+    assert result["phases"] == {"diffusers": "not run: not in --only", "ours": "done",
+                                "train": "not run: not in --only"}  # fmt: skip
+    assert result["sampling"]["speedup_vs_diffusers"] is None
+    printed = capsys.readouterr().out
+    assert "| 4 (batch 2) | not run |" in printed
+    assert "phase diffusers: not run: not in --only\nphase train: not run: not in --only" in printed
+    with pytest.raises(SystemExit):
+        accelerator.build_parser().parse_args(["--only", "ours,gpu"])
+    assert "expected phases of diffusers, ours, train" in capsys.readouterr().err
+
+
+def test_train_step_benchmark_keeps_ours_when_pytorch_fails(tmp_path, monkeypatch):
+    """`partial=True` (the accelerator benchmark): PyTorch's worker failing leaves ours'
+    figures, with its error in their place; without it the error is raised."""
+    from unlearn_jax.benchmarks import accelerator, train_step
+
+    monkeypatch.setattr(train_step, "prepare_inputs", lambda folder, spec, workdir: None)
+    timeouts = []
+
+    def run_worker(module, name, workdir, timeout=None):
+        timeouts.append(timeout)
+        if name == "torch":
+            raise RuntimeError("the torch worker failed (exit status 1):\nCUDA out of memory")
+        return {"steps_per_s": 3.0, "compile_s": 50.0, "step0": {}}
+
+    monkeypatch.setattr(train_step, "run_worker", run_worker)
+    args = train_step.build_parser().parse_args(["--model", str(tmp_path), "--method", "distill"])
+    result = train_step.run_benchmark(args, timeout=300.0, partial=True)
+    assert result["ours"]["steps_per_s"] == 3.0
+    error = "the torch worker failed (exit status 1):\nCUDA out of memory"
+    assert result["torch"] == {"error": error}
+    assert result["cross_check"] is None and result["speedup_vs_torch"] is None
+    assert accelerator._status(result) == "incomplete: the torch worker failed (exit status 1):"
+    assert all(0 < t <= 300.0 for t in timeouts)  # both workers within the one budget
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        train_step.run_benchmark(args)

@@ -39,13 +39,24 @@ measured time includes text encoding and VAE decoding.
 `--time-budget S` (default 420 s) bounds the batch-size sweeps: the diffusers sweep
 tries no larger batch once it has run for 20% of S, ours after 35% (a batch size is
 a new compilation), leaving the rest for building the model, loading and the train
-step (which always runs; should it fail, e.g. out of memory, its error is recorded
-and the sampling figures are kept). The JSON records what was skipped and the
-elapsed time. The SD-1.5 defaults (batch sizes 4 and 8, train batch 2 per term,
-10 timed train steps) are sized from estimates to finish in under 8 minutes on an
-H100: build ~1 min, diffusers ~1 min, ours ~3 min (two sampler compiles and the
-FLOP-count compile), train step ~3 min. Not yet run on a GPU: the first run's
-`elapsed_s` is the check.
+step. The SD-1.5 defaults (batch sizes 4 and 8, train batch 2 per term, 10 timed
+train steps) are sized from estimates to finish in under 8 minutes on an H100:
+build ~1 min, diffusers ~1 min, ours ~3 min (two sampler compiles and the FLOP-count
+compile), train step ~3 min. Not yet run on a GPU: the first run's `elapsed_s` is
+the check.
+
+A GPU may be lent once, for minutes, so nothing measured is lost to one failure:
+  - the three phases (diffusers' sampling, ours, the train step) run whatever happened
+    to the others; a failure is recorded with its error (`phases` in the JSON, the
+    notes under the table), and the run ends `complete: false`;
+  - a batch size that fails (out of memory) is recorded, the larger ones skipped, the
+    smaller ones kept; each worker writes its finished batch sizes as it goes, so a
+    worker that dies or is killed keeps them; PyTorch's train step failing keeps ours;
+  - `--deadline S` bounds the whole run: each phase gets what is left of S (less 10 s
+    for the results) and is killed at its end; one with under 30 s left is not started;
+  - with --out, results.json and results.md are rewritten after every phase, so a run
+    stopped from outside still leaves the phases it finished;
+  - `--only ours,train` reruns some phases (their results only).
 """
 
 from __future__ import annotations
@@ -55,11 +66,13 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from unlearn_jax.benchmarks.accelerator_report import markdown_table, summarize
+from unlearn_jax import atomic_files
+from unlearn_jax.benchmarks.accelerator_report import markdown_table, measured, summarize
 from unlearn_jax.benchmarks.common import cores, cpu_name, run_worker, serve_worker
 
 WORKER_MODULE = "unlearn_jax.benchmarks.accelerator"
@@ -68,6 +81,9 @@ DEFAULTS = {  # per model: denoising steps, sampling batch sizes, train batch pe
     "tiny": {"steps": 20, "batch_sizes": [1, 4], "train_batch": 2, "train_steps": 5},
 }
 SWEEP_SHARE = {"diffusers": 0.20, "ours": 0.35}  # of the time budget, per sampling sweep
+PHASES = ("diffusers", "ours", "train")  # in the order they run
+MIN_PHASE_S = 30.0  # a phase is not started with less of --deadline left
+RESULTS_MARGIN_S = 10.0  # of --deadline, kept for writing the results after the last phase
 WARMUP_STEPS = 2
 
 
@@ -76,22 +92,42 @@ WARMUP_STEPS = 2
 # ---------------------------------------------------------------------------
 
 
-def _sweep(spec: dict, name: str, run_batch) -> dict:
+def _sweep(spec: dict, name: str, run_batch, progress: Path, header: dict) -> dict:
     """Calls `run_batch(b)` for each batch size, smallest first, until the sweep's share of
-    the time budget is spent (the smallest always runs)."""
+    the time budget is spent (the smallest always runs).
+
+    A batch size that raises (out of device memory, say) is recorded under "failed" and
+    no larger one is tried. After each batch size, `header` plus the sweep so far is
+    written to `progress`, so that the parent keeps the finished ones if this worker
+    dies or is killed later (`_worker_result`). Raises when no batch size ran.
+    """
     deadline = time.time() + SWEEP_SHARE[name] * spec["time_budget_s"]
-    by_batch, skipped = {}, []
+    by_batch, skipped, failed = {}, [], {}
     for b in spec["batch_sizes"]:
-        if by_batch and time.time() > deadline:
+        if failed or (by_batch and time.time() > deadline):
             skipped.append(b)
             continue
-        by_batch[str(b)] = run_batch(b)
-    best = max(by_batch, key=lambda b: by_batch[b]["images_per_s"])
+        try:
+            by_batch[str(b)] = run_batch(b)
+        except Exception as e:  # the run goes on with what the smaller batches measured
+            failed[str(b)] = f"{type(e).__name__}: {e}"[-2000:]
+        sweep = _sweep_summary(by_batch, skipped, failed)
+        atomic_files.write_text(progress, json.dumps({**header, **sweep}))  # never half-written
+    if not by_batch:
+        raise RuntimeError(f"{name}: no batch size ran; {failed}")
+    summary = _sweep_summary(by_batch, skipped, failed)
+    atomic_files.write_text(progress, json.dumps({**header, **summary}))  # with the skipped ones
+    return summary
+
+
+def _sweep_summary(by_batch: dict, skipped: list, failed: dict) -> dict:
+    best = max(by_batch, key=lambda b: by_batch[b]["images_per_s"]) if by_batch else None
     return {
         "by_batch": by_batch,
-        "best_batch": int(best),
-        "images_per_s": by_batch[best]["images_per_s"],
+        "best_batch": None if best is None else int(best),
+        "images_per_s": None if best is None else by_batch[best]["images_per_s"],
         "skipped_batch_sizes": skipped,
+        "failed": failed,
     }
 
 
@@ -149,20 +185,21 @@ def diffusers_worker(spec: dict, workdir: Path) -> dict:
             out = call(b, spec["steps"])
         sync()
         wall = time.perf_counter() - start
-        images.setdefault("first", out)
+        if not images:  # the smallest finished batch's images, kept at once
+            images["first"] = out
+            np.save(workdir / "images_diffusers.npy", out)
         return {"wall_s": wall, "images_per_s": b * spec["repeats"] / wall}
 
-    result = _sweep(spec, "diffusers", run_batch)
-    np.save(workdir / "images_diffusers.npy", images["first"])
-    return {
-        **result,
+    header = {
         "load_s": load_s,
         "dtype": str(dtype).removeprefix("torch."),
         "attention": "SDPA (AttnProcessor2_0)",
         "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "device_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
         "torch_threads": torch.get_num_threads(),
     }
+    result = _sweep(spec, "diffusers", run_batch, workdir / "progress_diffusers.json", header)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+    return {**result, **header, "device_peak_mb": peak}
 
 
 def matmul_tflops(dtype_name: str, n: int, repeats: int = 10) -> float:
@@ -256,7 +293,9 @@ def ours_worker(spec: dict, workdir: Path) -> dict:
         start = time.perf_counter()
         out, by_program = jax_compile_seconds_by_program(lambda: call(b))
         first = time.perf_counter() - start
-        images.setdefault("first", out)
+        if not images:  # the smallest finished batch's images, kept at once
+            images["first"] = out
+            np.save(workdir / "images_ours.npy", out)
         start = time.perf_counter()
         for _ in range(spec["repeats"]):
             call(b)
@@ -270,26 +309,22 @@ def ours_worker(spec: dict, workdir: Path) -> dict:
             "compile_by_program_s": by_program,
         }
 
-    result = _sweep(spec, "ours", run_batch)
-    np.save(workdir / "images_ours.npy", images["first"])
+    header = {"load_s": load_s, "dtype": jnp.dtype(dtype).name, "device": info}
+    result = _sweep(spec, "ours", run_batch, workdir / "progress_ours.json", header)
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
+    result = {**result, **header, "device_peak_mb": peak / 2**20 if peak else None}
     # FLOPs of one denoising step at batch 1, counted as the planner counts them.
     start = time.perf_counter()
-    one_step, _, _ = compile_sampler(
-        resolve_model(spec["model"]), steps=1, unrolled=True, guidance=spec["guidance"],
-        dtype="bfloat16" if spec["precision"] == "half" else "float32", data=1,
-    )  # fmt: skip
-    count_s = time.perf_counter() - start
-    return {
-        **result,
-        "load_s": load_s,
-        "dtype": jnp.dtype(dtype).name,
-        "device_peak_mb": peak / 2**20 if peak else None,
-        "flops_per_image": flops_of(one_step) * spec["steps"],
-        "flop_count_compile_s": count_s,
-        "device": info,
-    }
+    try:
+        one_step, _, _ = compile_sampler(
+            resolve_model(spec["model"]), steps=1, unrolled=True, guidance=spec["guidance"],
+            dtype="bfloat16" if spec["precision"] == "half" else "float32", data=1,
+        )  # fmt: skip
+        flops = flops_of(one_step) * spec["steps"]
+    except Exception as e:  # keep the measured sampling; the notes say why FLOPs are missing
+        return {**result, "flops_per_image": None, "flop_count_error": f"{type(e).__name__}: {e}"}
+    return {**result, "flops_per_image": flops, "flop_count_compile_s": time.perf_counter() - start}
 
 
 WORKERS = {"diffusers": diffusers_worker, "ours": ours_worker}
@@ -300,8 +335,10 @@ WORKERS = {"diffusers": diffusers_worker, "ours": ours_worker}
 # ---------------------------------------------------------------------------
 
 
-def _train_step(folder: Path, args, precision: str) -> dict:
-    """`benchmarks.train_step` on the same folder: distill, both frameworks, FLOPs counted."""
+def _train_step(folder: Path, args, precision: str, timeout: float | None) -> dict:
+    """`benchmarks.train_step` on the same folder: distill, both frameworks, FLOPs counted.
+    A failure is recorded, not raised: PyTorch's inside the result (ours is kept), ours
+    as the whole result's "error" (PyTorch's side replays our draws, so it cannot run)."""
     from unlearn_jax.benchmarks import train_step
 
     train_args = train_step.build_parser().parse_args(
@@ -311,9 +348,23 @@ def _train_step(folder: Path, args, precision: str) -> dict:
         + (["--compilation-cache", str(args.compilation_cache)] if args.compilation_cache else [])
     )  # fmt: skip
     try:
-        return train_step.run_benchmark(train_args, count_flops=True)
-    except RuntimeError as e:  # a worker failed (e.g. out of memory): keep the rest
+        return train_step.run_benchmark(train_args, count_flops=True, timeout=timeout, partial=True)
+    except RuntimeError as e:  # our worker failed (e.g. out of memory): keep the rest
         return {"error": str(e)[-2000:]}
+    except Exception as e:  # in this process, e.g. preparing the inputs: keep the rest too
+        return {"error": f"{type(e).__name__}: {e}"[-2000:]}
+
+
+def _worker_result(name: str, workdir: Path, timeout: float | None) -> dict:
+    """A sampling worker's results; if it failed or was killed, {"error": why} plus what
+    its progress file held (the batch sizes it finished, its device and load time)."""
+    try:
+        return run_worker(WORKER_MODULE, name, workdir, timeout=timeout)
+    except Exception as e:  # failed, killed, or no result line: keep what it wrote
+        progress = workdir / f"progress_{name}.json"
+        kept = json.loads(progress.read_text()) if progress.is_file() else {}
+        error = str(e) if isinstance(e, RuntimeError) else f"{type(e).__name__}: {e}"
+        return {**kept, "error": error[-3000:]}
 
 
 def _on_gpu() -> bool:
@@ -332,8 +383,43 @@ def _on_gpu() -> bool:
             os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = previous
 
 
-def run_benchmark(args) -> dict:
-    """Builds or finds the model, runs every worker in turn; returns the JSON-able results."""
+def device_guess(gpu: bool, precision: str, kind: str | None) -> dict:
+    """The device as far as it is known without our worker (which reports it in full):
+    the backend, and the kind diffusers' worker named (torch's device name)."""
+    chip = planner_chip(kind) if kind else None
+    return {
+        "backend": "gpu" if gpu else "cpu",
+        "device_kind": kind or "unknown",
+        "device_count": None,
+        "chip": chip.name if chip else None,
+        "datasheet_bf16_tflops": chip.peak_tflops if chip else None,
+        "matmul_dtype": "bfloat16" if precision == "half" else "float32",
+        "matmul_size": None,
+        "measured_matmul_tflops": None,
+    }
+
+
+def _status(part: dict | None) -> str:
+    """A phase's line in `phases`: done, not run, or failed / incomplete (something kept)
+    with the first line of its error (which worker, and its exit status or kill)."""
+    if part is None:
+        return "not run"
+    error = part.get("error") or (part.get("torch") or {}).get("error")
+    if error is None:
+        return "done"
+    first = (error.strip().splitlines() or ["no message"])[0]
+    kept = measured(part) or (part.get("ours") or {}).get("steps_per_s") is not None
+    return f"{'incomplete' if kept else 'failed'}: {first}"
+
+
+def run_benchmark(args, on_progress: Callable[[dict], None] | None = None) -> dict:
+    """Builds or finds the model, runs each phase in turn; returns the JSON-able results.
+
+    The phases (`PHASES`, or those --only names) are diffusers' sampling, ours, and the
+    train step. One that fails or is killed at the --deadline is recorded, and the
+    others still run. `on_progress(result)` gets the results so far after each phase
+    (`main` writes them to --out, so a run stopped from outside keeps what finished).
+    """
     start = time.time()
     gpu = _on_gpu()
     model = args.model or ("sd15" if gpu else "tiny")
@@ -342,11 +428,28 @@ def run_benchmark(args) -> dict:
     for key in ("steps", "batch_sizes", "train_batch", "train_steps"):
         if getattr(args, key) is None:
             setattr(args, key, defaults[key])
+    selected = args.only or list(PHASES)
+    phases = {p: "not run" if p in selected else "not run: not in --only" for p in PHASES}
+    parts: dict[str, dict | None] = dict.fromkeys(PHASES)
+    images: dict[str, np.ndarray] = {}
     load_before = [round(x, 2) for x in os.getloadavg()]
+
+    def result() -> dict:
+        kind = (parts["diffusers"] or {}).get("device") if gpu else "cpu"
+        out = summarize(
+            {**config, "load_average_after": [round(x, 2) for x in os.getloadavg()]},
+            parts["ours"], parts["diffusers"], parts["train"], images,
+            device_guess(gpu, precision, kind),
+        )  # fmt: skip
+        out["phases"] = dict(phases)
+        out["complete"] = all(phases[p] == "done" for p in PHASES)
+        out["elapsed_s"] = time.time() - start
+        return out
+
     with tempfile.TemporaryDirectory(prefix="unlearn_jax_accel_") as tmp:
         workdir = Path(tmp)
+        _log(start, f"building or reading the model ({model})")
         folder = _model_folder(model, workdir)
-        built_s = time.time() - start
         spec = {
             "model": str(folder), "precision": precision, "steps": args.steps,
             "guidance": args.guidance, "batch_sizes": sorted(args.batch_sizes),
@@ -354,26 +457,44 @@ def run_benchmark(args) -> dict:
             "time_budget_s": args.time_budget,
             "compilation_cache": str(args.compilation_cache or ""),
         }  # fmt: skip
+        config = {
+            **{k: v for k, v in spec.items() if k != "model"},
+            "model": model,
+            "model_built_s": time.time() - start,
+            "train_method": "distill",
+            "train_batch_per_term": args.train_batch,
+            "train_steps": args.train_steps,
+            "deadline_s": args.deadline,
+            "cores": cores(),
+            "cpu": cpu_name(),
+            "load_average": load_before,
+        }
         (workdir / "spec.json").write_text(json.dumps(spec))
-        theirs = run_worker(WORKER_MODULE, "diffusers", workdir)
-        ours = run_worker(WORKER_MODULE, "ours", workdir)
-        images = {k: np.load(workdir / f"images_{k}.npy") for k in ("ours", "diffusers")}
-        train = _train_step(folder, args, precision)
-    config = {
-        **{k: v for k, v in spec.items() if k != "model"},
-        "model": model,
-        "model_built_s": built_s,
-        "train_method": "distill",
-        "train_batch_per_term": args.train_batch,
-        "train_steps": args.train_steps,
-        "cores": cores(),
-        "cpu": cpu_name(),
-        "load_average": load_before,
-        "load_average_after": [round(x, 2) for x in os.getloadavg()],
-    }
-    result = summarize(config, ours, theirs, train, images)
-    result["elapsed_s"] = time.time() - start
-    return result
+        for phase in selected:
+            timeout = None
+            if args.deadline is not None:
+                left = args.deadline - (time.time() - start)
+                if left < MIN_PHASE_S:
+                    phases[phase] = f"not run: {max(left, 0):.0f} s of --deadline were left"
+                    _log(start, f"{phase}: {phases[phase]}")
+                    continue
+                timeout = left - RESULTS_MARGIN_S
+            _log(start, f"{phase}: started" + (f", {timeout:.0f} s left" if timeout else ""))
+            if phase == "train":
+                parts[phase] = _train_step(folder, args, precision, timeout)
+            else:
+                parts[phase] = _worker_result(phase, workdir, timeout)
+                if (workdir / f"images_{phase}.npy").is_file():
+                    images[phase] = np.load(workdir / f"images_{phase}.npy")
+            phases[phase] = _status(parts[phase])
+            _log(start, f"{phase}: {phases[phase]}")
+            if on_progress:
+                on_progress(result())
+    return result()
+
+
+def _log(start: float, message: str) -> None:
+    print(f"[{time.time() - start:6.0f} s] {message}", flush=True)
 
 
 def _model_folder(model: str, workdir: Path) -> Path:
@@ -402,6 +523,16 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _phase_list(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [n for n in names if n not in PHASES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected phases of {', '.join(PHASES)}, e.g. --only ours,train"
+        )
+    return [p for p in PHASES if p in names]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="sd15, tiny or a diffusers folder "
@@ -420,7 +551,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compilation-cache", type=Path, default=None,
                    help="persistent JAX compilation cache for our programs (default: "
                    "none, cold compiles as a new user sees them)")  # fmt: skip
-    p.add_argument("--out", type=Path, default=None, help="folder for results.json/results.md")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="seconds for the whole run: a phase still running then is killed and "
+                   "recorded, later ones are not started (default: none; on a machine lent "
+                   "for a fixed time, a little under it)")  # fmt: skip
+    p.add_argument(
+        "--only",
+        type=_phase_list,
+        default=None,
+        help=f"comma-separated phases to run, of {','.join(PHASES)} (default: all)",
+    )
+    p.add_argument("--out", type=Path, default=None, help="folder for results.json/results.md "
+                   "(written after every phase)")  # fmt: skip
     p.add_argument("--worker", choices=("diffusers", "ours"), help=argparse.SUPPRESS)
     p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     return p
@@ -430,15 +572,20 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.worker:  # child of common.run_worker()
         return serve_worker(args.workdir, WORKERS[args.worker])
-    result = run_benchmark(args)
-    table = markdown_table(result)
-    print(table)
+    write = (lambda result: _write(args.out, result)) if args.out else None
+    result = run_benchmark(args, on_progress=write)
+    print(markdown_table(result))
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-        (args.out / "results.md").write_text(table + "\n")
+        _write(args.out, result)
         print(f"wrote {args.out / 'results.json'} and {args.out / 'results.md'}")
     return result
+
+
+def _write(out: Path, result: dict) -> None:
+    """results.json and results.md in `out`, each replaced whole (never half-written)."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_files.write_text(out / "results.json", json.dumps(result, indent=2) + "\n")
+    atomic_files.write_text(out / "results.md", markdown_table(result) + "\n")
 
 
 if __name__ == "__main__":

@@ -111,16 +111,32 @@ def exit_reason(returncode: int, peak_rss_mb: float | None = None) -> str:
     )
 
 
-def run_worker(module: str, name: str, workdir: Path, env: dict | None = None) -> dict:
+def run_worker(
+    module: str, name: str, workdir: Path, env: dict | None = None, timeout: float | None = None
+) -> dict:
     """`python -m MODULE --worker NAME --workdir DIR` in a fresh process: its last stdout
     line parsed as JSON, plus its wall and CPU seconds. Each framework in its own process
-    keeps its peak memory (host and device) its own."""
+    keeps its peak memory (host and device) its own.
+
+    timeout: seconds; a worker still running then is killed, and the RuntimeError says
+    so (with the end of its stderr so far). None waits as long as it takes.
+    """
     import json
     import subprocess
 
     command = [sys.executable, "-m", module, "--worker", name, "--workdir", str(workdir)]
     start, cpu = time.perf_counter(), children_cpu_s()
-    proc = subprocess.run(command, capture_output=True, text=True, env=env or subprocess_env())
+    try:
+        proc = subprocess.run(
+            command, capture_output=True, text=True, env=env or subprocess_env(), timeout=timeout
+        )
+    except subprocess.TimeoutExpired as e:  # run() has killed and reaped it
+        stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr
+        raise RuntimeError(
+            f"the {name} worker did not finish in {timeout:.0f} s and was killed (the time "
+            f"left to the run). Fix: a larger --deadline, or fewer batch sizes or steps:\n"
+            f"{(stderr or '')[-3000:]}"
+        ) from None
     if proc.returncode:
         reason = exit_reason(proc.returncode, max_rss_mb(resource.RUSAGE_CHILDREN))
         raise RuntimeError(f"the {name} worker failed ({reason}):\n{proc.stderr[-3000:]}")

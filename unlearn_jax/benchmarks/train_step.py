@@ -61,6 +61,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -176,10 +177,15 @@ def _check_supported(preset) -> None:
         )
 
 
-def run_benchmark(args, count_flops: bool = False) -> dict:
+def run_benchmark(
+    args, count_flops: bool = False, timeout: float | None = None, partial: bool = False
+) -> dict:
     """Prepares the inputs, runs both workers, cross-checks; returns the JSON-able results.
 
     count_flops: our worker also counts the step's FLOPs (`step_flops`; one more trace).
+    timeout: seconds for both workers together; one still running then is killed.
+    partial: if PyTorch's worker fails, keep ours: "torch" is then {"error": why}, and
+      the cross-check and the speed-up are None (otherwise its RuntimeError is raised).
     """
     import dataclasses
 
@@ -214,9 +220,17 @@ def run_benchmark(args, count_flops: bool = False) -> dict:
         (workdir / "spec.json").write_text(json.dumps(spec))
         load_before = [round(x, 2) for x in os.getloadavg()]
         prepare_inputs(folder, spec, workdir)
-        ours = run_worker(WORKER_MODULE, "ours", workdir)  # first: it writes the draws
-        theirs = run_worker(WORKER_MODULE, "torch", workdir)  # torch replays
-    check = cross_check(ours.pop("step0"), theirs.pop("step0"), args.dtype)
+        end = None if timeout is None else time.time() + timeout
+        left = lambda: None if end is None else max(end - time.time(), 1.0)
+        ours = run_worker(WORKER_MODULE, "ours", workdir, timeout=left())  # it writes the draws
+        try:
+            theirs = run_worker(WORKER_MODULE, "torch", workdir, timeout=left())  # torch replays
+        except RuntimeError as e:
+            if not partial:
+                raise
+            theirs = {"error": str(e)[-2000:]}
+    step0 = ours.pop("step0")
+    check = None if "error" in theirs else cross_check(step0, theirs.pop("step0"), args.dtype)
     config = {
         **{k: v for k, v in spec.items() if k != "model"},
         "model": args.model or "random tiny_model (unlearn_jax.testing.tiny_model)",
@@ -230,7 +244,7 @@ def run_benchmark(args, count_flops: bool = False) -> dict:
         "ours": ours,
         "torch": theirs,
         "cross_check": check,
-        "speedup_vs_torch": ours["steps_per_s"] / theirs["steps_per_s"],
+        "speedup_vs_torch": None if check is None else ours["steps_per_s"] / theirs["steps_per_s"],
     }
 
 
