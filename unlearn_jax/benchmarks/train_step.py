@@ -183,7 +183,8 @@ def run_benchmark(
     """Prepares the inputs, runs both workers, cross-checks; returns the JSON-able results.
 
     count_flops: our worker also counts the step's FLOPs (`step_flops`; one more trace).
-    timeout: seconds for both workers together; one still running then is killed.
+    timeout: seconds for the whole call (inputs and both workers); a worker still running
+      then is killed.
     partial: if PyTorch's worker fails, keep ours: "torch" is then {"error": why}, and
       the cross-check and the speed-up are None (otherwise its RuntimeError is raised).
     """
@@ -192,6 +193,8 @@ def run_benchmark(
     from unlearn_jax.testing.tiny_model import save_tiny_model
     from unlearn_jax.unlearn.registry import get_preset
 
+    end = None if timeout is None else time.time() + timeout  # inputs and workers, all of it
+    left = lambda: None if end is None else max(end - time.time(), 1.0)
     preset = get_preset(args.method)
     _check_supported(preset)
     with tempfile.TemporaryDirectory(prefix="unlearn_jax_bench_") as tmp:
@@ -220,8 +223,6 @@ def run_benchmark(
         (workdir / "spec.json").write_text(json.dumps(spec))
         load_before = [round(x, 2) for x in os.getloadavg()]
         prepare_inputs(folder, spec, workdir)
-        end = None if timeout is None else time.time() + timeout
-        left = lambda: None if end is None else max(end - time.time(), 1.0)
         ours = run_worker(WORKER_MODULE, "ours", workdir, timeout=left())  # it writes the draws
         try:
             theirs = run_worker(WORKER_MODULE, "torch", workdir, timeout=left())  # torch replays
