@@ -501,3 +501,33 @@ def test_train_step_benchmark_keeps_ours_when_pytorch_fails(tmp_path, monkeypatc
     assert all(0 < t <= 300.0 for t in timeouts)  # both workers within the one budget
     with pytest.raises(RuntimeError, match="CUDA out of memory"):
         train_step.run_benchmark(args)
+
+
+def test_accelerator_report_without_our_worker_names_the_card_from_torch():
+    """Our sampling failed before it measured anything (a cuDNN error, say): the card is
+    still named (from diffusers' worker, with its datasheet peak), and the table and
+    notes say what is missing and why."""
+    from unlearn_jax.benchmarks import accelerator
+    from unlearn_jax.benchmarks.accelerator_report import markdown_table, summarize
+
+    theirs = {"by_batch": {"8": {"images_per_s": 4.0}}, "best_batch": 8, "images_per_s": 4.0,
+              "dtype": "float16", "skipped_batch_sizes": [], "failed": {},
+              "device": "NVIDIA H100 80GB HBM3"}  # fmt: skip
+    ours = {"error": "the ours worker failed (exit status 1):\nXlaRuntimeError: cuDNN rejected"}
+    config = {"model": "sd15", "precision": "half", "steps": 50, "guidance": 7.5, "cores": 16,
+              "cpu": "AMD EPYC 9454", "load_average": [0.1], "load_average_after": [0.2],
+              "train_method": "distill", "train_batch_per_term": 2}  # fmt: skip
+    guess = accelerator.device_guess(True, "half", theirs["device"])
+    result = summarize(config, ours, theirs, None, {}, guess)
+    result.update(elapsed_s=100.0, complete=False)
+    assert result["device"]["chip"] == "H100 SXM" and result["device"]["datasheet_bf16_tflops"]
+    assert result["sampling"]["speedup_vs_diffusers"] is None
+    assert result["sampling"]["images"] is None and result["compile_s"] == {}
+    table = markdown_table(result)
+    assert (
+        "| sampling, images/s at the best batch | failed (see the notes) | 4 (batch 8) |  |"
+        in table
+    )
+    assert "not measured: our sampling: failed, XlaRuntimeError: cuDNN rejected" in table
+    assert "not measured: measured matmul rate: our worker did not report one" in table
+    assert "not measured: train step: not run" in table
