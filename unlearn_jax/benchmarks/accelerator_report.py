@@ -281,5 +281,10 @@ def markdown_table(result: dict) -> str:
             lines.append(f"{name}, batch {b}: failed, {_last_line(error)}")
     phases = result.get("phases", {})
     lines += [f"phase {name}: {status}" for name, status in phases.items() if status != "done"]
+    if any("did not finish in" in status for status in phases.values()):
+        lines.append(
+            "a phase ran out of time. Fix: a larger --deadline, fewer batch sizes or steps, "
+            "or rerun it alone with --only"
+        )
     lines += [f"not measured: {note}" for note in result["not_measured"]]
     return "\n".join(lines)

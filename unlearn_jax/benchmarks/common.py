@@ -132,10 +132,9 @@ def run_worker(
         )
     except subprocess.TimeoutExpired as e:  # run() has killed and reaped it
         stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr
+        said = f":\n{stderr[-3000:]}" if stderr else " (it wrote nothing to stderr)"
         raise RuntimeError(
-            f"the {name} worker did not finish in {timeout:.0f} s and was killed (the time "
-            f"left to the run). Fix: a larger --deadline, or fewer batch sizes or steps:\n"
-            f"{(stderr or '')[-3000:]}"
+            f"the {name} worker did not finish in {timeout:.0f} s and was killed{said}"
         ) from None
     if proc.returncode:
         reason = exit_reason(proc.returncode, max_rss_mb(resource.RUSAGE_CHILDREN))
