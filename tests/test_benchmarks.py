@@ -483,6 +483,7 @@ def test_train_step_benchmark_keeps_ours_when_pytorch_fails(tmp_path, monkeypatc
     """`partial=True` (the accelerator benchmark): PyTorch's worker failing leaves ours'
     figures, with its error in their place; without it the error is raised."""
     from unlearn_jax.benchmarks import accelerator, train_step
+    from unlearn_jax.benchmarks.accelerator_report import markdown_table, summarize
 
     monkeypatch.setattr(train_step, "prepare_inputs", lambda folder, spec, workdir: None)
     timeouts = []
@@ -491,7 +492,7 @@ def test_train_step_benchmark_keeps_ours_when_pytorch_fails(tmp_path, monkeypatc
         timeouts.append(timeout)
         if name == "torch":
             raise RuntimeError("the torch worker failed (exit status 1):\nCUDA out of memory")
-        return {"steps_per_s": 3.0, "compile_s": 50.0, "step0": {}}
+        return {"steps_per_s": 3.0, "compile_s": 50.0, "step0": {}, "device_peak_mb": 30000.0}
 
     monkeypatch.setattr(train_step, "run_worker", run_worker)
     args = train_step.build_parser().parse_args(["--model", str(tmp_path), "--method", "distill"])
@@ -501,6 +502,19 @@ def test_train_step_benchmark_keeps_ours_when_pytorch_fails(tmp_path, monkeypatc
     assert result["torch"] == {"error": error}
     assert result["cross_check"] is None and result["speedup_vs_torch"] is None
     assert accelerator._status(result) == "incomplete: the torch worker failed (exit status 1):"
+    config = {"model": "sd15", "precision": "half", "steps": 50, "guidance": 7.5, "cores": 16,
+              "cpu": "AMD EPYC 9454", "load_average": [0.1], "load_average_after": [0.2],
+              "train_method": "distill", "train_batch_per_term": 2}  # fmt: skip
+    guess = accelerator.device_guess(True, "half", "NVIDIA H100 80GB HBM3")
+    report = summarize(config, None, None, result, {}, guess)
+    report.update(elapsed_s=300.0)
+    table = markdown_table(report)
+    assert (
+        "| train step (distill, batch 2 per term), steps/s | 3 | failed (see the notes) |  |"
+        in table
+    )
+    assert "| train step, peak device memory MiB | 30000 |  |  |" in table
+    assert "not measured: train step, PyTorch: failed, CUDA out of memory" in table
     assert all(0 < t <= 300.0 for t in timeouts)  # both workers within the one budget
     with pytest.raises(RuntimeError, match="CUDA out of memory"):
         train_step.run_benchmark(args)
