@@ -471,22 +471,19 @@ def run_benchmark(args, on_progress: Callable[[dict], None] | None = None) -> di
         }
         (workdir / "spec.json").write_text(json.dumps(spec))
         for phase in selected:
-            timeout = None
-            if args.deadline is not None:
-                left = args.deadline - (time.time() - start)
-                if left < MIN_PHASE_S:
-                    phases[phase] = f"not run: {max(left, 0):.0f} s of --deadline were left"
-                    _log(start, f"{phase}: {phases[phase]}")
-                    continue
-                timeout = left - RESULTS_MARGIN_S
-            _log(start, f"{phase}: started" + (f", {timeout:.0f} s left" if timeout else ""))
-            if phase == "train":
-                parts[phase] = _train_step(folder, args, precision, timeout)
+            left = None if args.deadline is None else args.deadline - (time.time() - start)
+            if left is not None and left < MIN_PHASE_S:
+                phases[phase] = f"not run: {max(left, 0):.0f} s of --deadline were left"
             else:
-                parts[phase] = _worker_result(phase, workdir, timeout)
-                if (workdir / f"images_{phase}.npy").is_file():
-                    images[phase] = np.load(workdir / f"images_{phase}.npy")
-            phases[phase] = _status(parts[phase])
+                timeout = None if left is None else left - RESULTS_MARGIN_S
+                _log(start, f"{phase}: started" + (f", {timeout:.0f} s left" if timeout else ""))
+                if phase == "train":
+                    parts[phase] = _train_step(folder, args, precision, timeout)
+                else:
+                    parts[phase] = _worker_result(phase, workdir, timeout)
+                    if (workdir / f"images_{phase}.npy").is_file():
+                        images[phase] = np.load(workdir / f"images_{phase}.npy")
+                phases[phase] = _status(parts[phase])
             _log(start, f"{phase}: {phases[phase]}")
             if on_progress:
                 on_progress(result())
