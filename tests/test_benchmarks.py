@@ -528,7 +528,8 @@ def test_accelerator_report_without_our_worker_names_the_card_from_torch():
     from unlearn_jax.benchmarks.accelerator_report import markdown_table, summarize
 
     theirs = {"by_batch": {"8": {"images_per_s": 4.0}}, "best_batch": 8, "images_per_s": 4.0,
-              "dtype": "float16", "skipped_batch_sizes": [], "failed": {},
+              "dtype": "float16", "skipped_batch_sizes": [32],
+              "failed": {"16": "OutOfMemoryError: CUDA out of memory"},
               "device": "NVIDIA H100 80GB HBM3"}  # fmt: skip
     ours = {"error": "the ours worker failed (exit status 1):\nXlaRuntimeError: cuDNN rejected"}
     config = {"model": "sd15", "precision": "half", "steps": 50, "guidance": 7.5, "cores": 16,
@@ -548,3 +549,6 @@ def test_accelerator_report_without_our_worker_names_the_card_from_torch():
     assert "not measured: our sampling: failed, XlaRuntimeError: cuDNN rejected" in table
     assert "not measured: measured matmul rate: our worker did not report one" in table
     assert "not measured: train step: not run" in table
+    assert "| 16 |  |  |  | failed |" in table  # the sweep row of the size that failed
+    assert "diffusers, batch 16: failed, OutOfMemoryError: CUDA out of memory" in table
+    assert "{'ours': None, 'diffusers': [32]}" in table  # skipped: above the failed size

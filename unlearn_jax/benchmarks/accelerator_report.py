@@ -49,7 +49,7 @@ def _part_notes(name: str, part: dict | None) -> list[str]:
         return [f"{name}: not run"]
     if "error" not in part:
         return []
-    if measured(part) or measured(part, "steps_per_s"):
+    if measured(part):  # a sweep that finished some batch sizes before it failed
         return [f"{name}: incomplete, kept what it finished before: {_last_line(part['error'])}"]
     return [f"{name}: failed, {_last_line(part['error'])}"]
 
