@@ -11,8 +11,11 @@ programs and `StagedParts.step` runs them in turn:
                        calls it with θ0's own trainable leaves and drops the residuals;
   finish (per term)    the term's loss from the calls' outputs, and its gradient with
                        respect to each student output;
-  unet_backward        (residuals, output cotangent) -> the gradient, float32; with
-                       micro-batches, (..., accumulated gradient) -> the sum;
+  unet_backward        (the forward's inputs, its residuals, output cotangent) -> the
+                       gradient, float32; with micro-batches, (..., accumulated
+                       gradient) -> the sum. A residual that is an input of the
+                       forward (a weight, the context) is read from the inputs, not
+                       written by the forward;
   update               the split step's (`StepParts.update`), or, where a term's
                        student output comes in several chunks, the same with each
                        term's chunk gradients summed first (inside the program,
@@ -154,13 +157,13 @@ class StagedParts:
                     out, res = self.forward(trainable, frozen, x, t, context)
                     outs.append(out)
                     if kind == STUDENT:
-                        residuals.append(res)
+                        residuals.append(((trainable, frozen, x, t, context), res))
                 cotangents, m = term.finish(state.step, train_key, index, batch, outs)
-                for res, ct in zip(residuals, cotangents, strict=True):
+                for (inputs, res), ct in zip(residuals, cotangents, strict=True):
                     if self.micro_steps > 1:
-                        grads = [self.backward(res, ct, grads[0] if grads else zeros)]
+                        grads = [self.backward(inputs, res, ct, grads[0] if grads else zeros)]
                     else:
-                        grads.append(self.backward(res, ct))
+                        grads.append(self.backward(inputs, res, ct))
                 metrics.append(m)
             if len(metrics) > 1:
                 metrics = [jax.tree.map(lambda *v: sum(v) / len(v), *metrics)]
@@ -285,10 +288,21 @@ def jit_staged(
         apply = lambda tr: model.apply_fn(split.merge(tr, frozen), x, t, context)
         out, vjp = jax.vjp(apply, trainable)
         leaves, residual_tree["tree"] = jax.tree.flatten(vjp)
-        return out, leaves
+        # A residual that is one of the call's own inputs (a weight the input's gradient
+        # needs, the context) is not an output: the backward takes the inputs instead.
+        # Each such output was a copy kernel to compile, and a copy every call wrote.
+        inputs = {
+            id(a): i for i, a in enumerate(jax.tree.leaves((trainable, frozen, x, t, context)))
+        }
+        residual_tree["sources"] = [inputs.get(id(leaf)) for leaf in leaves]
+        return out, [leaf for leaf in leaves if id(leaf) not in inputs]
 
-    def backward(residuals, cotangent, *accumulated):
-        (grads,) = jax.tree.unflatten(residual_tree["tree"], residuals)(cotangent)
+    def backward(inputs, residuals, cotangent, *accumulated):
+        """`inputs`: the forward call's (trainable, frozen, x, t, context)."""
+        input_leaves, kept = jax.tree.leaves(inputs), iter(residuals)
+        sources = residual_tree["sources"]
+        leaves = [next(kept) if i is None else input_leaves[i] for i in sources]
+        (grads,) = jax.tree.unflatten(residual_tree["tree"], leaves)(cotangent)
         grads = {n: g.astype(jnp.float32) for n, g in grads.items()}
         if accumulated:  # micro-batches: one running sum per term
             grads = {n: accumulated[0][n] + g for n, g in grads.items()}

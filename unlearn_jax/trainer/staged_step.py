@@ -82,8 +82,8 @@ def _lower(
         outs = []
         for x, t, context in prepare.out_info:
             if forward_lowered is None:
-                trainable = state.params
-                forward_lowered = jit_forward.lower(trainable, frozen_original, x, t, context)
+                forward_args = (state.params, frozen_original, x, t, context)
+                forward_lowered = jit_forward.lower(*forward_args)
                 yield "unet_forward", forward_lowered
             outs.append(forward_lowered.out_info[0])
         finish = term.finish.lower(*step_args, 0, batch[part], outs)
@@ -103,7 +103,7 @@ def _lower(
                     }
                 accumulated = (zeros,)
             residuals = forward_lowered.out_info[1]
-            backward_lowered = jit_backward.lower(residuals, cts[0], *accumulated)
+            backward_lowered = jit_backward.lower(forward_args, residuals, cts[0], *accumulated)
             yield "unet_backward", backward_lowered
             grads_info = backward_lowered.out_info
     g = {part: grads_info for part in terms}
