@@ -102,6 +102,30 @@ def test_gram_norms_and_cosine_match_numpy():
     assert combine.tree_vdot(random_tree(0, jnp.bfloat16), random_tree(1)).dtype == jnp.float32
 
 
+@pytest.mark.parametrize("concat_max", [4, 13, combine.CONCAT_MAX])
+def test_concatenated_reductions_match_numpy(monkeypatch, concat_max):
+    """`concatenate=True` (the CPU train step's update): the same Gram matrix, inner
+    product and norm as NumPy, whether the leaves (12, 5 and 8 entries) make one chunk
+    (the default `CONCAT_MAX`), two (13), or each a chunk of its own, larger than the
+    bound (4); bfloat16 leaves accumulate in float32."""
+    monkeypatch.setattr(combine, "CONCAT_MAX", concat_max)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        x, y = random_tree(0, dtype), random_tree(1, dtype)
+        fx, fy = np64(x), np64(y)
+        gram = jax.jit(lambda a, b: combine.tree_gram(a, b, concatenate=True))(x, y)
+        assert gram.dtype == jnp.float32
+        close(gram, [[fx @ fx, fx @ fy], [fy @ fx, fy @ fy]])
+        close(combine.tree_vdot(x, y, concatenate=True), fx @ fy)
+        close(combine.tree_norm(x, concatenate=True), np.linalg.norm(fx), rtol=1e-6)
+
+
+def test_concatenated_chunks_are_consecutive_leaves_up_to_the_bound(monkeypatch):
+    monkeypatch.setattr(combine, "CONCAT_MAX", 13)
+    x = random_tree(0)  # leaves of 12, 5 and 8 entries
+    assert [c.size for c in combine._chunks(x)] == [12, 13]
+    np.testing.assert_array_equal(np.concatenate(combine._chunks(x)), np64(x).astype(np.float32))
+
+
 # ---------------------------------------------------------------- combiners
 
 
@@ -296,3 +320,25 @@ def test_global_sums_compile_once_not_once_per_leaf():
     small, large = compiled_lines(40), compiled_lines(160)
     # 4x the leaves: about 4x the program when linear (~10x with a chain of adds).
     assert large < 6 * small, (small, large)
+
+
+def test_concatenated_reductions_do_not_grow_with_the_leaves():
+    """`concatenate=True`: the Gram matrix and the norms are the same few reductions
+    for 40 leaves as for 160 (leaf by leaf, one per leaf: XLA:CPU compiles a kernel
+    for each)."""
+
+    def reductions(leaves: int, concatenate: bool) -> int:
+        tree = {f"w{i}": jax.ShapeDtypeStruct((4, 3), jnp.float32) for i in range(leaves)}
+        preset, hp = get_preset("distill_project"), UnlearnHParams()
+
+        def f(g_f, g_r):
+            grads, _ = step.combine_term_grads(g_f, g_r, preset, hp, concatenate=concatenate)
+            return combine.tree_norm(grads, concatenate=concatenate)
+
+        eqns = jax.make_jaxpr(f)(tree, tree).jaxpr.eqns
+        return sum(e.primitive.name.startswith("reduce") for e in eqns)
+
+    # ⟨x,x⟩, ⟨x,y⟩, ⟨y,y⟩ and ‖g‖², each over one chunk and then its total over chunks.
+    assert reductions(40, True) == reductions(160, True) == 8
+    # Leaf by leaf: each leaf's Gram triple and its term of ‖g‖².
+    assert reductions(160, False) - reductions(40, False) == 2 * 120

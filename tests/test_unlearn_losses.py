@@ -28,10 +28,11 @@ from unlearn_jax.diffusion.forward import (
 from unlearn_jax.trainer import experiment, train
 from unlearn_jax.trainer.batches import SHARED_KEYS
 from unlearn_jax.trainer.staged_step import compile_staged_step
-from unlearn_jax.trainer.state import init_state, make_optimizer
+from unlearn_jax.trainer.state import clip_by_global_norm, init_state, make_optimizer
 from unlearn_jax.trainer.train_step import (
     STAGED_MAX_STEPS,
     compile_all,
+    concatenated_reductions,
     jit_step_parts,
     lower_step_parts,
     make_step_parts,
@@ -690,6 +691,24 @@ def test_step_programs_setting_follows_backend_run_length_terms_and_fsdp():
     assert resolve("split", "gpu") == "split" and resolve("fused", "cpu") == "fused"
     with pytest.raises(ValueError, match="train.step_programs='one': expected one of auto"):
         resolve("one", "cpu")
+
+
+def test_update_concatenates_leaves_for_its_reductions_only_where_leaves_are_whole_on_cpu():
+    """On CPU, with every leaf whole on each device, the update's Gram matrix and norms
+    reduce the concatenated leaves (`combine.tree_gram`); under FSDP or on an
+    accelerator's mesh (the planner lowers those from a CPU host) leaf by leaf."""
+    from unlearn_jax.trainer.sharding import make_mesh
+
+    def mesh(fsdp: int, platform: str):  # the two attributes the choice reads
+        devices = np.array([types.SimpleNamespace(platform=platform)] * fsdp)
+        return types.SimpleNamespace(shape={"data": 1, "fsdp": fsdp}, devices=devices)
+
+    assert concatenated_reductions(None) and concatenated_reductions(make_mesh(1, 1))
+    assert concatenated_reductions(mesh(1, "cpu"))
+    assert not concatenated_reductions(mesh(2, "cpu"))
+    assert not concatenated_reductions(mesh(1, "tpu")) and not concatenated_reductions(
+        mesh(1, "gpu")
+    )
 
 
 def test_staged_step_refuses_a_term_whose_calls_are_no_multiple_of_the_micro_batch(monkeypatch):

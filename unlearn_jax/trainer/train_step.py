@@ -130,6 +130,17 @@ class StepParts:
         return train_step
 
 
+def concatenated_reductions(mesh: Mesh | None) -> bool:
+    """Whether the update's global reductions (the terms' Gram matrix, the norms) run over
+    the leaves concatenated (`combine.tree_gram`): on CPU, where XLA compiles a kernel
+    per reduction, and only with every leaf whole on each device (no FSDP: raveling a
+    sharded leaf would gather it). The mesh's devices decide, not this process's backend:
+    the planner lowers steps for accelerators from a CPU host."""
+    if mesh is None:
+        return jax.default_backend() == "cpu"
+    return mesh.shape.get("fsdp", 1) <= 1 and mesh.devices.flat[0].platform == "cpu"
+
+
 def make_step_parts(
     model: DiffusionModel,
     preset: Preset,
@@ -145,6 +156,7 @@ def make_step_parts(
     data parallelism).
     """
     model = gather_at_use(model, mesh)
+    concatenate = concatenated_reductions(mesh)
     # Any optax transformation: those of `state.make_optimizer` take the clip's norm.
     optimizer = optax.with_extra_args_support(optimizer)
 
@@ -187,7 +199,9 @@ def make_step_parts(
         return grads
 
     def combine_and_update(state: TrainState, g_f, g_r, term_metrics):
-        grads, combine_metrics = combine_term_grads(g_f, g_r, preset, hparams, state.saliency)
+        grads, combine_metrics = combine_term_grads(
+            g_f, g_r, preset, hparams, state.saliency, concatenate
+        )
         params32 = float32_tree(state.params)
         # The clip's norm is the one combine_term_grads computed (`state.clip_by_global_norm`).
         norm = combine_metrics["grad/norm"]
@@ -198,7 +212,7 @@ def make_step_parts(
         moved = jax.tree.map(jnp.add, params32, updates)
         params = {n: moved[n].astype(p.dtype) for n, p in state.params.items()}
         metrics = {**term_metrics, **combine_metrics}
-        metrics["param/norm"] = combine.tree_norm(moved)
+        metrics["param/norm"] = combine.tree_norm(moved, concatenate=concatenate)
         metrics["finite"] = _all_finite(metrics)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics

@@ -122,6 +122,7 @@ def combine_term_grads(
     preset: Preset,
     hparams: UnlearnHParams | None = None,
     saliency: PyTree | None = None,
+    concatenate: bool = False,
 ) -> tuple[PyTree, dict[str, jax.Array]]:
     """The preset's combiner applied to (g_f, g_r), then the saliency mask if given.
 
@@ -134,6 +135,8 @@ def combine_term_grads(
       hparams: overrides `preset.hparams`.
       saliency: bool mask shaped like g_f (SalUn: `combine.saliency_mask`), or
         None; outside it the gradient is exactly zero.
+      concatenate: the global reductions (Gram matrix, norms) over the leaves
+        concatenated (`combine.tree_gram`); only for leaves whole on each device.
     Returns:
       (gradient shaped like g_f, metrics: 'grad/forget_norm', 'grad/retain_norm',
       'grad/cos', 'combine/<aux>', 'grad/norm').
@@ -141,10 +144,10 @@ def combine_term_grads(
     hp = preset.hparams if hparams is None else hparams
     if g_r is None:
         grads = g_f
-        metrics = {"grad/forget_norm": combine.tree_norm(g_f)}
+        metrics = {"grad/forget_norm": combine.tree_norm(g_f, concatenate=concatenate)}
         norm = metrics["grad/forget_norm"]
     else:
-        gram = combine.tree_gram(g_f, g_r)
+        gram = combine.tree_gram(g_f, g_r, concatenate=concatenate)
         a, b, aux_c = COMBINERS[preset.combiner](gram, hp)
         grads = combine.linear_combination(a, g_f, b, g_r)
         norm = combine.combination_norm(a, b, gram)
@@ -156,7 +159,7 @@ def combine_term_grads(
         }
     if saliency is not None:
         grads = combine.apply_mask(grads, saliency)
-        norm = combine.tree_norm(grads)
+        norm = combine.tree_norm(grads, concatenate=concatenate)
     metrics["grad/norm"] = norm
     return grads, metrics
 
