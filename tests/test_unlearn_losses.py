@@ -674,6 +674,23 @@ def test_clipping_uses_the_logged_gradient_norm_as_optax_would(programs):
         )
 
 
+def test_clip_keeps_gradients_below_the_bound_bit_for_bit_and_scales_those_above():
+    clip = clip_by_global_norm(1.0)
+    g = {"a": jnp.array([0.3, -0.2, 1e-30], jnp.float32), "b": jnp.array([[0.1]], jnp.bfloat16)}
+    below, _ = clip.update(g, clip.init(g), global_norm=jnp.float32(0.999))
+    for name, leaf in g.items():
+        assert below[name].dtype == leaf.dtype
+        np.testing.assert_array_equal(below[name], leaf)
+    above, _ = clip.update(g, clip.init(g), global_norm=jnp.float32(4.0))
+    np.testing.assert_allclose(above["a"], np.array([0.3, -0.2, 1e-30]) / 4, rtol=1e-7)
+    assert above["b"].dtype == jnp.bfloat16 and float(above["b"][0, 0]) == float(g["b"][0, 0]) / 4
+    # Without the norm passed in, the clip computes it itself, as optax does.
+    own, _ = clip.update(g, clip.init(g))
+    reference, _ = optax.clip_by_global_norm(1.0).update(g, optax.EmptyState())
+    for name in g:
+        np.testing.assert_array_equal(own[name], reference[name])
+
+
 def test_step_programs_setting_follows_backend_run_length_terms_and_fsdp():
     resolve = resolve_step_programs
     distill, esd_x = get_preset("distill"), get_preset("esd_x")

