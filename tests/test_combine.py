@@ -102,12 +102,12 @@ def test_gram_norms_and_cosine_match_numpy():
     assert combine.tree_vdot(random_tree(0, jnp.bfloat16), random_tree(1)).dtype == jnp.float32
 
 
-@pytest.mark.parametrize("concat_max", [4, 13, combine.CONCAT_MAX])
+@pytest.mark.parametrize("concat_max", [24, combine.CONCAT_MAX])
 def test_concatenated_reductions_match_numpy(monkeypatch, concat_max):
     """`concatenate=True` (the CPU train step's update): the same Gram matrix, inner
-    product and norm as NumPy, whether the leaves (12, 5 and 8 entries) make one chunk
-    (the default `CONCAT_MAX`), two (13), or each a chunk of its own, larger than the
-    bound (4); bfloat16 leaves accumulate in float32."""
+    product and norm as NumPy, over the concatenated leaves (12, 5 and 8 entries, within
+    `CONCAT_MAX`) or leaf by leaf beyond the bound (24); bfloat16 leaves accumulate in
+    float32."""
     monkeypatch.setattr(combine, "CONCAT_MAX", concat_max)
     for dtype in (jnp.float32, jnp.bfloat16):
         x, y = random_tree(0, dtype), random_tree(1, dtype)
@@ -119,11 +119,16 @@ def test_concatenated_reductions_match_numpy(monkeypatch, concat_max):
         close(combine.tree_norm(x, concatenate=True), np.linalg.norm(fx), rtol=1e-6)
 
 
-def test_concatenated_chunks_are_consecutive_leaves_up_to_the_bound(monkeypatch):
-    monkeypatch.setattr(combine, "CONCAT_MAX", 13)
-    x = random_tree(0)  # leaves of 12, 5 and 8 entries
-    assert [c.size for c in combine._chunks(x)] == [12, 13]
-    np.testing.assert_array_equal(np.concatenate(combine._chunks(x)), np64(x).astype(np.float32))
+def test_leaves_are_concatenated_only_within_the_bound(monkeypatch):
+    """Beyond `CONCAT_MAX` entries in all the reductions go leaf by leaf: XLA:CPU keeps
+    every concatenation of a program live at once, so a bound per chunk would not bound
+    the memory."""
+    x = random_tree(0)  # 25 entries
+    (whole,) = combine._pieces(x, concatenate=True)
+    np.testing.assert_array_equal(whole, np64(x).astype(np.float32))
+    monkeypatch.setattr(combine, "CONCAT_MAX", 24)
+    assert [p.shape for p in combine._pieces(x, concatenate=True)] == [(3, 4), (5,), (2, 2, 2)]
+    assert [p.shape for p in combine._pieces(x, concatenate=False)] == [(3, 4), (5,), (2, 2, 2)]
 
 
 # ---------------------------------------------------------------- combiners
@@ -338,7 +343,7 @@ def test_concatenated_reductions_do_not_grow_with_the_leaves():
         eqns = jax.make_jaxpr(f)(tree, tree).jaxpr.eqns
         return sum(e.primitive.name.startswith("reduce") for e in eqns)
 
-    # ⟨x,x⟩, ⟨x,y⟩, ⟨y,y⟩ and ‖g‖², each over one chunk and then its total over chunks.
+    # ⟨x,x⟩, ⟨x,y⟩, ⟨y,y⟩ and ‖g‖², each over the concatenation, then (trivially) totalled.
     assert reductions(40, True) == reductions(160, True) == 8
     # Leaf by leaf: each leaf's Gram triple and its term of ‖g‖².
     assert reductions(160, False) - reductions(40, False) == 2 * 120

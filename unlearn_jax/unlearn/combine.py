@@ -12,10 +12,10 @@ Inner products and norms are global across the whole pytree and accumulated
 in float32, whatever the leaf dtype; combined gradients keep the dtype of g_f.
 By default they reduce leaf by leaf and never ravel a leaf, so an FSDP-sharded
 leaf stays a per-device partial sum. With `concatenate=True` (leaves whole on
-each device, on CPU: `train_step.make_step_parts`) they reduce the leaves raveled
-and concatenated, in chunks of up to `CONCAT_MAX` entries: XLA:CPU compiles a kernel
-per reduction, and the embedded model's 324 leaves made 648 reduction kernels in the
-train step's update. Compiled alone on 2 cores, the update took 4.0-5.0 s with them and
+each device, on CPU: `train_step.make_step_parts`) and at most `CONCAT_MAX` entries in
+all, they reduce the leaves raveled and concatenated: XLA:CPU compiles a kernel per
+reduction, and the embedded model's 324 leaves made 648 reduction kernels in the train
+step's update. Compiled alone on 2 cores, the update took 4.0-5.0 s with them and
 2.8-3.3 s without (2026-12-07).
 """
 
@@ -28,8 +28,11 @@ import jax
 import jax.numpy as jnp
 
 PyTree = Any
-# The most entries in one concatenation of leaves (`concatenate=True`): 64 MiB of float32,
-# a bound on the copy it makes (SD-1.5's UNet has 860M parameters).
+# The most entries the reductions concatenate (`concatenate=True`; beyond it, leaf by
+# leaf): at the bound the update holds 128 MiB of temporaries (g_f's and g_r's
+# concatenations; `memory_analysis`), none leaf by leaf. Not in chunks: XLA:CPU kept
+# every chunk live at once (24 leaves of 2^23 entries in 64 MiB chunks: 1.5 GiB), which
+# for SD-1.5's 860M parameters would be 6.4 GiB. Compile time matters on small models.
 CONCAT_MAX = 2**24
 
 
@@ -78,35 +81,24 @@ def _add_triples(a: tuple, b: tuple) -> tuple:
     return (a[0] + b[0], a[1] + b[1], a[2] + b[2])
 
 
-def _chunks(tree: PyTree) -> list[jax.Array]:
-    """`tree`'s leaves as float32 1-D arrays: consecutive leaves raveled and concatenated,
-    up to `CONCAT_MAX` entries each (a larger leaf is a chunk of its own)."""
-    chunks, current, size = [], [], 0
-    for leaf in jax.tree.leaves(tree):
-        if current and size + leaf.size > CONCAT_MAX:
-            chunks.append(current)
-            current, size = [], 0
-        current.append(leaf.astype(jnp.float32).ravel())
-        size += leaf.size
-    if current:
-        chunks.append(current)
-    return [c[0] if len(c) == 1 else jnp.concatenate(c) for c in chunks]
-
-
 def _pieces(tree: PyTree, concatenate: bool) -> list[jax.Array]:
-    """What the global reductions reduce: the leaves, or their `_chunks`."""
-    return _chunks(tree) if concatenate else jax.tree.leaves(tree)
+    """What the global reductions reduce: the leaves, or with `concatenate` and at most
+    `CONCAT_MAX` entries in all, the leaves raveled and concatenated in float32."""
+    leaves = jax.tree.leaves(tree)
+    if concatenate and len(leaves) > 1 and sum(x.size for x in leaves) <= CONCAT_MAX:
+        return [jnp.concatenate([x.astype(jnp.float32).ravel() for x in leaves])]
+    return leaves
 
 
 def tree_gram(a: PyTree, b: PyTree, *, concatenate: bool = False) -> jax.Array:
     """Global Gram matrix of two pytrees of the same structure, float32 [2, 2].
 
     Everything a combiner needs (norms, inner product, cosine, the norm of
-    any combination a g_f + b g_r) in one pass: one reduction per leaf (or per
-    concatenated chunk, `concatenate`) instead of one per leaf and quantity.
+    any combination a g_f + b g_r) in one pass: one reduction per leaf (or of the
+    concatenated leaves, `concatenate`) instead of one per leaf and quantity.
     """
     pairs = zip(_pieces(a, concatenate), _pieces(b, concatenate), strict=True)
-    # A chunk's three sums stay three: XLA:CPU sums a variadic reduction in sequence,
+    # The concatenation's three sums stay three: XLA:CPU sums a variadic reduction in sequence,
     # which over millions of entries loses digits (4.7e-4 of ‖g_f‖ on the embedded
     # model); `jnp.sum` keeps vector partial sums.
     gram_of = (
