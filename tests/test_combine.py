@@ -327,10 +327,10 @@ def test_global_sums_compile_once_not_once_per_leaf():
     assert large < 6 * small, (small, large)
 
 
-def test_concatenated_reductions_do_not_grow_with_the_leaves():
+def test_concatenated_reductions_do_not_grow_with_the_leaves(monkeypatch):
     """`concatenate=True`: the Gram matrix and the norms are the same few reductions
     for 40 leaves as for 160 (leaf by leaf, one per leaf: XLA:CPU compiles a kernel
-    for each)."""
+    for each); beyond `CONCAT_MAX` entries, the same reductions as leaf by leaf."""
 
     def reductions(leaves: int, concatenate: bool) -> int:
         tree = {f"w{i}": jax.ShapeDtypeStruct((4, 3), jnp.float32) for i in range(leaves)}
@@ -347,3 +347,5 @@ def test_concatenated_reductions_do_not_grow_with_the_leaves():
     assert reductions(40, True) == reductions(160, True) == 8
     # Leaf by leaf: each leaf's Gram triple and its term of ‖g‖².
     assert reductions(160, False) - reductions(40, False) == 2 * 120
+    monkeypatch.setattr(combine, "CONCAT_MAX", 40 * 12 - 1)
+    assert reductions(40, True) == reductions(40, False)

@@ -97,16 +97,14 @@ def tree_gram(a: PyTree, b: PyTree, *, concatenate: bool = False) -> jax.Array:
     any combination a g_f + b g_r) in one pass: one reduction per leaf (or of the
     concatenated leaves, `concatenate`) instead of one per leaf and quantity.
     """
-    pairs = zip(_pieces(a, concatenate), _pieces(b, concatenate), strict=True)
-    # The concatenation's three sums stay three: XLA:CPU sums a variadic reduction in sequence,
-    # which over millions of entries loses digits (4.7e-4 of ‖g_f‖ on the embedded
-    # model); `jnp.sum` keeps vector partial sums.
-    gram_of = (
-        (lambda x, y: (_leaf_dot(x, x), _leaf_dot(x, y), _leaf_dot(y, y)))
-        if concatenate
-        else _leaf_gram
-    )
-    grams = [gram_of(x, y) for x, y in pairs]
+    xs, ys = _pieces(a, concatenate), _pieces(b, concatenate)
+    if concatenate and len(xs) == 1:
+        # The concatenation's three sums stay three: XLA:CPU sums a variadic reduction in
+        # sequence, which over millions of entries loses digits (4.7e-4 of ‖g_f‖ on the
+        # embedded model); `jnp.sum` keeps vector partial sums.
+        grams = [(_leaf_dot(xs[0], xs[0]), _leaf_dot(xs[0], ys[0]), _leaf_dot(ys[0], ys[0]))]
+    else:
+        grams = [_leaf_gram(x, y) for x, y in zip(xs, ys, strict=True)]
     xx, xy, yy = (_total([g[i] for g in grams], ()) for i in range(3))
     return jnp.stack([jnp.stack([xx, xy]), jnp.stack([xy, yy])])
 
