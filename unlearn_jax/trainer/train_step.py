@@ -246,8 +246,10 @@ STEP_PROGRAMS = ("auto", "fused", "split", "staged")
 # 'auto' stages a two-term step on CPU for runs of at most this many steps. On the
 # embedded model the staged distill step compiled in 15.5-16.9 s instead of 27.2-29.1 s
 # and ran at 9.0 steps/s instead of 12.7-12.9 (`benchmarks.train_step`, 2 cores):
-# ahead below ~300-430 steps. A one-term step compiles the network once either way,
-# so it stays split.
+# ahead below ~300-430 steps. Re-measured after the update's kernels were cut
+# (2026-12-07, two alternating pairs): 12.9-13.2 s against 23.1-23.2 s, at 7.7-9.0
+# steps/s against 14.0-14.2: ahead below ~200-300 steps. A one-term step compiles the
+# network once either way, so it stays split.
 STAGED_MAX_STEPS = 200
 
 
