@@ -100,8 +100,10 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArg
     `update(..., global_norm=n)` clips with n instead of another pass over the
     gradients: the train step knows the norm from the Gram matrix of its terms
     (`step.combine_term_grads`, the `grad/norm` it logs), and on XLA:CPU the pass
-    costs two to three compiled kernels per trainable leaf. Without `global_norm`,
-    and in its state (optax's empty state, so checkpoints are unchanged), it is optax's.
+    costs two to three compiled kernels per trainable leaf. Without `global_norm` it
+    computes the norm as optax does; its state is optax's (empty, so checkpoints are
+    unchanged). Above the bound it scales by one factor, max_norm / norm, where optax
+    divides each element by the norm: equal to rounding (tested against optax).
     """
 
     def update_fn(updates, state, params=None, *, global_norm=None):
