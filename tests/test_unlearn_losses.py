@@ -731,6 +731,23 @@ def test_update_concatenates_leaves_for_its_reductions_only_where_leaves_are_who
     )
 
 
+def test_the_cpu_update_reduces_as_many_times_for_40_leaves_as_for_10():
+    """The train step's update as production builds it on CPU (`make_step_parts`, no
+    mesh): its Gram matrix, clip norm and `param/norm` reduce the concatenated leaves,
+    so the program's reductions do not grow with the number of trainable leaves."""
+    preset, opt = get_preset("distill"), optimizer("adam", lr=1e-3, grad_clip=1.0)
+    split = ParamSplit.from_params(THETA, "full")
+    update = make_step_parts(MODEL, preset, preset.hparams, opt, split).update
+
+    def reductions(leaves: int) -> int:
+        params = {f"w{i:02d}": jnp.ones((4, 3), jnp.float32) for i in range(leaves)}
+        state, g = init_state(params, opt), {n: jnp.ones((4, 3)) for n in params}
+        eqns = jax.make_jaxpr(update)(state, g, g, {}).jaxpr.eqns
+        return sum(e.primitive.name.startswith("reduce") for e in eqns)
+
+    assert reductions(10) == reductions(40)
+
+
 def test_staged_step_refuses_a_term_whose_calls_are_no_multiple_of_the_micro_batch(monkeypatch):
     def one_row(model, params, frozen, batch, rng, cfg):
         t = jnp.zeros((1,), jnp.int32)
