@@ -34,6 +34,7 @@ import tqdm
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from unlearn_jax import exported_programs
 from unlearn_jax.diffusion.sampler import (
     ModelFn,
     Params,
@@ -121,12 +122,15 @@ def _program(
     *,
     trajectory: bool = False,
     background: bool = False,
+    identity: str | None = None,
 ) -> concurrent.futures.Future:
     """The future executable for `key`; compiles it (here, or on the worker) if nobody has.
 
     Tracing and lowering always run on the calling thread: they hold the GIL,
     and finishing them before the caller goes on to Python-heavy work (loading
-    weights) starts XLA's GIL-free compilation as early as possible.
+    weights) starts XLA's GIL-free compilation as early as possible. Given the
+    model's `identity` (see `exported_programs.module_path`), a program traced by
+    an earlier process is read back instead of traced again.
     """
     future, created = CHUNK_PROGRAMS.get_or_create(key, concurrent.futures.Future)
     if not created:
@@ -145,8 +149,15 @@ def _program(
     try:
         # The rows' mesh: kernels XLA cannot partition (TPU attention) run per device on it.
         with batch_mesh(jax.tree.leaves(args)[-1].sharding.mesh):
-            lowered = sample_jit.lower(
-                model_fn, *args, eta=eta, use_guidance=use_guidance, trajectory=trajectory
+            lowered = exported_programs.lower(
+                sample_jit,
+                args,
+                name="sampler",
+                identity=identity,
+                leading=(model_fn,),
+                eta=eta,
+                use_guidance=use_guidance,
+                trajectory=trajectory,
             )
     except BaseException as e:
         fail(e)
@@ -171,6 +182,7 @@ def precompile_chunks(
     guidance_scale: float = 7.5,
     eta: float = 0.0,
     mesh: Mesh | None = None,
+    identity: str | None = None,
 ) -> concurrent.futures.Future:
     """Compiles, on a worker thread, the program `sample_in_chunks` will run; returns at once.
 
@@ -182,6 +194,9 @@ def precompile_chunks(
       latent_shape: per-example latent shape (h, w, C), float32.
       context_shape, context_dtype: per-example prompt embedding (L, D) and its dtype.
       batch_size, guidance_scale, eta, mesh: as `sample_in_chunks` will get them.
+      identity: what `model_fn` computes, as a string (e.g. the model's class,
+        config and dtypes): lets a later process read this trace back from
+        `exported_programs.folder()`, when the CLI set one. None: traced every time.
 
     Returns:
       A future that is done when the program is compiled (or holds the error).
@@ -207,7 +222,9 @@ def precompile_chunks(
         use_guidance=use_guidance,
         trajectory=False,
     )
-    return _program(model_fn, args, float(eta), use_guidance, cache_key, background=True)
+    return _program(
+        model_fn, args, float(eta), use_guidance, cache_key, background=True, identity=identity
+    )
 
 
 def in_background(fn: Callable[[], Any]) -> concurrent.futures.Future:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import json
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -222,8 +223,25 @@ def precompile(
         guidance_scale=guidance,
         eta=eta,
         mesh=mesh,
+        identity=_unet_identity(structure),
     )
     return Precompiled(sampler, decoder, text_encoder)
+
+
+def _unet_identity(structure: PipelineStructure) -> str:
+    """What `unet_model_fn` of this structure computes, beyond the package's source: the
+    UNet's class, config and dtypes (`exported_programs` names a kept trace by it)."""
+    unet = structure.unet
+    return json.dumps(
+        {
+            "class": f"{type(unet).__module__}.{type(unet).__qualname__}",
+            "config": unet.config.to_dict(),
+            "dtype": str(jnp.dtype(structure.dtype)),
+            "param_dtype": str(jnp.dtype(structure.param_dtype)),
+        },
+        sort_keys=True,
+        default=repr,
+    )
 
 
 def check_finite(images: np.ndarray, prompts: Sequence[str], per_prompt: int) -> None:
