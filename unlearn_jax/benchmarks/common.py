@@ -22,7 +22,8 @@ def cpu_name(cpuinfo: str | None = None) -> str:
 
     Linux's /proc/cpuinfo 'model name' (`cpuinfo`: that file's text, for tests),
     else `platform.processor()`, else 'unknown'. CPU speed ratios between the two
-    frameworks differ from one CPU to another (see the README's speed section).
+    frameworks differ from one CPU to another (see the README's speed section, and
+    docs/speed.md, "On a second machine").
     """
     if cpuinfo is None:
         try:

@@ -35,7 +35,8 @@ attention alone took ~60% of a tiny UNet's forward pass. The CPU path loops
 (`lax.map`) over heads and, when a head's logits would exceed
 `BLOCK_BYTES`, over blocks of queries, with the batch axis kept whole in
 each iteration: the UNet forward runs ~1.5x faster on one core than with
-the fused form (see the README's speed section), and peak memory is bounded.
+the fused form (see docs/speed.md, "What made sampling faster than diffusers
+on CPU"), and peak memory is bounded.
 Logits of at most `CPU_LOOP_LOGITS_BYTES` per device stay in the caches; there
 the fused form was no slower overall (faster for cross-attention to a few tokens)
 and compiles to fewer kernels, so CPU attention that small is 'xla'.
@@ -151,7 +152,7 @@ LOGITS_BYTES = 64 * 2**20
 # loop's time, its gradient 0.98-1.43x) and XLA's was faster on cross-attention to 16
 # tokens; from 2 MiB of self-attention logits the loop's forward was 1.15-3.6x faster.
 # The embedded model's train step (at most 0.5 MiB per call) compiles ~2 s faster with
-# 'xla' and runs as fast (README, "XLA's attention for small logits on CPU").
+# 'xla' and runs as fast (docs/speed.md, "XLA's attention for small logits on CPU").
 CPU_LOOP_LOGITS_BYTES = 2**20
 
 
