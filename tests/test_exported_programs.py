@@ -183,9 +183,9 @@ def test_a_program_export_cannot_keep_is_lowered_as_usual(store):
     assert len(noted) == 1 and not store.exists()
 
 
-def test_the_cli_keeps_the_sampler_once_and_samples_the_same(sd1_folder, tmp_path):
-    """Two `unlearn-jax sample` runs: the second reads the first's trace (one file, named
-    the same in both processes) and writes the same images."""
+def test_the_cli_keeps_each_program_once_and_samples_the_same(sd1_folder, tmp_path):
+    """Two `unlearn-jax sample` runs: the second reads the first's traces (one file per
+    program, named the same in both processes) and writes the same images."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue square\n")
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
@@ -198,8 +198,128 @@ def test_the_cli_keeps_the_sampler_once_and_samples_the_same(sd1_folder, tmp_pat
                    "--out", str(out)]  # fmt: skip
         result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
-        kept = sorted((tmp_path / "cache" / "exported").iterdir())
-        assert len(kept) == 1 and kept[0].name.startswith("sampler-"), kept
+        kept = sorted(p.name.split("-")[0] for p in (tmp_path / "cache" / "exported").iterdir())
+        assert kept == ["sampler", "text_encoder", "vae_decoder"]
         with np.load(out / "images.npz") as data:
             images.append(data["images"])
     np.testing.assert_array_equal(images[1], images[0])
+
+
+def test_a_folder_that_cannot_be_written_only_costs_the_trace(store, monkeypatch, caplog):
+    def refuse(path, data):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(exported_programs.atomic_files, "write_bytes", refuse)
+    args = (jax.ShapeDtypeStruct((2,), jnp.float32),)
+    with caplog.at_level(logging.WARNING, logger=exported_programs.__name__):
+        lowered = exported_programs.lower(jax.jit(lambda x: x - 1), args, name="f", identity="id")
+    assert "cannot keep the traced program" in caplog.text
+    np.testing.assert_array_equal(lowered.compile()(jnp.ones(2)), [0.0, 0.0])
+    assert not store.exists()
+
+
+def test_a_kept_program_that_cannot_be_called_is_traced_instead(store, monkeypatch, caplog):
+    args = (jax.ShapeDtypeStruct((2,), jnp.float32),)
+    triple = jax.jit(lambda x: x * 3)
+    exported_programs.lower(triple, args, name="f", identity="id")  # keeps it
+
+    def fail(exported, args):
+        raise ValueError("sharding mismatch")
+
+    monkeypatch.setattr(exported_programs, "_lower_call", fail)
+    with caplog.at_level(logging.WARNING, logger=exported_programs.__name__):
+        lowered = exported_programs.lower(triple, args, name="f", identity="id")
+    assert "cannot be called here" in caplog.text and "sharding mismatch" in caplog.text
+    np.testing.assert_array_equal(lowered.compile()(jnp.ones(2)), [3.0, 3.0])
+
+
+def test_a_later_process_traces_none_of_the_three_programs(sd1_folder, store, monkeypatch):
+    """Sampler, text encoder and decoder: kept by the first `precompile`, read back by a
+    later one (here: this process with every cache emptied), and `generate` then runs
+    them without tracing the modules again, to the same images."""
+    from unlearn_jax.diffusion import text_to_image
+    from unlearn_jax.models.clip import CLIPTextModel
+    from unlearn_jax.models.pipeline import load_pipeline, read_structure
+    from unlearn_jax.models.unet import UNet2DConditionModel
+    from unlearn_jax.models.vae import AutoencoderKL
+
+    traced: dict[str, int] = {}
+    for cls, method in [
+        (UNet2DConditionModel, "__call__"),
+        (CLIPTextModel, "__call__"),
+        (AutoencoderKL, "decode"),
+    ]:
+        original = getattr(cls, method)
+
+        def counting(self, *args, _original=original, _name=cls.__name__, **kwargs):
+            traced[_name] = traced.get(_name, 0) + 1  # Python runs only while tracing
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, method, counting)
+
+    prompts = ["a red circle", "a blue square"]
+    settings = dict(steps=3, guidance=3.0, batch_size=2)
+
+    def run() -> tuple[np.ndarray, dict, dict]:
+        chunks.CHUNK_PROGRAMS.clear()
+        text_to_image.PRECOMPILED.clear()
+        jax.clear_caches()
+        traced.clear()
+        structure = read_structure(sd1_folder)
+        for future in text_to_image.precompile(structure, 2, num_prompts=2, **settings):
+            future.result()
+        precompiling = dict(traced)
+        traced.clear()
+        pipe = load_pipeline(sd1_folder, structure=structure)
+        images = text_to_image.generate(pipe, prompts, progress=False, **settings)
+        return images, precompiling, dict(traced)
+
+    first, precompiling, generating = run()
+    assert precompiling.keys() == {"UNet2DConditionModel", "CLIPTextModel", "AutoencoderKL"}
+    assert generating == {}  # generate runs what precompile compiled
+    kept = sorted(p.name.split("-")[0] for p in store.iterdir())
+    assert kept == ["sampler", "text_encoder", "vae_decoder"]
+
+    again, precompiling, generating = run()
+    assert (precompiling, generating) == ({}, {})  # read back: nothing traced
+    assert len(list(store.iterdir())) == 3
+    np.testing.assert_array_equal(again, first)
+    text_to_image.PRECOMPILED.clear()
+
+
+def check_moved_state_decodes_through_jit(folder) -> None:
+    """Run with 2 (fake CPU) devices: the VAE's state moved from the device it was loaded
+    on (and precompiled for) to the other one."""
+    from unlearn_jax.diffusion import text_to_image
+    from unlearn_jax.models.pipeline import load_pipeline, read_structure
+
+    assert jax.device_count() == 2, jax.device_count()
+    structure = read_structure(folder)
+    for future in filter(None, text_to_image.precompile(structure, 2, steps=2, batch_size=2)):
+        future.result()
+    pipe = load_pipeline(folder, structure=structure)
+    latents = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
+    expected = text_to_image.decode_latents(pipe, latents, batch_size=2)
+    assert text_to_image._decode._cache_size() == 0  # the precompiled program ran
+
+    from flax import nnx
+
+    nnx.update(pipe.vae, jax.device_put(nnx.state(pipe.vae), jax.devices()[1]))
+    moved = text_to_image.decode_latents(pipe, latents, batch_size=2)
+    assert text_to_image._decode._cache_size() == 1  # through jit's dispatch
+    np.testing.assert_array_equal(moved, expected)
+
+
+def test_a_state_moved_since_precompile_decodes_through_jit(sd1_folder):
+    """The precompiled decoder takes the state on the device it was loaded on; moved since,
+    the decode goes through jit's dispatch (not an error), to the same images."""
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    code = (
+        f"import sys; sys.path.insert(0, {tests_dir!r}); import test_exported_programs as t; "
+        f"t.check_moved_state_decodes_through_jit({str(sd1_folder)!r})"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]

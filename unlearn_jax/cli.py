@@ -37,8 +37,8 @@ from unlearn_jax.world.demo import add_demo_command
 
 # Compiled programs are kept here across runs (a rerun of the same command on the
 # same model skips XLA compilation), in its tokenizers/ each tokenizer folder as
-# transformers resolved it (`models.clip_tokenizer`), and in its exported/ the sampler
-# programs as traced (`exported_programs`). UNLEARN_JAX_COMPILATION_CACHE=DIR
+# transformers resolved it (`models.clip_tokenizer`), and in its exported/ the sampler,
+# text encoder and decoder as traced (`exported_programs`). UNLEARN_JAX_COMPILATION_CACHE=DIR
 # moves it, =off disables it; JAX_COMPILATION_CACHE_DIR, when set, wins (programs only).
 COMPILATION_CACHE_ENV = "UNLEARN_JAX_COMPILATION_CACHE"
 # Programs that took at least this long to compile are written to that cache. JAX's
@@ -51,7 +51,7 @@ INTEGRITY_FILES = ("integrity.json", "pairs.npz", "grid.png")
 
 def enable_compilation_cache() -> str | None:
     """Turns on JAX's persistent compilation cache for this process, the tokenizer cache
-    in its `tokenizers/` and the traced sampler programs in its `exported/` (not in a
+    in its `tokenizers/` and the traced sampling programs in its `exported/` (not in a
     JAX_COMPILATION_CACHE_DIR the user set); returns the compilation cache's folder."""
     import jax
 
@@ -68,7 +68,7 @@ def enable_compilation_cache() -> str | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_S)
     # Tokenizers as transformers resolved them (JSON), so that warm runs skip its import.
     clip_tokenizer.set_cache_folder(folder / "tokenizers")
-    # The sampler as traced by an earlier run, so that warm runs skip its tracing.
+    # The sampling programs as traced by an earlier run, so that warm runs skip tracing.
     exported_programs.set_folder(folder / "exported")
     return str(folder)
 

@@ -8,7 +8,8 @@ model, all of it on the main thread before the first step.
 
 `lower` does that work once per program and keeps its result: the lowered
 program, serialized with `jax.export`, in a folder the CLI sets next to its
-compilation cache (`set_folder`). A later process reads the module back and
+compilation cache (`set_folder`). `text_to_image.precompile` lowers the sampler,
+the text encoder and the VAE decoder through it. A later process reads the module back and
 lowers only a call of it (0.16-0.25 s for SD-1.5's sampler). XLA compiles that
 call as it would the original program; the program computes the same values
 bit for bit (tested), and its compiled form lands in the compilation cache like
@@ -24,7 +25,9 @@ by a digest of:
   the UNet's class, config and dtypes), the static arguments, and every input's
   shape, dtype and sharding.
 A file that cannot be read back is reported and written again. A function that
-`jax.export` cannot serialize is lowered as usual, and nothing is written.
+`jax.export` cannot serialize (host callbacks), a folder that cannot be written, and a
+kept module that cannot be called are reported and cost only the trace: the program
+is then lowered as usual. Removing the folder is always safe.
 """
 
 from __future__ import annotations
@@ -198,5 +201,20 @@ def lower(
         exported = _export(fn, leading, static, args)
         if exported is None:
             return fn.lower(*leading, *args, **static)
+        _write(path, exported)
+    try:
+        return _lower_call(exported, args)
+    except Exception as e:  # noqa: BLE001 - the store must never stop a run
+        log.warning("the kept program %s cannot be called here (%s: %s); tracing it as usual",
+                    path, type(e).__name__, e)  # fmt: skip
+        return fn.lower(*leading, *args, **static)
+
+
+def _write(path: Path, exported: jax.export.Exported) -> None:
+    """Keeps `exported` in `path`; a folder that cannot be written only costs the next
+    run its trace."""
+    try:
         atomic_files.write_bytes(path, bytes(exported.serialize()))
-    return _lower_call(exported, args)
+    except OSError as e:
+        log.warning("cannot keep the traced program in %s (%s); later runs trace it again",
+                    path, e)  # fmt: skip

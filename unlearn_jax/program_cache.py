@@ -75,6 +75,14 @@ class ProgramCache:
                 self._entries.popitem(last=False)
             return value, True
 
+    def get(self, key: Hashable) -> Any | None:
+        """The entry for `key`, or None."""
+        with self._lock:
+            if key not in self._entries:
+                return None
+            self._entries.move_to_end(key)
+            return self._entries[key]
+
     def discard(self, key: Hashable) -> None:
         """Forgets `key` (e.g. a program whose compilation failed)."""
         with self._lock:

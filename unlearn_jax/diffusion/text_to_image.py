@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from unlearn_jax import exported_programs
 from unlearn_jax.diffusion.chunks import (
     in_background,
     map_in_chunks,
@@ -33,6 +34,7 @@ from unlearn_jax.diffusion.chunks import (
 from unlearn_jax.diffusion.sampler import ModelFn, uses_guidance
 from unlearn_jax.diffusion.solvers import check_scheduler, make_plan
 from unlearn_jax.models.pipeline import PipelineStructure, StableDiffusion, encode_ids
+from unlearn_jax.program_cache import ProgramCache
 
 
 class NonFiniteImagesError(FloatingPointError):
@@ -131,6 +133,41 @@ def _decode_chunk(num_images: int, batch_size: int) -> int:
     return max(1, min(batch_size, num_images))
 
 
+# The decoder's and the text encoder's programs that `precompile` compiled, by what they
+# take. `generate` calls these instead of `jax.jit`'s dispatch, which would trace the
+# module again when the program came from a kept trace (`exported_programs`).
+PRECOMPILED = ProgramCache("precompiled decoder and text-encoder programs", max_size=8)
+
+
+def _signature(kind: str, graphdef: nnx.GraphDef, state: nnx.State, rows) -> tuple:
+    """What a precompiled program of `kind` takes: graph, state shapes, input shape."""
+    shapes = tuple((tuple(np.shape(x)), str(x.dtype)) for x in jax.tree.leaves(state))
+    return kind, graphdef, shapes, (tuple(np.shape(rows)), str(rows.dtype))
+
+
+def _call_precompiled(kind: str, graphdef, state, rows, traced: Callable):
+    """The precompiled program of `kind` on (state, rows), else `traced(graphdef, state, rows)`.
+
+    The program was compiled for the state's placement at load time (one device); a
+    state moved to other devices since goes through jit's own dispatch instead.
+    """
+    future = PRECOMPILED.get(_signature(kind, graphdef, state, rows))
+    if future is not None:
+        program = future.result()
+        # None: an input the program does not read (the VAE's encoder, for the decoder).
+        placed = jax.tree.leaves(program.input_shardings[0][0], is_leaf=lambda s: s is None)
+        if all(_placed_as(x, s) for x, s in zip(jax.tree.leaves(state), placed, strict=True)):
+            return program(state, rows)
+    return traced(graphdef, state, rows)
+
+
+def _placed_as(x, sharding: jax.sharding.Sharding) -> bool:
+    """Whether `x` (an array; host values go anywhere) already lies as `sharding` says."""
+    if sharding is None or not isinstance(x, jax.Array):
+        return True
+    return x.sharding.is_equivalent_to(sharding, x.ndim)
+
+
 def decode_latents(pipe: StableDiffusion, latents: np.ndarray, batch_size: int) -> np.ndarray:
     """Images [N,H,W,3] in [0,1] from final latents [N,h,w,C], in fixed-size chunks."""
     n = latents.shape[0]
@@ -138,8 +175,14 @@ def decode_latents(pipe: StableDiffusion, latents: np.ndarray, batch_size: int) 
         return np.zeros((0,), np.float32)
     graphdef, state = nnx.split(pipe.vae)
     # NumPy rows, not jnp.asarray: see `StableDiffusion.encode_prompts`.
-    decode = lambda rows: _decode(graphdef, state, np.asarray(rows))
+    decode = lambda rows: _call_precompiled("decoder", graphdef, state, np.asarray(rows), _decode)
     return map_in_chunks(decode, latents, size=_decode_chunk(n, batch_size))
+
+
+def encode_prompts(pipe: StableDiffusion, prompts: list[str]) -> jax.Array:
+    """`pipe.encode_prompts(prompts)`, through `precompile`'s program when there is one."""
+    graphdef, state = nnx.split(pipe.text_encoder)
+    return _call_precompiled("text_encoder", graphdef, state, pipe.tokenize(prompts), encode_ids)
 
 
 def _abstract(tree):
@@ -198,18 +241,35 @@ def precompile(
     rows = 1 if num_prompts is None else num_prompts + int(uses_guidance(guidance))
     text_graphdef, text_state = nnx.split(structure.text_encoder)
     tokens = structure.text_encoder.config["max_position_embeddings"]
-    text_lowered = encode_ids.lower(
-        text_graphdef, _abstract(text_state), jax.ShapeDtypeStruct((rows, tokens), jnp.int32)
+    text_args = (_abstract(text_state), jax.ShapeDtypeStruct((rows, tokens), jnp.int32))
+    text_lowered = exported_programs.lower(
+        encode_ids,
+        text_args,
+        name="text_encoder",
+        identity=_identity(structure, structure.text_encoder),
+        leading=(text_graphdef,),
     )
     context = text_lowered.out_info
-    text_encoder = None if num_prompts is None else in_background(text_lowered.compile)
+    text_encoder = None
+    if num_prompts is not None:
+        text_encoder = in_background(text_lowered.compile)
+        PRECOMPILED.get_or_create(
+            _signature("text_encoder", text_graphdef, *text_args), lambda: text_encoder
+        )
     vae_graphdef, vae_state = nnx.split(structure.vae)
     decoder_args = (
-        vae_graphdef,
         _abstract(vae_state),
         jax.ShapeDtypeStruct((_decode_chunk(num_images, batch_size), *shape), jnp.float32),
     )
-    decoder = in_background(_decode.lower(*decoder_args).compile)
+    decoder_lowered = exported_programs.lower(
+        _decode,
+        decoder_args,
+        name="vae_decoder",
+        identity=_identity(structure, structure.vae),
+        leading=(vae_graphdef,),
+    )
+    decoder = in_background(decoder_lowered.compile)
+    PRECOMPILED.get_or_create(_signature("decoder", vae_graphdef, *decoder_args), lambda: decoder)
     graphdef, state = nnx.split(structure.unet)
     sampler = precompile_chunks(
         unet_model_fn(graphdef),
@@ -223,19 +283,19 @@ def precompile(
         guidance_scale=guidance,
         eta=eta,
         mesh=mesh,
-        identity=_unet_identity(structure),
+        identity=_identity(structure, structure.unet),
     )
     return Precompiled(sampler, decoder, text_encoder)
 
 
-def _unet_identity(structure: PipelineStructure) -> str:
-    """What `unet_model_fn` of this structure computes, beyond the package's source: the
-    UNet's class, config and dtypes (`exported_programs` names a kept trace by it)."""
-    unet = structure.unet
+def _identity(structure: PipelineStructure, module: nnx.Module) -> str:
+    """What a program of one of the structure's modules computes, beyond the package's
+    source: the module's class, config and dtypes (`exported_programs` names a kept
+    trace by it)."""
     return json.dumps(
         {
-            "class": f"{type(unet).__module__}.{type(unet).__qualname__}",
-            "config": unet.config.to_dict(),
+            "class": f"{type(module).__module__}.{type(module).__qualname__}",
+            "config": module.config.to_dict(),
             "dtype": str(jnp.dtype(structure.dtype)),
             "param_dtype": str(jnp.dtype(structure.param_dtype)),
         },
@@ -296,7 +356,7 @@ def denoise(
         )
     # One text-encoder call (and compile) for the prompts and the empty prompt.
     with_empty = prompts + [""] if uses_guidance(guidance) else prompts
-    encoded = np.asarray(pipe.encode_prompts(with_empty))
+    encoded = np.asarray(encode_prompts(pipe, with_empty))
     uncond = encoded[len(prompts)] if uses_guidance(guidance) else None
     cond = np.repeat(encoded[: len(prompts)], num_images_per_prompt, axis=0)
     return denoise_contexts(
