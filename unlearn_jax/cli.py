@@ -38,8 +38,9 @@ from unlearn_jax.world.demo import add_demo_command
 # Compiled programs are kept here across runs (a rerun of the same command on the
 # same model skips XLA compilation), in its tokenizers/ each tokenizer folder as
 # transformers resolved it (`models.clip_tokenizer`), and in its exported/ the sampler,
-# text encoder and decoder as traced (`exported_programs`). UNLEARN_JAX_COMPILATION_CACHE=DIR
-# moves it, =off disables it; JAX_COMPILATION_CACHE_DIR, when set, wins (programs only).
+# text encoder and decoder as traced (`exported_programs`).
+# UNLEARN_JAX_COMPILATION_CACHE=DIR moves it, =off disables it; JAX_COMPILATION_CACHE_DIR,
+# when set, wins (compiled programs only).
 COMPILATION_CACHE_ENV = "UNLEARN_JAX_COMPILATION_CACHE"
 # Programs that took at least this long to compile are written to that cache. JAX's
 # default (1 s) left the text encoder's and the VAE decoder's programs out: they compile

@@ -8,12 +8,12 @@ model, all of it on the main thread before the first step.
 
 `lower` does that work once per program and keeps its result: the lowered
 program, serialized with `jax.export`, in a folder the CLI sets next to its
-compilation cache (`set_folder`). `text_to_image.precompile` lowers the sampler,
-the text encoder and the VAE decoder through it. A later process reads the module back and
-lowers only a call of it (0.16-0.25 s for SD-1.5's sampler). XLA compiles that
-call as it would the original program; the program computes the same values
-bit for bit (tested), and its compiled form lands in the compilation cache like
-any other.
+compilation cache (`set_folder`); `text_to_image.precompile` lowers the sampler,
+the text encoder and the VAE decoder through it. A later process reads the
+module back and lowers only a call of it (0.16-0.25 s for SD-1.5's sampler).
+XLA compiles that call as it would the original program; the program computes
+the same values bit for bit (tested), and its compiled form lands in the
+compilation cache like any other.
 
 A module is reused only for exactly what it was traced from. Its file is named
 by a digest of:
@@ -25,9 +25,9 @@ by a digest of:
   the UNet's class, config and dtypes), the static arguments, and every input's
   shape, dtype and sharding.
 A file that cannot be read back is reported and written again. A function that
-`jax.export` cannot serialize (host callbacks), a folder that cannot be written, and a
-kept module that cannot be called are reported and cost only the trace: the program
-is then lowered as usual. Removing the folder is always safe.
+`jax.export` cannot serialize (host callbacks), a folder that cannot be written,
+and a kept module that cannot be called are reported and cost only the trace:
+the program is then lowered as usual. Removing the folder is always safe.
 """
 
 from __future__ import annotations
