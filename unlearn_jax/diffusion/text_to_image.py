@@ -174,8 +174,10 @@ def decode_latents(pipe: StableDiffusion, latents: np.ndarray, batch_size: int) 
     if n == 0:
         return np.zeros((0,), np.float32)
     graphdef, state = nnx.split(pipe.vae)
-    # NumPy rows, not jnp.asarray: see `StableDiffusion.encode_prompts`.
-    decode = lambda rows: _call_precompiled("decoder", graphdef, state, np.asarray(rows), _decode)
+
+    def decode(rows):  # NumPy rows, not jnp.asarray: see `StableDiffusion.encode_prompts`
+        return _call_precompiled("vae_decoder", graphdef, state, np.asarray(rows), _decode)
+
     return map_in_chunks(decode, latents, size=_decode_chunk(n, batch_size))
 
 
@@ -239,37 +241,21 @@ def precompile(
     # denoise()'s one text-encoder call: the prompts and, when guided, the empty prompt.
     # Lowered in any case: its output is the sampler's context shape.
     rows = 1 if num_prompts is None else num_prompts + int(uses_guidance(guidance))
-    text_graphdef, text_state = nnx.split(structure.text_encoder)
     tokens = structure.text_encoder.config["max_position_embeddings"]
-    text_args = (_abstract(text_state), jax.ShapeDtypeStruct((rows, tokens), jnp.int32))
-    text_lowered = exported_programs.lower(
-        encode_ids,
-        text_args,
-        name="text_encoder",
-        identity=_identity(structure, structure.text_encoder),
-        leading=(text_graphdef,),
-    )
+    text_lowered, text_signature = _lower_module(
+        structure, structure.text_encoder, encode_ids, "text_encoder",
+        jax.ShapeDtypeStruct((rows, tokens), jnp.int32),
+    )  # fmt: skip
     context = text_lowered.out_info
     text_encoder = None
     if num_prompts is not None:
-        text_encoder = in_background(text_lowered.compile)
-        PRECOMPILED.get_or_create(
-            _signature("text_encoder", text_graphdef, *text_args), lambda: text_encoder
+        text_encoder = _compile_in_background(text_lowered, text_signature)
+    decoder = _compile_in_background(
+        *_lower_module(
+            structure, structure.vae, _decode, "vae_decoder",
+            jax.ShapeDtypeStruct((_decode_chunk(num_images, batch_size), *shape), jnp.float32),
         )
-    vae_graphdef, vae_state = nnx.split(structure.vae)
-    decoder_args = (
-        _abstract(vae_state),
-        jax.ShapeDtypeStruct((_decode_chunk(num_images, batch_size), *shape), jnp.float32),
-    )
-    decoder_lowered = exported_programs.lower(
-        _decode,
-        decoder_args,
-        name="vae_decoder",
-        identity=_identity(structure, structure.vae),
-        leading=(vae_graphdef,),
-    )
-    decoder = in_background(decoder_lowered.compile)
-    PRECOMPILED.get_or_create(_signature("decoder", vae_graphdef, *decoder_args), lambda: decoder)
+    )  # fmt: skip
     graphdef, state = nnx.split(structure.unet)
     sampler = precompile_chunks(
         unet_model_fn(graphdef),
@@ -286,6 +272,25 @@ def precompile(
         identity=_identity(structure, structure.unet),
     )
     return Precompiled(sampler, decoder, text_encoder)
+
+
+def _lower_module(
+    structure: PipelineStructure, module: nnx.Module, fn: Callable, name: str, rows
+) -> tuple[jax.stages.Lowered, tuple]:
+    """`fn(graphdef, state, rows)` of one of the structure's modules, lowered (through a
+    kept trace, `exported_programs`), and the `PRECOMPILED` signature of its program."""
+    graphdef, state = nnx.split(module)
+    args = (_abstract(state), rows)
+    identity = _identity(structure, module)
+    lowered = exported_programs.lower(fn, args, name=name, identity=identity, leading=(graphdef,))
+    return lowered, _signature(name, graphdef, *args)
+
+
+def _compile_in_background(lowered: jax.stages.Lowered, signature: tuple):
+    """Compiles `lowered` on a worker; `generate` finds the future in `PRECOMPILED`."""
+    future = in_background(lowered.compile)
+    PRECOMPILED.get_or_create(signature, lambda: future)
+    return future
 
 
 def _identity(structure: PipelineStructure, module: nnx.Module) -> str:
