@@ -627,6 +627,30 @@ def test_staged_step_computes_what_the_fused_step_computes(name, micro_steps):
     assert np.abs(moved).max() > 1e-4
 
 
+@pytest.mark.parametrize("name", ["distill", "esd_distill"])
+def test_staged_step_traces_the_network_once(name):
+    """Compiling a staged step traces the network's apply once, in its forward: the
+    terms find their calls' output shapes from that same trace (`jit_staged`'s
+    `output_of`), and their own traces cost no trace of the network. (Counted on a
+    fresh `apply_fn`, whose Python body runs only while JAX traces it.)"""
+    traces = []
+
+    def counted(params, x_t, t, context):
+        traces.append(x_t.shape)
+        return apply_fn(params, x_t, t, context)
+
+    model = dataclasses.replace(MODEL, apply_fn=counted)
+    preset = get_preset(name)
+    split = ParamSplit.from_params(THETA, preset.params)
+    opt = optimizer()
+    train_step = jitted_step("staged", model, preset, preset.hparams, opt, split)
+    _, metrics = train_step(
+        init_state(split.select(THETA), opt), THETA0, micro_batches(FULL_BATCH), RNG
+    )
+    assert np.isfinite(float(metrics["forget/loss"]))
+    assert traces == [(B, H, W, C)]  # one micro-batch's rows, traced once
+
+
 def test_staged_retain_distill_is_exactly_zero_at_theta0():
     """Student and teacher run through the same compiled forward on the same rows: at
     θ = θ0 the retain term and its gradient are exactly 0, as in the one-program step."""

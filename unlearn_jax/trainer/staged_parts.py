@@ -77,17 +77,17 @@ def _micro_batch(batch: dict, index) -> dict:
     return {k: v if k in SHARED_KEYS else v[index] for k, v in batch.items()}
 
 
-def _traced_term(term, model: DiffusionModel, batch, rng, hp, param_shapes=None, outputs=None):
+def _traced_term(term, model: DiffusionModel, batch, rng, hp, output_of=None, outputs=None):
     """(network calls [(kind, x_t, t, context)], loss, aux) of `term` with the network
-    replaced: by zeros of its output's shape (`param_shapes`: the abstract parameters
-    to find it with), or by `outputs[i]` for call i."""
+    replaced: by zeros of its output's shape and dtype (`output_of(x, t, context)`, a
+    ShapeDtypeStruct), or by `outputs[i]` for call i."""
     calls = []
 
     def apply_fn(params, x, t, context):
         if not (isinstance(params, str) and params in (STUDENT, TEACHER)):
             raise TypeError("a staged term may call the network only with its params or frozen")
         if outputs is None:
-            out = jax.eval_shape(model.apply_fn, param_shapes, x, t, context)
+            out = output_of(x, t, context)
             result = jnp.zeros(out.shape, out.dtype)
         else:
             result = outputs[len(calls)]
@@ -195,9 +195,59 @@ def jit_staged(
     forget_batch = batch["forget"]
     per_example = [v for k, v in forget_batch.items() if k not in SHARED_KEYS]
     micro_steps, micro_batch = per_example[0].shape[:2]
-    param_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen_original)
+    # As the forward is lowered (shardings included): its trace is then this one's.
+    abstract = lambda x: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=getattr(x, "sharding", None)
+    )
+    trainable_shapes = jax.tree.map(abstract, state.params)
+    frozen_shapes = jax.tree.map(abstract, frozen_original)
     row_sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec(BATCH_AXES))
     whole = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+
+    residual_tree = {}
+
+    def forward(trainable, frozen, x, t, context):
+        apply = lambda tr: model.apply_fn(split.merge(tr, frozen), x, t, context)
+        out, vjp = jax.vjp(apply, trainable)
+        leaves, residual_tree["tree"] = jax.tree.flatten(vjp)
+        # A residual that is one of the call's own inputs (a weight the input's gradient
+        # needs, the context) is not an output: the backward takes the inputs instead.
+        # Each such output was a copy kernel to compile, and a copy every call wrote.
+        inputs = {
+            id(a): i for i, a in enumerate(jax.tree.leaves((trainable, frozen, x, t, context)))
+        }
+        residual_tree["sources"] = [inputs.get(id(leaf)) for leaf in leaves]
+        return out, [leaf for leaf in leaves if id(leaf) not in inputs]
+
+    def backward(inputs, residuals, cotangent, *accumulated):
+        """`inputs`: the forward call's (trainable, frozen, x, t, context)."""
+        input_leaves, kept = jax.tree.leaves(inputs), iter(residuals)
+        sources = residual_tree["sources"]
+        leaves = [next(kept) if i is None else input_leaves[i] for i in sources]
+        (grads,) = jax.tree.unflatten(residual_tree["tree"], leaves)(cotangent)
+        grads = {n: g.astype(jnp.float32) for n, g in grads.items()}
+        if accumulated:  # micro-batches: one running sum per term
+            grads = {n: accumulated[0][n] + g for n, g in grads.items()}
+        return grads
+
+    forward.__name__, backward.__name__ = "unet_forward", "unet_backward"
+    params_sharding = None if shardings is None else shardings.state.params
+    jit_forward = jax.jit(forward)
+    if params_sharding is None:
+        jit_backward = jax.jit(backward)
+    else:
+        jit_backward = jax.jit(backward, out_shardings=params_sharding)
+
+    def output_of(x, t, context):
+        """A network call's output (shape and dtype): the staged forward's, traced
+        abstractly on one chunk of the call's rows. Its lowering later reuses this
+        trace, so the terms' traces cost no trace of the UNet of their own."""
+        chunk = lambda a: jax.ShapeDtypeStruct(
+            (micro_batch, *a.shape[1:]), a.dtype, sharding=row_sharding
+        )
+        args = (trainable_shapes, frozen_shapes, chunk(x), chunk(t), chunk(context))
+        out = jax.eval_shape(jit_forward, *args)[0]
+        return jax.ShapeDtypeStruct((x.shape[0], *out.shape[1:]), out.dtype)
 
     def rng_of(step, train_key, index, stream):
         key = jax.random.fold_in(jax.random.fold_in(train_key, step), index)
@@ -216,7 +266,7 @@ def jit_staged(
         def calls_of(step, key, part=part, term=term, stream=stream, kinds=kinds):
             mb = _micro_batch(batch.get(part, {}), 0)
             rng = rng_of(step, key, 0, stream)
-            calls, _, _ = _traced_term(term, model, mb, rng, hparams, param_shapes)
+            calls, _, _ = _traced_term(term, model, mb, rng, hparams, output_of)
             kinds[:] = [c[0] for c in calls]
             return [c[1] for c in calls]
 
@@ -242,7 +292,7 @@ def jit_staged(
         def prepare(step, train_key, index, part_batch):
             mb = _micro_batch(part_batch, index)
             rng = rng_of(step, train_key, index, stream)
-            calls, _, _ = _traced_term(term, model, mb, rng, hparams, param_shapes)
+            calls, _, _ = _traced_term(term, model, mb, rng, hparams, output_of)
             per_input = [[chunked(a) for a in c[1:]] for c in calls]
             return [chunk for xs, ts, cs in per_input for chunk in zip(xs, ts, cs, strict=True)]
 
@@ -282,39 +332,6 @@ def jit_staged(
         return StagedTerm(part, jit_prepare, jit_finish, kinds)
 
     terms = {part: make_term(part, *plan) for part, plan in plans.items()}
-    residual_tree = {}
-
-    def forward(trainable, frozen, x, t, context):
-        apply = lambda tr: model.apply_fn(split.merge(tr, frozen), x, t, context)
-        out, vjp = jax.vjp(apply, trainable)
-        leaves, residual_tree["tree"] = jax.tree.flatten(vjp)
-        # A residual that is one of the call's own inputs (a weight the input's gradient
-        # needs, the context) is not an output: the backward takes the inputs instead.
-        # Each such output was a copy kernel to compile, and a copy every call wrote.
-        inputs = {
-            id(a): i for i, a in enumerate(jax.tree.leaves((trainable, frozen, x, t, context)))
-        }
-        residual_tree["sources"] = [inputs.get(id(leaf)) for leaf in leaves]
-        return out, [leaf for leaf in leaves if id(leaf) not in inputs]
-
-    def backward(inputs, residuals, cotangent, *accumulated):
-        """`inputs`: the forward call's (trainable, frozen, x, t, context)."""
-        input_leaves, kept = jax.tree.leaves(inputs), iter(residuals)
-        sources = residual_tree["sources"]
-        leaves = [next(kept) if i is None else input_leaves[i] for i in sources]
-        (grads,) = jax.tree.unflatten(residual_tree["tree"], leaves)(cotangent)
-        grads = {n: g.astype(jnp.float32) for n, g in grads.items()}
-        if accumulated:  # micro-batches: one running sum per term
-            grads = {n: accumulated[0][n] + g for n, g in grads.items()}
-        return grads
-
-    forward.__name__, backward.__name__ = "unet_forward", "unet_backward"
-    params_sharding = None if shardings is None else shardings.state.params
-    jit_forward = jax.jit(forward)
-    if params_sharding is None:
-        jit_backward = jax.jit(backward)
-    else:
-        jit_backward = jax.jit(backward, out_shardings=params_sharding)
     whole_terms = {}
     if parts.retain is not None and "retain" not in terms:
         whole_terms["retain"] = parts.retain
