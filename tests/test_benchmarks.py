@@ -84,6 +84,10 @@ def test_train_step_benchmark_cross_checks_loss_against_pytorch(tmp_path, capsys
     assert result.keys() == returned.keys()
     assert result["ours"]["steps_per_s"] > 0 and result["torch"]["steps_per_s"] > 0
     assert result["ours"]["compile_s"] > 0
+    # Our worker collects Python's garbage as the `unlearn-jax` program does.
+    from unlearn_jax.cli import COLLECT_EVERY
+
+    assert result["ours"]["python_gc_threshold"] == COLLECT_EVERY
     # Compiled as the trainer compiles a 2-step run on CPU (train.step_programs="auto"):
     # staged, one UNet forward and backward shared by the terms' calls.
     assert result["ours"]["step_programs"] == "staged"

@@ -274,19 +274,32 @@ def _describe(error: Exception) -> str:
     return str(error)
 
 
-def console_main() -> None:
-    """The `unlearn-jax` program: `main()` with less of Python's garbage collection.
+# Python's first collection threshold in the `unlearn-jax` program (and in the benchmarks'
+# workers that time our side as it runs): 700 allocations by default.
+COLLECT_EVERY = 10_000
+
+
+def collect_less() -> None:
+    """Python's garbage collector as the `unlearn-jax` program runs it: the first
+    generation collected every `COLLECT_EVERY` allocations instead of 700.
 
     Tracing a model makes millions of small objects; with Python's default
     thresholds the collector ran ~670 times in a warm 16-image `unlearn-jax
-    sample` run (0.5-0.6 s of its 5-6 s), ~40 times (0.15-0.2 s) with the first
-    generation's threshold at 10,000 allocations instead of 700. Every output is
-    written and closed when `main` returns; Python's last collection, which walks
-    every object the process made (another 0.5 s), is skipped by freezing them
-    (the OS reclaims the memory). Only for whole processes: tests call `main`
+    sample` run (0.5-0.6 s of its 5-6 s), ~40 times (0.15-0.2 s) with this one.
+    """
+    gc.set_threshold(COLLECT_EVERY, *gc.get_threshold()[1:])
+
+
+def console_main() -> None:
+    """The `unlearn-jax` program: `main()` with less of Python's garbage collection
+    (`collect_less`).
+
+    Every output is written and closed when `main` returns; Python's last collection,
+    which walks every object the process made (another 0.5 s), is skipped by freezing
+    them (the OS reclaims the memory). Only for whole processes: tests call `main`
     in-process, where freezing would keep garbage alive.
     """
-    gc.set_threshold(10_000, *gc.get_threshold()[1:])
+    collect_less()
     main()
     gc.freeze()
 

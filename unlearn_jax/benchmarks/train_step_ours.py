@@ -11,6 +11,7 @@ for the cross-check; `_our_batch` lays the parent's inputs out as the trainer's 
 
 from __future__ import annotations
 
+import gc
 import time
 import warnings
 from pathlib import Path
@@ -159,6 +160,7 @@ def run_ours(spec: dict, workdir: Path) -> dict:
         "peak_rss_through_compile_mb": compile_peak,
         "device_peak_mb": stats.get("peak_bytes_in_use", 0) / 2**20 or None,
         "backend": jax.default_backend(),
+        "python_gc_threshold": gc.get_threshold()[0],  # the CLI's (`cli.collect_less`)
         "step0": metrics,
     }
 
