@@ -627,12 +627,19 @@ def test_staged_step_computes_what_the_fused_step_computes(name, micro_steps):
     assert np.abs(moved).max() > 1e-4
 
 
+@pytest.mark.parametrize("on_mesh", [False, True], ids=["no_mesh", "mesh"])
 @pytest.mark.parametrize("name", ["distill", "esd_distill"])
-def test_staged_step_traces_the_network_once(name):
+def test_staged_step_traces_the_network_once(name, on_mesh):
     """Compiling a staged step traces the network's apply once, in its forward: the
     terms find their calls' output shapes from that same trace (`jit_staged`'s
-    `output_of`), and their own traces cost no trace of the network. (Counted on a
-    fresh `apply_fn`, whose Python body runs only while JAX traces it.)"""
+    `output_of`), and their own traces cost no trace of the network. Also on a mesh,
+    with the step's arguments placed as the trainer places them, where the abstract
+    trace must carry the shardings the forward is lowered with. (Counted on a fresh
+    `apply_fn`, whose Python body runs only while JAX traces it.)"""
+    from unlearn_jax.trainer.sharding import make_mesh, replicated
+    from unlearn_jax.trainer.step_programs import batch_shardings_for
+    from unlearn_jax.trainer.train_step import StepShardings
+
     traces = []
 
     def counted(params, x_t, t, context):
@@ -643,10 +650,22 @@ def test_staged_step_traces_the_network_once(name):
     preset = get_preset(name)
     split = ParamSplit.from_params(THETA, preset.params)
     opt = optimizer()
-    train_step = jitted_step("staged", model, preset, preset.hparams, opt, split)
-    _, metrics = train_step(
-        init_state(split.select(THETA), opt), THETA0, micro_batches(FULL_BATCH), RNG
+    state, frozen, batch = init_state(split.select(THETA), opt), THETA0, micro_batches(FULL_BATCH)
+    mesh = shardings = None
+    if on_mesh:
+        mesh = make_mesh(1, 1, jax.devices()[:1])
+        whole = replicated(mesh)
+        place = lambda tree: jax.tree.map(lambda _: whole, tree)
+        batch_sh = batch_shardings_for(mesh, batch)
+        shardings = StepShardings(place(state), place(frozen), batch_sh, whole)
+        state, frozen = jax.device_put(state, whole), jax.device_put(frozen, whole)
+        batch = jax.device_put(batch, batch_sh)
+    jitted = jit_step_parts(make_step_parts(model, preset, preset.hparams, opt, split), shardings)
+    args = (state, frozen, batch, RNG)
+    step = compile_staged_step(
+        model, preset, preset.hparams, split, jitted, mesh, *args, shardings=shardings
     )
+    _, metrics = step(*args)
     assert np.isfinite(float(metrics["forget/loss"]))
     assert traces == [(B, H, W, C)]  # one micro-batch's rows, traced once
 
