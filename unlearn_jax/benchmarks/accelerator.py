@@ -568,11 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.worker:  # child of common.run_worker()
-        if args.worker == "ours":  # Python's collector as `unlearn-jax` runs it
-            from unlearn_jax.cli import collect_less
-
-            collect_less()
-        return serve_worker(args.workdir, WORKERS[args.worker])
+        return serve_worker(args.workdir, WORKERS[args.worker], ours=args.worker == "ours")
     write = (lambda result: _write(args.out, result)) if args.out else None
     result = run_benchmark(args, on_progress=write)
     print(markdown_table(result))

@@ -146,11 +146,19 @@ def run_worker(
     return result
 
 
-def serve_worker(workdir: Path, run) -> dict:
+def serve_worker(workdir: Path, run, ours: bool = False) -> dict:
     """The worker's side of `run_worker`: `run(spec, workdir)` with the spec the parent
-    wrote to workdir/spec.json; its result printed as the last stdout line (JSON)."""
+    wrote to workdir/spec.json; its result printed as the last stdout line (JSON).
+
+    ours: the worker times our side, so Python's collector runs as in the `unlearn-jax`
+    program (`cli.collect_less`).
+    """
     import json
 
+    if ours:
+        from unlearn_jax.cli import collect_less
+
+        collect_less()
     spec = json.loads((workdir / "spec.json").read_text())
     result = run(spec, workdir)
     print(json.dumps(result))

@@ -334,13 +334,9 @@ def main(argv: list[str] | None = None) -> dict:
 
         def pinned(spec: dict, workdir: Path) -> dict:
             pin_threads(spec["threads"])  # before JAX/torch create their thread pools
-            if args.worker == "ours":  # Python's collector as `unlearn-jax` runs it
-                from unlearn_jax.cli import collect_less
-
-                collect_less()
             return run(spec, workdir)
 
-        return serve_worker(args.workdir, pinned)
+        return serve_worker(args.workdir, pinned, ours=args.worker == "ours")
     result = run_benchmark(args)
     print(markdown_table(result))
     if args.out:
