@@ -127,10 +127,11 @@ def _images(seed: int, batch: int = 3, size: int = 64) -> tuple[np.ndarray, np.n
 
 
 @requires_torch
-def test_matches_torch_formula_on_random_weights(random_net):
+@pytest.mark.parametrize("size", [64, 32])  # 32: maps smaller than kernels (a matmul form)
+def test_matches_torch_formula_on_random_weights(random_net, size):
     net, tree = random_net
     model = L.load_lpips(net, weights=tree)
-    x, y = _images(seed=2)
+    x, y = _images(seed=2, size=size)
     got = np.asarray(model(x, y))
     want = _torch_lpips(tree, net, 2 * x - 1, 2 * y - 1)
     assert got.shape == (3,) and np.all(want > 0)

@@ -1,4 +1,5 @@
-"""Shared model parts: CPU attention path, GroupNorm and shape-only module construction."""
+"""Shared model parts: CPU attention path, GroupNorm, convolutions of small maps and
+shape-only module construction."""
 
 import json
 import os
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from unlearn_jax.models import attention
+from unlearn_jax.models import attention, convolution
 from unlearn_jax.models.abstract import abstract_module
 from unlearn_jax.models.activations import gelu
 from unlearn_jax.models.clip import CLIPTextModel
@@ -214,3 +215,69 @@ def test_accelerator_attention_traces_the_fused_path_on_cpu():
     with attention.accelerator_attention():
         assert "scan" not in traced()  # what GPU/TPU run, e.g. for the planner
     assert "scan" in traced()
+
+
+@pytest.mark.parametrize(
+    ("hw", "kernel", "padding"),
+    [
+        ((2, 2), (3, 3), ((1, 1), (1, 1))),  # VGG's last block at 32x32 images
+        ((1, 1), (3, 3), ((1, 1), (1, 1))),
+        ((3, 3), (5, 5), ((2, 2), (2, 2))),  # AlexNet's second conv at 32x32
+        ((2, 4), (3, 3), ((0, 1), (2, 1))),  # uneven map and padding
+        ((6, 6), (3, 3), ((1, 1), (1, 1))),  # large enough: XLA's own convolution
+    ],
+)
+def test_small_maps_convolve_as_a_matmul_equal_to_xlas_convolution(hw, kernel, padding):
+    keys = jax.random.split(jax.random.key(0), 2)
+    x = jax.random.normal(keys[0], (3, *hw, 8))
+    w = jax.random.normal(keys[1], (*kernel, 8, 5))
+    dims = ("NHWC", "HWIO", "NHWC")
+    want = jax.lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=dims)
+    got = jax.jit(convolution.conv_general_dilated, static_argnums=(2, 3, 6))(
+        x, w, (1, 1), padding, None, None, dims
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(convolution.im2col_conv(x, w, padding), want, rtol=1e-5, atol=1e-5)
+    # On CPU the small maps take the matmul form: XLA compiles no convolution for them.
+    small = convolution.smaller_than_kernel(hw, kernel)
+    assert small == (hw != (6, 6))
+    compiled = (
+        jax.jit(
+            lambda x, w: convolution.conv_general_dilated(x, w, (1, 1), padding, None, None, dims)
+        )
+        .lower(x, w)
+        .compile()
+        .as_text()
+    )
+    assert ("convolution(" in compiled) == (not small)
+
+
+def test_other_convolutions_are_xlas_own():
+    """Strides, dilations, groups, string padding and lax's default NCHW layout go to
+    lax.conv_general_dilated."""
+    x = jax.random.normal(jax.random.key(1), (2, 2, 2, 4))
+    w = jax.random.normal(jax.random.key(2), (3, 3, 4, 4))
+    grouped = jax.random.normal(jax.random.key(3), (3, 3, 1, 4))
+    cases = [
+        dict(window_strides=(2, 2), padding=((1, 1), (1, 1))),
+        dict(window_strides=(1, 1), padding="SAME"),
+        dict(window_strides=(1, 1), padding=((2, 2), (2, 2)), rhs_dilation=(2, 2)),
+        dict(window_strides=(1, 1), padding=((1, 1), (1, 1)), feature_group_count=4),
+    ]
+    for case in cases:
+        kernel = grouped if case.get("feature_group_count") else w
+        fn = lambda x, k, case=case: convolution.conv_general_dilated(  # noqa: E731
+            x, k, dimension_numbers=("NHWC", "HWIO", "NHWC"), **case
+        )
+        compiled = jax.jit(fn).lower(x, kernel).compile().as_text()
+        assert "convolution(" in compiled, case
+        want = jax.lax.conv_general_dilated(
+            x, kernel, dimension_numbers=("NHWC", "HWIO", "NHWC"), **case
+        )
+        np.testing.assert_array_equal(fn(x, kernel), want)
+    # Without dimension numbers lax means NCHW/OIHW: [2, 4, 2, 2] maps, 3x3 kernels.
+    nchw, oihw = x.transpose(0, 3, 1, 2), w.transpose(3, 2, 0, 1)
+    fn = lambda x, k: convolution.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)))  # noqa: E731
+    assert "convolution(" in jax.jit(fn).lower(nchw, oihw).compile().as_text()
+    want = jax.lax.conv_general_dilated(nchw, oihw, (1, 1), ((1, 1), (1, 1)))
+    np.testing.assert_array_equal(fn(nchw, oihw), want)
