@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import pickle
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
@@ -139,6 +141,20 @@ def test_matches_torch_formula_on_random_weights(random_net, size):
     # The [-1, 1] flag is the same metric on already-converted inputs.
     signed = np.asarray(model(2 * x - 1, 2 * y - 1, input_range="[-1,1]"))
     np.testing.assert_allclose(signed, got, rtol=1e-6)
+
+
+def test_small_images_run_the_maps_smaller_than_the_kernel_as_matmuls(random_net):
+    """At 32x32, VGG's three last convolutions see 2x2 maps and AlexNet's last four 3x3
+    or 1x1 maps: LPIPS computes those as matmuls on CPU (`models.convolution`), so
+    XLA compiles that many fewer convolutions than at 64x64, where none is smaller."""
+    net, tree = random_net
+    fn = L.make_lpips_fn(L.load_lpips(net, weights=tree))
+
+    def convolutions(size: int) -> int:
+        x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+        return jax.jit(fn).lower(x, x).compile().as_text().count("convolution(")
+
+    assert convolutions(64) - convolutions(32) == {"vgg": 3, "alex": 4}[net]
 
 
 def test_identical_images_give_exactly_zero(random_net):
